@@ -1,0 +1,3 @@
+"""spruce: prune LLMs into sparsity hardware can use, recover their quality, run them faster."""
+
+__version__ = "0.1.0"
