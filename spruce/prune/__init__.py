@@ -1,0 +1,7 @@
+"""Pruning: scores (methods.py), mask shapes (patterns.py), layer-by-layer calibration (engine.py)."""
+
+from .engine import prune_model
+from .methods import METHODS
+from .patterns import PATTERNS, mask_for
+
+__all__ = ["prune_model", "METHODS", "PATTERNS", "mask_for"]

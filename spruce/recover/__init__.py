@@ -1,0 +1,1 @@
+"""Recovery fine-tuning of pruned models (LoRA through peft)."""

@@ -1,0 +1,107 @@
+"""The CLI: real runs on a tiny model folder, and one clear line (exit 2) for each bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from spruce.cli import main
+from spruce.masks import block_pattern_holds
+from spruce.models import prunable_linears
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(list(argv)))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_prune_then_eval_roundtrip(capsys, tiny_model_dir, corpus_file, tmp_path):
+    out_dir = tmp_path / "pruned"
+    code, out, _ = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--prune_method", "wanda",
+                           "--sparsity_type", "16x16", "--sparsity_ratio", "0.5", "--nsamples", "4",
+                           "--seqlen", "64", "--calib_dataset", str(corpus_file), "--save_model", str(out_dir))
+    assert code == 0 and "measured sparsity 0.5000" in out
+    info = json.loads((out_dir / "sparsity.json").read_text())
+    assert info["pattern"] == "16x16" and info["measured_sparsity"] == 0.5
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(model).values())
+
+    result = tmp_path / "eval.json"
+    code, out, _ = run_cli(capsys, "eval", "--model", str(out_dir), "--dataset", str(corpus_file),
+                           "--seqlen", "64", "--max_windows", "4", "--json", str(result))
+    assert code == 0 and out.startswith("perplexity ")
+    record = json.loads(result.read_text())
+    assert {"model", "dataset", "split", "seqlen", "windows", "tokens", "ppl", "seconds", "sparsity"} <= record.keys()
+    assert record["windows"] == 4 and record["sparsity"] == 0.5
+
+
+def test_wanda_style_block_flags(capsys, tiny_model_dir, corpus_file, tmp_path):
+    code, out, _ = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--sparsity_type", "block",
+                           "--block_size", "32", "--nsamples", "2", "--seqlen", "64",
+                           "--calib_dataset", str(corpus_file), "--save_model", str(tmp_path / "m"),
+                           "--save", str(tmp_path / "log"))
+    assert code == 0 and "32x32" in out
+    assert (tmp_path / "log" / "log_wanda.txt").read_text().startswith("method\tactual_sparsity")
+
+
+@pytest.fixture
+def not_causal_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "/no/such/folder"], "model path /no/such/folder does not exist"),
+    (["eval", "--model", "{empty}"], "has no config.json"),
+    (["eval", "--model", "{not_causal}"], "not a causal language model"),
+    (["eval", "--model", "meta-llama/Llama-2-7b-hf"], "Hub cannot be reached (offline)"),
+    (["eval", "--model", "{tiny}", "--dataset", "nosuch"], "unknown corpus 'nosuch'"),
+    (["eval", "--model", "{tiny}", "--dataset", "{empty_txt}"], "holds no text"),
+    (["eval", "--model", "{tiny}", "--seqlen", "4096"], "longer than the model's context"),
+    (["prune", "--model", "{tiny}", "--sparsity_ratio", "1.0", "--save_model", "{out}"], "must be in [0, 1)"),
+    (["prune", "--model", "{tiny}", "--sparsity_type", "48x48", "--save_model", "{out}",
+      "--calib_dataset", "{corpus}", "--nsamples", "2", "--seqlen", "64"], "48x48 blocks do not divide"),
+    (["prune", "--model", "{tiny}", "--sparsity_type", "diagonal", "--save_model", "{out}"], "unknown sparsity type"),
+    (["prune", "--model", "{tiny}", "--calib_dataset", "nosuch", "--save_model", "{out}"], "unknown corpus"),
+    (["prune", "--model", "{tiny}", "--nsamples", "0", "--save_model", "{out}"], "must be positive"),
+])
+def test_bad_input_one_line_exit_2(capsys, argv, message, tmp_path, tiny_model_dir, corpus_file, not_causal_dir):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    fill = {"{empty}": str(tmp_path / "empty"), "{not_causal}": str(not_causal_dir), "{tiny}": str(tiny_model_dir),
+            "{empty_txt}": str(tmp_path / "empty.txt"), "{out}": str(tmp_path / "out"), "{corpus}": str(corpus_file)}
+    argv = [fill.get(a, a) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # no output folder that looks complete
+
+
+def test_existing_output_needs_overwrite(capsys, tiny_model_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    code, _, err = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--prune_method", "magnitude",
+                           "--save_model", str(tmp_path / "out"))
+    assert code == 2 and "--overwrite_output_dir" in err
+    assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPRUCE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "spruce.cli", "prune", "--model", str(tmp_path / "missing"),
+                           "--save_model", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_command_has_help(capsys):
+    for command in ["demo", "eval", "prune", "fetch"]:
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0 and "usage: spruce " + command in out
