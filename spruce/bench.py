@@ -1,0 +1,491 @@
+"""Dense-versus-sparse timing, measured in the same run and reported as ratios.
+
+`bench_kernels`: y = x W^T at Llama-2-7B shapes, dense cuBLAS against the block-sparse kernels
+(and torch's 2:4 semi-structured path). `bench_generate`: greedy generation of a random
+Llama-2-7B-shaped model, dense against block-sparse against 2:4. Both count the bytes and FLOPs of
+each case and set them against the card's ceilings measured in the same run (a large device copy,
+a large bf16 matmul), so the distance to the limit is visible. Each prints a table and can write JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spruce.errors import SpruceError
+
+LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in) of the decoder linears
+LAYOUTS = ("grouped", "independent")
+GROUP_FEATURES = 64  # the "grouped" layout: 64 output features (4 block-rows of 16) share their columns
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- patterns for benchmarks and tests
+
+
+def random_block_mask(n: int, k: int, block: int, sparsity: float, layout: str = "independent",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """A row-balanced random block mask [n // block, k // block] (True = kept block).
+
+    Every block-row keeps the same number of block-columns. "independent": each block-row draws
+    its own; "grouped": the block-rows of each 64-feature group share one draw.
+    """
+    if layout not in LAYOUTS:
+        raise SpruceError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    nbr, nbc = n // block, k // block
+    rows_per_draw = max(1, GROUP_FEATURES // block) if layout == "grouped" else 1
+    if nbr % rows_per_draw:
+        rows_per_draw = 1
+    keep = max(1, round((1.0 - sparsity) * nbc))
+    scores = torch.rand(nbr // rows_per_draw, nbc, generator=generator)
+    mask = torch.zeros(nbr // rows_per_draw, nbc, dtype=torch.bool)
+    mask.scatter_(1, scores.topk(keep, dim=1).indices, True)
+    return mask.repeat_interleave(rows_per_draw, dim=0)
+
+
+def expand_block_mask(block_mask: torch.Tensor, block: int) -> torch.Tensor:
+    return block_mask.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+
+
+def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest-magnitude of every 4 consecutive inputs (the pattern 2:4 kernels need)."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.abs().topk(2, dim=2).indices, True)
+    return (groups * keep).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise SpruceError("benchmarks need a CUDA GPU; none is visible to torch")
+    from spruce.kernels.bsr import triton_available
+
+    if not triton_available():
+        raise SpruceError("benchmarks need triton (pip install triton) for the block-sparse kernels")
+
+
+def _median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graph_time_us(calls: list, calls_per_replay: int = 64, replays: int = 15) -> float:
+    """Median microseconds per call, from CUDA-graph replays that cycle through `calls`.
+
+    Each call works on its own copy of the data, and the copies together exceed L2, so every call
+    reads its weight from device memory as in generation; the graph removes launch gaps.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and kernel tuning) outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    sequence = [calls[i % len(calls)] for i in range(max(calls_per_replay, len(calls)))]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in sequence:
+            call()
+    ms = _median_ms(graph.replay, reps=replays, warmup=2)
+    del graph
+    return ms * 1e3 / len(sequence)
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s on this card."""
+    n = 1 << 29  # 1 GiB of bf16 per buffer
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = _median_ms(lambda: a @ b)
+    return {
+        "copy_bytes_per_s": 2 * n * 2 / (copy_ms / 1e3),
+        "matmul_flop_per_s": 2 * 8192**3 / (mm_ms / 1e3),
+    }
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    return {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _copies_for(nbytes: int) -> int:
+    """How many copies of a weight make the rotation exceed L2 three times over."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, min(64, math.ceil(3 * l2 / max(nbytes, 1))))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _parse_shapes(shapes) -> list[tuple[int, int]]:
+    parsed = []
+    for shape in shapes:
+        if isinstance(shape, str):
+            try:
+                n, k = (int(v) for v in shape.lower().split("x"))
+            except ValueError:
+                raise SpruceError(f"shape {shape!r} must be OUTxIN, for example 4096x11008") from None
+            shape = (n, k)
+        parsed.append(tuple(shape))
+    return parsed
+
+
+def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 32), sparsities=(0.5, 0.75),
+                  layouts=LAYOUTS, dtype: str = "bfloat16", semi_structured: bool = True,
+                  json_path: str | None = None, seed: int = 0) -> list[dict]:
+    """Time y = x W^T, dense cuBLAS against block-sparse, for every shape, token count and pattern.
+
+    shapes: (out, in) pairs or "OUTxIN" strings. tokens: rows of x (<= 16 runs the decode kernel,
+    more the prefill kernel). blocks: block sizes (16, 32, 64). sparsities: fractions of zero
+    blocks. layouts: "grouped" (64-feature groups of block-rows share their columns) and/or
+    "independent" (each block-row its own). dtype: "bfloat16" or "float16". semi_structured: also
+    time torch's 2:4 path. json_path: where to write rows and environment. Every sparse output is
+    checked against float64 math on the masked weight (rel_err). Returns the rows.
+    """
+    from spruce.kernels.bsr import BlockSparseWeight, block_sparse_linear, launch_decode, launch_prefill, tuned_configs
+
+    _require_cuda()
+    if dtype not in DTYPES:
+        raise SpruceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    shapes = _parse_shapes(shapes)
+    for b in blocks:
+        for n, k in shapes:
+            if n % b or k % b:
+                raise SpruceError(f"shape {n}x{k} is not divisible by block {b}")
+    gen = torch.Generator().manual_seed(seed)
+    ceilings = measure_ceilings()
+    esize = torch.tensor([], dtype=torch_dtype).element_size()
+    rows = []
+
+    def row(n, k, m, kernel, us, nbytes, flops, **extra):
+        floor_us = max(nbytes / ceilings["copy_bytes_per_s"], flops / ceilings["matmul_flop_per_s"]) * 1e6
+        rows.append({"shape": f"{n}x{k}", "out": n, "in": k, "tokens": m, "kernel": kernel, "us": us,
+                     "bytes": nbytes, "flops": flops, "GB_per_s": nbytes / us / 1e3,
+                     "TFLOP_per_s": flops / us / 1e6, "floor_us": floor_us, "pct_of_floor": floor_us / us,
+                     **extra})
+
+    for n, k in shapes:
+        weight = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch_dtype)
+        dense = [weight] + [weight.clone() for _ in range(_copies_for(weight.numel() * esize) - 1)]
+        variants = []
+        for b in blocks:
+            for s in sparsities:
+                for layout in layouts:
+                    if layout == "grouped" and b >= GROUP_FEATURES:
+                        continue  # a 64-block is already a 64-feature group
+                    mask = expand_block_mask(random_block_mask(n, k, b, s, layout, gen), b).to("cuda")
+                    masked = weight * mask
+                    sparse = BlockSparseWeight.from_dense(masked, b)
+                    copies = [sparse] + [sparse.clone() for _ in range(_copies_for(sparse.nbytes) - 1)]
+                    variants.append((f"bsr b{b} {s:.0%} {layout}", b, s, layout, masked, copies))
+        semi_copies = None
+        if semi_structured:
+            from torch.sparse import to_sparse_semi_structured
+
+            pruned24 = prune_2_4(weight)
+            try:
+                semi_copies = [to_sparse_semi_structured(pruned24.clone())
+                               for _ in range(_copies_for(n * k * esize // 2))]
+            except Exception as exc:  # the 2:4 path is torch's; report why it could not run
+                rows.append({"shape": f"{n}x{k}", "tokens": 0, "kernel": "2:4 torch",
+                             "error": f"{type(exc).__name__}: {exc}"})
+        for m in tokens:
+            x_bytes = m * k * esize
+            xs = [torch.randn(m, k, generator=gen).to("cuda", torch_dtype) for _ in range(_copies_for(x_bytes))]
+            io_bytes = x_bytes + m * n * esize
+
+            def calls(fn, weights):
+                count = max(len(weights), len(xs))
+                return [lambda w=weights[i % len(weights)], x=xs[i % len(xs)]: fn(x, w) for i in range(count)]
+
+            dense_us = graph_time_us(calls(F.linear, dense))
+            row(n, k, m, "dense cuBLAS", dense_us, n * k * esize + io_bytes, 2 * m * n * k, speedup=1.0)
+            for name, b, s, layout, masked, copies in variants:
+                x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
+                y = torch.full((m, n), float("nan"), dtype=torch_dtype, device="cuda")
+                (launch_decode if m <= 16 else launch_prefill)(x, copies[0], None, y)
+                err = _rel_err(y, F.linear(x.double(), masked.double()))
+                us = graph_time_us(calls(block_sparse_linear, copies))
+                sp = copies[0]
+                row(n, k, m, name, us, sp.nbytes + io_bytes, 2 * m * n * k * sp.stored_fraction,
+                    speedup=dense_us / us, block=b, sparsity=s, layout=layout, group=sp.group, rel_err=err)
+            if semi_copies is not None:
+                try:
+                    x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
+                    err = _rel_err(F.linear(x, semi_copies[0]), F.linear(x.double(), pruned24.double()))
+                    us = graph_time_us(calls(F.linear, semi_copies))
+                except Exception as exc:  # torch's 2:4 path has its own limits; report them
+                    rows.append({"shape": f"{n}x{k}", "tokens": m, "kernel": "2:4 torch",
+                                 "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                # values plus 4 bits of metadata per 4 inputs
+                row(n, k, m, "2:4 torch", us, n * k * esize // 2 + n * k // 8 + io_bytes, m * n * k,
+                    speedup=dense_us / us, sparsity=0.5, rel_err=err)
+        del dense, variants
+        torch.cuda.empty_cache()
+
+    report = {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(), "rows": rows}
+    print(format_kernel_table(rows, ceilings))
+    if json_path:
+        _write_json(json_path, report)
+    return rows
+
+
+def format_kernel_table(rows: list[dict], ceilings: dict) -> str:
+    lines = [f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+             f"bf16 matmul {ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
+             f"{'shape':>11} {'tokens':>6} {'kernel':<28} {'us':>9} {'x dense':>8} {'GB/s':>7} "
+             f"{'TFLOP/s':>8} {'%floor':>6} {'rel err':>8}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['shape']:>11} {r['tokens']:>6} {r['kernel']:<28} failed: {r['error'][:80]}")
+            continue
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        lines.append(f"{r['shape']:>11} {r['tokens']:>6} {r['kernel']:<28} {r['us']:9.1f} {r['speedup']:8.2f} "
+                     f"{r['GB_per_s']:7.0f} {r['TFLOP_per_s']:8.1f} {r['pct_of_floor']:6.0%} {err:>8}")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, report: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------- generation
+
+
+class StaticGreedy:
+    """Greedy decoding with a static KV cache; on CUDA the one-token step is a replayed CUDA graph.
+
+    Replaying a captured step removes the per-layer Python and launch overhead that otherwise
+    hides the kernels' time at batch 1-8.
+    """
+
+    def __init__(self, model, batch: int, max_len: int):
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.use_graph = self.device.type == "cuda"
+        self.graph = None
+        self.next_token = None
+
+    def _step(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
+                            use_cache=True).logits
+        return logits[:, -1].argmax(-1)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up writes the cache at the next position; the replay rewrites it
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.next_token = self._step()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        prompt = input_ids.shape[1]
+        positions = torch.arange(prompt, device=self.device)
+        logits = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=positions,
+                            use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1)
+        out = [token]
+        self.position.fill_(prompt)
+        if self.use_graph and self.graph is None:
+            self._capture()
+        for _ in range(new_tokens - 1):
+            self.token.copy_(token[:, None])
+            if self.use_graph:
+                self.graph.replay()
+                token = self.next_token.clone()
+            else:
+                token = self._step()
+            out.append(token)
+            self.position += 1
+        return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
+
+
+def llama2_7b_config(num_layers: int = 32):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096)
+
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _decoder_linears(model):
+    return [(name, module) for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in DECODER_LINEARS and isinstance(module, torch.nn.Linear)]
+
+
+def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int = 128, sparsity: float = 0.5,
+                   block_size: int = 16, layout: str = "grouped", modes=("graph", "eager"),
+                   semi_structured: bool = True, num_layers: int = 32, json_path: str | None = None,
+                   seed: int = 0) -> list[dict]:
+    """Greedy generation tokens/s of a random Llama-2-7B-shaped bf16 model: dense, block-sparse, 2:4.
+
+    Every decoder linear gets `sparsity` zero blocks of `block_size` in `layout` ("grouped" or
+    "independent", see `random_block_mask`); the dense model is the same masked model run by cuBLAS.
+    batch_sizes: prompts per batch. new_tokens / prompt_tokens: generated and prompt lengths.
+    modes: "graph" (static cache, the one-token step replayed as a CUDA graph) and/or "eager"
+    (Hugging Face `generate` with its default cache). semi_structured: also run torch's 2:4 on the
+    same layers (pruned 2:4 by magnitude). num_layers: decoder layers (32 is Llama-2-7B).
+    json_path: where to write rows and environment. Returns the rows.
+    """
+    from transformers import LlamaForCausalLM
+
+    from spruce.kernels import densify, sparsify
+
+    _require_cuda()
+    unknown = set(modes) - {"graph", "eager"}
+    if unknown:
+        raise SpruceError(f"modes must be 'graph' and/or 'eager', got {sorted(unknown)}")
+    if not 0.0 < sparsity < 1.0:
+        raise SpruceError(f"sparsity must be between 0 and 1, got {sparsity}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ceilings = measure_ceilings()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(llama2_7b_config(num_layers)).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        for _, linear in _decoder_linears(model):
+            n, k = linear.weight.shape
+            mask = random_block_mask(n, k, block_size, sparsity, layout, gen)
+            linear.weight.mul_(expand_block_mask(mask, block_size).to("cuda"))
+    prompts = {b: torch.randint(0, 32000, (b, prompt_tokens), generator=gen).to("cuda") for b in batch_sizes}
+    rows, outputs = [], {}
+
+    def run(kind: str, weight_bytes: int):
+        for b in batch_sizes:
+            for mode in modes:
+                try:
+                    if mode == "graph":
+                        runner = StaticGreedy(model, b, prompt_tokens + new_tokens)
+                        generate = lambda ids: runner.generate(ids, new_tokens)  # noqa: E731
+                    else:
+                        generate = lambda ids: model.generate(  # noqa: E731
+                            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False)
+                    generate(prompts[b])  # warm-up: kernel tuning, graph capture
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    tokens = generate(prompts[b])
+                    torch.cuda.synchronize()
+                    seconds = time.perf_counter() - start
+                except Exception as exc:  # report the failure of one case and go on with the others
+                    rows.append({"kind": kind, "batch": b, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                outputs[kind, b, mode] = tokens.cpu()
+                per_token_ms = seconds / new_tokens * 1e3
+                rows.append({"kind": kind, "batch": b, "mode": mode, "seconds": seconds,
+                             "tokens_per_s": b * new_tokens / seconds, "ms_per_step": per_token_ms,
+                             "weight_bytes": weight_bytes,
+                             "weight_read_floor_ms": weight_bytes / ceilings["copy_bytes_per_s"] * 1e3})
+
+    def model_bytes():
+        total = 0
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
+                total += t.numel() * t.element_size()
+        return total
+
+    run("dense", model_bytes())
+    report = sparsify(model, block_size=block_size, min_sparsity=min(sparsity, 0.3))
+    run(f"bsr b{block_size} {sparsity:.0%} {layout}", model_bytes())
+    densify(model)
+    if semi_structured:
+        from torch.sparse import to_sparse_semi_structured
+
+        with torch.no_grad():
+            for _, linear in _decoder_linears(model):
+                linear.weight = torch.nn.Parameter(to_sparse_semi_structured(prune_2_4(linear.weight)),
+                                                   requires_grad=False)
+        dense_bytes = rows[0].get("weight_bytes", 0)
+        linear_elems = sum(m.weight.shape[0] * m.weight.shape[1] for _, m in _decoder_linears(model))
+        run("2:4 torch", dense_bytes - linear_elems * 2 + linear_elems + linear_elems // 8)
+
+    for r in rows:
+        base = next((d for d in rows if d["kind"] == "dense" and d["batch"] == r["batch"]
+                     and d["mode"] == r["mode"] and "error" not in d), None)
+        if base is not None and "error" not in r:
+            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+            dense_out = outputs.get(("dense", r["batch"], r["mode"]))
+            if r["kind"].startswith("bsr") and dense_out is not None:
+                r["tokens_equal_to_dense"] = (outputs[r["kind"], r["batch"], r["mode"]] == dense_out).float().mean().item()
+    summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
+               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsify_report": str(report),
+               "rows": rows}
+    print(format_generate_table(rows))
+    if json_path:
+        _write_json(json_path, summary)
+    return rows
+
+
+def format_generate_table(rows: list[dict]) -> str:
+    lines = [f"{'kind':<24} {'batch':>5} {'mode':<6} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
+             f"{'floor ms':>8} {'same tok':>8}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kind']:<24} {r['batch']:>5} {r['mode']:<6} failed: {r['error'][:90]}")
+            continue
+        same = f"{r['tokens_equal_to_dense']:.0%}" if "tokens_equal_to_dense" in r else ""
+        lines.append(f"{r['kind']:<24} {r['batch']:>5} {r['mode']:<6} {r['tokens_per_s']:9.1f} "
+                     f"{r.get('speedup', float('nan')):8.2f} {r['ms_per_step']:8.2f} "
+                     f"{r['weight_read_floor_ms']:8.2f} {same:>8}")
+    return "\n".join(lines)

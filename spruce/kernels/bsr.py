@@ -1,0 +1,416 @@
+"""Block-sparse weights for y = x W^T + b: the storage format, a plain torch reference, Triton kernels.
+
+The format (`BlockSparseWeight`) is built once, at load time, from a dense weight whose pruned
+entries are zeros. W [N out, K in] is cut into B x B blocks (B = 16, 32 or 64). G consecutive
+block-rows form a group of G*B output features; for every group we store the block-columns where
+any of its rows is nonzero (`cols`, ascending) and W's [G*B, B] slice at each of them (`values`,
+[stored, G*B, B], contiguous); `group_ptr[g]:group_ptr[g+1]` indexes group g. Any zero pattern
+fits: a group keeps a block-column when one of its blocks there is nonzero, with the others' zeros.
+G is chosen as the largest (G*B <= 128) that stores no all-zero block, so a pattern in which
+neighbouring block-rows share their column set gets wide tiles at no cost in bytes.
+
+Why groups: a tensor-core tile needs 64-128 output features that read the same input columns.
+With 16 features per tile the prefill GEMM rereads the input for every 16 outputs and starves on
+bandwidth; with a group of 64 or 128 it does as much arithmetic per byte as dense GEMM.
+
+Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
+- decode, 1-16 tokens, memory bound: a program streams BLOCK_F rows of one group over its stored
+  block-columns, gathers the matching input segments by column index, and reduces (a dot product
+  for one token, `tl.dot` on a 16-token tile otherwise).
+- prefill, more tokens: a GEMM tile [BLOCK_M tokens, BLOCK_N features of one group] iterates over
+  the group's stored block-columns with `tl.dot`, the input tile gathered by column index.
+Each launch shape picks its tile configuration by timing a few candidates once (`_launch_tuned`).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+from spruce.errors import SpruceError
+
+BLOCK_SIZES = (16, 32, 64)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+MAX_GROUP_FEATURES = 128  # widest tile of output features the prefill kernel keeps in registers
+DECODE_MAX_TOKENS = 16
+
+
+@dataclass
+class BlockSparseWeight:
+    """A weight [N, K] stored as groups of block-rows with their nonzero block-columns."""
+
+    values: torch.Tensor  # [stored, group * block, block], the weight's dtype
+    cols: torch.Tensor  # int32 [stored], block-column of each stored entry
+    group_ptr: torch.Tensor  # int32 [N // (group * block) + 1]
+    shape: tuple[int, int]
+    block: int
+    group: int
+    nonzero_blocks: int  # B x B blocks with a nonzero entry (what the pattern keeps)
+
+    @property
+    def group_features(self) -> int:
+        return self.group * self.block
+
+    @property
+    def total_blocks(self) -> int:
+        return (self.shape[0] // self.block) * (self.shape[1] // self.block)
+
+    @property
+    def block_sparsity(self) -> float:
+        """Fraction of B x B blocks that are entirely zero."""
+        return 1.0 - self.nonzero_blocks / self.total_blocks
+
+    @property
+    def stored_fraction(self) -> float:
+        """Fraction of the dense weight's entries that are stored (zeros of kept groups included)."""
+        return self.values.numel() / (self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.cols, self.group_ptr))
+
+    def to(self, device=None, dtype=None) -> "BlockSparseWeight":
+        return BlockSparseWeight(
+            self.values.to(device=device, dtype=dtype), self.cols.to(device), self.group_ptr.to(device),
+            self.shape, self.block, self.group, self.nonzero_blocks,
+        )
+
+    def clone(self) -> "BlockSparseWeight":
+        return BlockSparseWeight(
+            self.values.clone(), self.cols.clone(), self.group_ptr.clone(),
+            self.shape, self.block, self.group, self.nonzero_blocks,
+        )
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, block: int = 16, group: int | None = None) -> "BlockSparseWeight":
+        """Build the format from a dense [N, K] weight with zeros in place.
+
+        group: block-rows per group; None picks the largest that stores no all-zero block.
+        """
+        check_blockable(tuple(weight.shape), block)
+        n, k = weight.shape
+        nbr, nbc = n // block, k // block
+        blocks = weight.detach().reshape(nbr, block, nbc, block).permute(0, 2, 1, 3)  # [nbr, nbc, B, B]
+        block_mask = blocks.ne(0).any(dim=3).any(dim=2)  # [nbr, nbc]
+        nonzero = int(block_mask.sum())
+        if group is None:
+            group = _widest_exact_group(block_mask, block, nonzero)
+        elif group < 1 or nbr % group or group * block > MAX_GROUP_FEATURES:
+            raise SpruceError(
+                f"group {group} must divide the {nbr} block-rows and keep group*block <= {MAX_GROUP_FEATURES}"
+            )
+        ngroups = nbr // group
+        group_mask = block_mask.reshape(ngroups, group, nbc).any(dim=1)  # [ngroups, nbc]
+        counts = group_mask.sum(dim=1)
+        group_ptr = torch.zeros(ngroups + 1, dtype=torch.int32, device=weight.device)
+        group_ptr[1:] = counts.cumsum(0)
+        cols = group_mask.nonzero()[:, 1].to(torch.int32)  # row-major: by group, then ascending column
+        # [ngroups, nbc, G*B, B] slices of W; keep the stored ones, contiguous per entry.
+        slices = weight.detach().reshape(ngroups, group * block, nbc, block).permute(0, 2, 1, 3)
+        values = slices[group_mask].contiguous()
+        return cls(values, cols, group_ptr, (n, k), block, group, nonzero)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense [N, K] weight, zeros in place (exact inverse of `from_dense`)."""
+        n, k = self.shape
+        gb, b = self.group_features, self.block
+        ngroups, nbc = n // gb, k // b
+        counts = self.group_ptr.diff().long()
+        group_ids = torch.repeat_interleave(torch.arange(ngroups, device=counts.device), counts)
+        out = self.values.new_zeros(ngroups, nbc, gb, b)
+        out[group_ids, self.cols.long()] = self.values
+        return out.permute(0, 2, 1, 3).reshape(n, k)
+
+
+def check_blockable(shape: tuple[int, ...], block: int) -> None:
+    """Raise SpruceError unless a 2-D weight of this shape can be cut into block x block tiles."""
+    if block not in BLOCK_SIZES:
+        raise SpruceError(f"block size {block} is not supported; use one of {BLOCK_SIZES}")
+    if len(shape) != 2:
+        raise SpruceError(f"a block-sparse weight must be 2-D, got shape {tuple(shape)}")
+    if shape[0] % block or shape[1] % block:
+        raise SpruceError(f"shape {shape[0]}x{shape[1]} is not divisible by block {block}")
+
+
+def _widest_exact_group(block_mask: torch.Tensor, block: int, nonzero: int) -> int:
+    nbr, nbc = block_mask.shape
+    group = MAX_GROUP_FEATURES // block
+    while group > 1:
+        if nbr % group == 0:
+            stored = int(block_mask.reshape(nbr // group, group, nbc).any(dim=1).sum()) * group
+            if stored == nonzero:
+                return group
+        group //= 2
+    return 1
+
+
+def reference_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b computed in plain torch from the stored blocks, in x's dtype (any device).
+
+    Groups are padded to the longest one with zero blocks so that one einsum does all of them.
+    """
+    n, k = weight.shape
+    gb, b = weight.group_features, weight.block
+    ngroups, nbc = n // gb, k // b
+    counts = weight.group_ptr.diff().long()
+    longest = int(counts.max()) if ngroups else 0
+    group_ids = torch.repeat_interleave(torch.arange(ngroups, device=counts.device), counts)
+    slot = torch.arange(weight.cols.numel(), device=counts.device) - weight.group_ptr[:-1].long()[group_ids]
+    cols = torch.zeros(ngroups, longest, dtype=torch.long, device=counts.device)
+    cols[group_ids, slot] = weight.cols.long()
+    vals = weight.values.new_zeros(ngroups, longest, gb, b)
+    vals[group_ids, slot] = weight.values
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, nbc, b)[:, cols]  # [M, ngroups, longest, B]
+    y = torch.einsum("mgcb,gcfb->mgf", xb, vals.to(x.dtype)).reshape(*lead, n)
+    return y + bias if bias is not None else y
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b: Triton kernels on CUDA, the torch reference elsewhere."""
+    if x.shape[-1] != weight.shape[1]:
+        raise SpruceError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    if x.device.type != "cuda":
+        return reference_linear(x, weight, bias)
+    if x.dtype not in KERNEL_DTYPES or weight.values.dtype != x.dtype:
+        raise SpruceError(
+            f"the block-sparse kernel runs bfloat16 or float16 with matching weight, got input {x.dtype} "
+            f"and weight {weight.values.dtype}; load the model with torch_dtype=torch.bfloat16"
+        )
+    if not triton_available():
+        _warn_no_triton()
+        return reference_linear(x, weight, bias)
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        if m <= DECODE_MAX_TOKENS:
+            launch_decode(x2, weight, bias, y)
+        else:
+            launch_prefill(x2, weight, bias, y)
+    return y.reshape(*lead, n)
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    import warnings
+
+    warnings.warn("triton is not installed: block-sparse layers run the slow torch reference on CUDA", stacklevel=3)
+
+
+# ---------------------------------------------------------------- tile configurations and tuning
+
+# (BLOCK_F, BLOCK_K, num_warps, num_stages); BLOCK_F is capped at the group's width.
+DECODE_CONFIGS = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
+# (BLOCK_M, BLOCK_K, num_warps, num_stages); BLOCK_N is the group's width.
+PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
+
+_tuned: dict[tuple, tuple] = {}
+
+
+def _launch_tuned(key: tuple, candidates: list[tuple], launch) -> None:
+    """Launch with the fastest candidate for this key, timing each once on first use.
+
+    Each timed launch starts with L2 flushed, as a layer's weight is never in cache during
+    generation. While a CUDA graph is being captured nothing can be timed: an untuned key
+    then takes the first candidate without remembering it.
+    """
+    cfg = _tuned.get(key)
+    if cfg is None:
+        if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+            launch(candidates[0])
+            return
+        cfg = _fastest(candidates, launch)
+        _tuned[key] = cfg
+    launch(cfg)
+
+
+def _fastest(candidates: list[tuple], launch) -> tuple:
+    device = torch.cuda.current_device()
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+    best, best_ms, failure = None, float("inf"), None
+    for cfg in candidates:
+        try:
+            launch(cfg)  # compile
+        except Exception as exc:  # a tile that does not fit this card's shared memory
+            failure = exc
+            continue
+        times = []
+        for _ in range(5):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch(cfg)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = sorted(times)[len(times) // 2]
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise failure
+    return best
+
+
+def tuned_configs() -> dict:
+    """The configuration chosen for each launch shape so far (for benchmark reports)."""
+    return {"/".join(map(str, key)): cfg for key, cfg in _tuned.items()}
+
+
+def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
+    """y[M, N] = x[M, K] W^T (+ bias) for M <= 16; `cfg` forces one configuration."""
+    m = x.shape[0]
+    gb = w.group_features
+    kernel = _kernels().decode
+
+    def launch(c):
+        block_f, block_k, warps, stages = c
+        block_k = max(block_k, w.block)
+        grid = (w.shape[0] // block_f,)
+        kernel[grid](
+            x, w.values, w.cols, w.group_ptr, bias if bias is not None else y, y, m,
+            x.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, B=w.block, GB=gb,
+            BLOCK_M=1 if m == 1 else DECODE_MAX_TOKENS, BLOCK_F=block_f, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages,
+        )
+
+    candidates = list(dict.fromkeys((min(f, gb), k, nw, ns) for f, k, nw, ns in DECODE_CONFIGS))
+    if cfg is not None:
+        launch(cfg)
+        return
+    _launch_tuned(("decode", *w.shape, w.block, gb, m, str(x.dtype)), candidates, launch)
+
+
+def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
+    """y[M, N] = x[M, K] W^T (+ bias) as a tiled GEMM; `cfg` forces one configuration."""
+    m = x.shape[0]
+    gb = w.group_features
+    kernel = _kernels().prefill
+
+    def launch(c):
+        block_m, block_k, warps, stages = c
+        block_k = max(block_k, w.block)
+        grid = (triton_cdiv(m, block_m), w.shape[0] // gb)
+        kernel[grid](
+            x, w.values, w.cols, w.group_ptr, bias if bias is not None else y, y, m,
+            x.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, B=w.block, GB=gb,
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )
+
+    # 256-token tiles only with narrow groups, to keep the fp32 accumulator in registers.
+    candidates = [c for c in PREFILL_CONFIGS if c[0] * gb <= 256 * 64]
+    if cfg is not None:
+        launch(cfg)
+        return
+    m_bucket = 1 << (m - 1).bit_length()
+    _launch_tuned(("prefill", *w.shape, w.block, gb, m_bucket, str(x.dtype)), candidates, launch)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@functools.cache
+def _kernels():
+    """Define the Triton kernels on first use, so that importing spruce never needs triton."""
+    import triton
+    import triton.language as tl
+
+    # M varies call to call: no specialisation on its value, so one binary serves every token count.
+    @triton.jit(do_not_specialize=["M"])
+    def decode(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, stride_xm, stride_ym,
+               HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: BLOCK_F consecutive output features, all inside one group.
+        f0 = tl.program_id(0) * BLOCK_F
+        g = f0 // GB
+        row0 = f0 - g * GB
+        start = tl.load(gptr_ptr + g)
+        width = (tl.load(gptr_ptr + g + 1) - start) * B  # compact input columns of this group
+        offs_f = tl.arange(0, BLOCK_F)
+        offs_t = tl.arange(0, BLOCK_K)
+        w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((row0 + offs_f) * B)[:, None]
+        if BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+        else:
+            offs_m = tl.arange(0, BLOCK_M)
+            acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        for t0 in range(0, width, BLOCK_K):
+            t = t0 + offs_t
+            inside = t < width
+            entry = t // B
+            col = tl.load(cols_ptr + start + entry, mask=inside, other=0)
+            xk = col * B + t % B
+            w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + xk, mask=inside, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+            else:
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
+                             mask=(offs_m[:, None] < M) & inside[None, :], other=0.0)
+                acc = tl.dot(xv, tl.trans(w), acc)
+        offs_n = f0 + offs_f
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n).to(tl.float32)
+            if BLOCK_M == 1:
+                acc += b
+            else:
+                acc += b[None, :]
+        if BLOCK_M == 1:
+            tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty))
+        else:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=offs_m[:, None] < M)
+
+    @triton.jit(do_not_specialize=["M"])
+    def prefill(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, stride_xm, stride_ym,
+                HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: BLOCK_M tokens x one whole group of GB output features.
+        pid_m = tl.program_id(0)
+        g = tl.program_id(1)
+        start = tl.load(gptr_ptr + g)
+        width = (tl.load(gptr_ptr + g + 1) - start) * B
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_f = tl.arange(0, GB)
+        offs_t = tl.arange(0, BLOCK_K)
+        in_m = offs_m < M
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + (offs_f * B)[:, None]
+        acc = tl.zeros([BLOCK_M, GB], dtype=tl.float32)
+        for t0 in range(0, width, BLOCK_K):
+            t = t0 + offs_t
+            inside = t < width
+            entry = t // B
+            col = tl.load(cols_ptr + start + entry, mask=inside, other=0)
+            w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
+            xv = tl.load(x_rows + (col * B + t % B)[None, :], mask=in_m[:, None] & inside[None, :], other=0.0)
+            acc = tl.dot(xv, tl.trans(w), acc)
+        offs_n = g * GB + offs_f
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+
+    return types.SimpleNamespace(decode=decode, prefill=prefill)

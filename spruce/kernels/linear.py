@@ -1,0 +1,143 @@
+"""BlockSparseLinear, and `sparsify` / `densify` to swap a model's nn.Linear layers for it and back.
+
+A pruned checkpoint is an ordinary dense model with zeros in place; `sparsify` converts each
+eligible layer once, at load time, into the block-sparse format of `bsr.py`. The swapped model
+still works with Hugging Face `generate`; on CPU the layers compute with the torch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spruce.errors import SpruceError
+from spruce.kernels.bsr import BLOCK_SIZES, KERNEL_DTYPES, BlockSparseWeight, block_sparse_linear
+
+# Below this fraction of zero blocks a layer saves too few bytes to pay for the indexed loads.
+DEFAULT_MIN_SPARSITY = 0.3
+
+
+class BlockSparseLinear(nn.Module):
+    """y = x W^T + b with W stored as a `BlockSparseWeight` (buffers, so `.to()` moves them)."""
+
+    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.block_size = weight.block
+        self.group = weight.group
+        self.nonzero_blocks = weight.nonzero_blocks
+        self.register_buffer("values", weight.values)
+        self.register_buffer("cols", weight.cols)
+        self.register_buffer("group_ptr", weight.group_ptr)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None) -> "BlockSparseLinear":
+        weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size, group)
+        return cls(weight, linear.bias)
+
+    @property
+    def sparse_weight(self) -> BlockSparseWeight:
+        return BlockSparseWeight(
+            self.values, self.cols, self.group_ptr, (self.out_features, self.in_features),
+            self.block_size, self.group, self.nonzero_blocks,
+        )
+
+    @property
+    def block_sparsity(self) -> float:
+        return self.sparse_weight.block_sparsity
+
+    def to_linear(self) -> nn.Linear:
+        weight = self.sparse_weight.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear(x, self.sparse_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block={self.block_size}, group={self.group}, block_sparsity={self.block_sparsity:.3f}")
+
+
+@dataclass
+class SparsifyReport:
+    """What `sparsify` did: swapped layers with their block sparsity, kept-dense layers with why."""
+
+    swapped: list[tuple[str, str]] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.swapped)} layers block-sparse, {len(self.kept)} kept dense"]
+        lines += [f"  sparse  {name}: {detail}" for name, detail in self.swapped]
+        lines += [f"  dense   {name}: {reason}" for name, reason in self.kept]
+        return "\n".join(lines)
+
+
+def _dense_reason(linear: nn.Module, block_size: int, min_sparsity: float) -> str | None:
+    """Why this layer stays dense, or None when it is eligible."""
+    if type(linear) is not nn.Linear:
+        return f"{type(linear).__name__} is not a plain nn.Linear"
+    weight = linear.weight
+    n, k = weight.shape
+    if n % block_size or k % block_size:
+        return f"shape {n}x{k} is not divisible by block {block_size}"
+    if weight.device.type == "cuda" and weight.dtype not in KERNEL_DTYPES:
+        return f"{weight.dtype} on CUDA: the kernel runs bfloat16 or float16 (load the model in bfloat16)"
+    blocks = weight.detach().reshape(n // block_size, block_size, k // block_size, block_size)
+    zero = 1.0 - blocks.ne(0).any(dim=3).any(dim=1).float().mean().item()
+    if zero < min_sparsity:
+        return f"{zero:.0%} of {block_size}x{block_size} blocks are zero, below min_sparsity {min_sparsity:.0%}"
+    return None
+
+
+def sparsify(model: nn.Module, block_size: int = 16, min_sparsity: float = DEFAULT_MIN_SPARSITY,
+             group: int | None = None) -> SparsifyReport:
+    """Swap every eligible nn.Linear of `model` (in place) for a BlockSparseLinear.
+
+    A layer is eligible when it is a plain nn.Linear whose shape the block divides, whose dtype the
+    kernel runs on its device, and whose fraction of all-zero blocks is at least `min_sparsity`.
+    `group` fixes the block-rows per stored group (None: the widest that stores no zero block).
+    Raises SpruceError when no layer is eligible; returns the report otherwise.
+    """
+    if block_size not in BLOCK_SIZES:
+        raise SpruceError(f"block size {block_size} is not supported; use one of {BLOCK_SIZES}")
+    if not 0.0 <= min_sparsity < 1.0:
+        raise SpruceError(f"min_sparsity must be in [0, 1), got {min_sparsity}")
+    report = SparsifyReport()
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in linears:
+        reason = _dense_reason(linear, block_size, min_sparsity)
+        if reason is not None:
+            report.kept.append((name, reason))
+            continue
+        sparse = BlockSparseLinear.from_linear(linear, block_size, group)
+        _set_submodule(model, name, sparse)
+        report.swapped.append((name, f"{sparse.block_sparsity:.1%} zero blocks, group {sparse.group}"))
+    if not report.swapped:
+        if not linears:
+            raise SpruceError("the model has no nn.Linear layer to make block-sparse")
+        name, reason = report.kept[0]
+        raise SpruceError(f"no layer was made block-sparse: all {len(linears)} nn.Linear layers were kept "
+                          f"dense (first: {name}: {reason})")
+    return report
+
+
+def densify(model: nn.Module) -> int:
+    """Swap every BlockSparseLinear of `model` back to an nn.Linear (in place); returns how many."""
+    names = [name for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)]
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).to_linear())
+    return len(names)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,0 +1,216 @@
+"""Block-sparse format, torch reference, model swapping (CPU) and the Triton kernels (GPU marker)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spruce.bench import StaticGreedy, expand_block_mask, random_block_mask
+from spruce.errors import SpruceError
+from spruce.kernels import BlockSparseLinear, BlockSparseWeight, densify, reference_linear, sparsify
+from spruce.kernels import bsr
+
+
+def masked_weight(n, k, block, sparsity=0.5, layout="independent", dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = expand_block_mask(random_block_mask(n, k, block, sparsity, layout, gen), block)
+    return (torch.randn(n, k, generator=gen, dtype=torch.float64) * mask).to(dtype)
+
+
+def irregular_weight(n, k, block, seed=0):
+    """Any zero pattern: random blocks kept, a fully empty and a fully dense block-row, zeros inside blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n // block, k // block, generator=gen) < 0.4
+    keep[0] = False
+    keep[-1] = True
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) * expand_block_mask(keep, block)
+    return w * (torch.rand(n, k, generator=gen) > 0.3)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---------------------------------------------------------------- format and reference (CPU)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("make", ["grouped", "independent", "irregular"])
+def test_round_trip_is_exact(block, make):
+    n, k = 256, 192
+    w = irregular_weight(n, k, block) if make == "irregular" else masked_weight(n, k, block, layout=make)
+    sparse = BlockSparseWeight.from_dense(w, block)
+    assert torch.equal(sparse.to_dense(), w)
+    assert sparse.nonzero_blocks == int(w.reshape(n // block, block, k // block, block).ne(0).any(3).any(1).sum())
+
+
+def test_group_is_widest_without_padding():
+    grouped = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "grouped"), 16)
+    independent = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "independent"), 16)
+    assert grouped.group == 4 and independent.group == 1
+    assert grouped.stored_fraction == independent.stored_fraction == 0.5
+    forced = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "independent"), 16, group=4)
+    assert forced.group == 4 and forced.stored_fraction > 0.5  # zeros of the other rows stored
+    assert torch.equal(forced.to_dense(), masked_weight(256, 256, 16, 0.5, "independent"))
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_reference_matches_dense_math(block, tokens):
+    w = irregular_weight(128, 320, block, seed=tokens)
+    bias = torch.randn(128, dtype=torch.float64)
+    x = torch.randn(2, tokens, 320, dtype=torch.float64)
+    sparse = BlockSparseWeight.from_dense(w, block)
+    out = reference_linear(x, sparse, bias)
+    assert out.shape == (2, tokens, 128)
+    assert rel_err(out, F.linear(x, w, bias)) < 1e-12
+
+
+@pytest.mark.parametrize("shape,block", [((100, 64), 16), ((64, 48), 32), ((64, 64), 24)])
+def test_from_dense_refuses_what_the_block_does_not_cut(shape, block):
+    with pytest.raises(SpruceError, match="block"):
+        BlockSparseWeight.from_dense(torch.ones(shape), block)
+
+
+# ---------------------------------------------------------------- model swapping (CPU)
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=96, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and "lm_head" not in name:
+                n, k = module.weight.shape
+                mask = random_block_mask(n, k, 16, 0.5, "grouped", gen)
+                module.weight.mul_(expand_block_mask(mask, 16))
+    return model
+
+
+def test_sparsify_swaps_decoder_linears_and_keeps_outputs():
+    model = tiny_llama()
+    dense_weights = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    dense_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+
+    report = sparsify(model, block_size=16, min_sparsity=0.4)
+    assert len(report.swapped) == 14  # 7 linears in each of 2 layers
+    assert [name for name, _ in report.kept] == ["lm_head"]
+    assert "below min_sparsity" in report.kept[0][1]
+    assert isinstance(model.model.layers[0].mlp.down_proj, BlockSparseLinear)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, dense_logits) < 1e-5
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), dense_tokens)
+
+    assert densify(model) == 14
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            assert type(module) is nn.Linear and torch.equal(module.weight, dense_weights[name])
+
+
+def test_static_greedy_matches_generate():
+    model = tiny_llama(seed=1)
+    ids = torch.randint(0, 96, (2, 5))
+    expected = model.generate(ids, max_new_tokens=7, do_sample=False)
+    sparsify(model)
+    assert torch.equal(StaticGreedy(model, batch=2, max_len=12).generate(ids, 7), expected)
+
+
+def test_layer_the_block_does_not_divide_is_kept_and_listed():
+    model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[3].weight.mul_(expand_block_mask(random_block_mask(64, 64, 16, 0.5), 16))
+    report = sparsify(model)
+    assert [name for name, _ in report.swapped] == ["3"]
+    assert dict(report.kept) == {"0": "shape 100x64 is not divisible by block 16",
+                                 "2": "shape 64x100 is not divisible by block 16"}
+    assert "kept dense" in str(report)
+
+
+def test_no_eligible_layer_is_a_clear_error():
+    with pytest.raises(SpruceError, match="no layer was made block-sparse.*not divisible"):
+        sparsify(nn.Sequential(nn.Linear(64, 100)))
+    with pytest.raises(SpruceError, match="below min_sparsity"):
+        sparsify(nn.Sequential(nn.Linear(64, 64)))
+    with pytest.raises(SpruceError, match="no nn.Linear"):
+        sparsify(nn.Sequential(nn.ReLU()))
+    with pytest.raises(SpruceError, match="block size"):
+        sparsify(nn.Sequential(nn.Linear(64, 64)), block_size=8)
+
+
+# ---------------------------------------------------------------- Triton kernels (GPU)
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and bsr.triton_available()), reason="needs CUDA and triton")
+
+
+def _check_every_config(x, sparse, bias, ref):
+    """Run each candidate configuration on a poisoned output; all must write every element right."""
+    m = x.shape[0]
+    if m <= bsr.DECODE_MAX_TOKENS:
+        launch = bsr.launch_decode
+        configs = {(min(f, sparse.group_features), k, w, s) for f, k, w, s in bsr.DECODE_CONFIGS}
+    else:
+        launch = bsr.launch_prefill
+        configs = [c for c in bsr.PREFILL_CONFIGS if c[0] * sparse.group_features <= 256 * 64]
+    for cfg in configs:
+        y = torch.full((m, sparse.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+        launch(x, sparse, bias, y, cfg)
+        err = rel_err(y, ref)
+        assert err <= 1e-2, (cfg, err)  # NaN fails too
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("make", ["grouped", "independent", "irregular"])
+def test_kernels_match_float64(dtype, block, make):
+    gen = torch.Generator().manual_seed(block)
+    for trial in range(2):
+        n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
+        k = block * int(torch.randint(2, 40, (1,), generator=gen))
+        w = irregular_weight(n, k, block, seed=trial) if make == "irregular" else \
+            masked_weight(n, k, block, 0.5 + 0.25 * trial, make, seed=trial)
+        w = w.to(dtype)
+        sparse = BlockSparseWeight.from_dense(w, block).to("cuda")
+        bias = torch.randn(n, generator=gen).to("cuda", dtype) if trial else None
+        for tokens in (1, 3, 16, 17, 129, 300):
+            x = torch.randn(tokens, k, generator=gen).to("cuda", dtype)
+            ref = F.linear(x.double(), w.double().cuda(), None if bias is None else bias.double())
+            _check_every_config(x, sparse, bias, ref)
+            assert rel_err(bsr.block_sparse_linear(x, sparse, bias), ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_swapped_model_on_gpu_matches_dense():
+    model = tiny_llama(seed=2).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 96, (3, 40), device="cuda")
+    inputs = (ids, ids[:1, :5])  # 120 tokens run the prefill kernel, 5 the decode kernel
+    with torch.no_grad():
+        dense = [model(t).logits.double() for t in inputs]
+        sparsify(model)
+        for t, ref in zip(inputs, dense):
+            assert rel_err(model(t).logits, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_float32_on_gpu_is_refused_with_a_message():
+    sparse = BlockSparseWeight.from_dense(masked_weight(64, 64, 16, dtype=torch.float32), 16).to("cuda")
+    with pytest.raises(SpruceError, match="bfloat16"):
+        bsr.block_sparse_linear(torch.randn(2, 64, device="cuda"), sparse)
+    model = nn.Sequential(nn.Linear(64, 64)).cuda()
+    with torch.no_grad():
+        model[0].weight.mul_(expand_block_mask(random_block_mask(64, 64, 16, 0.5), 16).cuda())
+    with pytest.raises(SpruceError, match="bfloat16"):
+        sparsify(model)
