@@ -297,7 +297,8 @@ class StaticGreedy:
     """Greedy decoding with a static KV cache; on CUDA the one-token step is a replayed CUDA graph.
 
     Replaying a captured step removes the per-layer Python and launch overhead that otherwise
-    hides the kernels' time at batch 1-8.
+    hides the kernels' time at batch 1-8. The cache keeps its own fill count on the device, so
+    the captured step writes at the right place on every replay; positions are passed explicitly.
     """
 
     def __init__(self, model, batch: int, max_len: int):
@@ -307,20 +308,29 @@ class StaticGreedy:
         self.device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.use_graph = self.device.type == "cuda"
         self.graph = None
         self.next_token = None
 
     def _step(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
+        logits = self.model(input_ids=self.token, past_key_values=self.cache, position_ids=self.position,
                             use_cache=True).logits
+        return logits[:, -1].argmax(-1)
+
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        prompt = input_ids.shape[1]
+        positions = torch.arange(prompt, device=self.device)[None]
+        logits = self.model(input_ids=input_ids, past_key_values=self.cache, position_ids=positions,
+                            use_cache=True, logits_to_keep=1).logits
+        self.position.fill_(prompt)
         return logits[:, -1].argmax(-1)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up writes the cache at the next position; the replay rewrites it
+        with torch.cuda.stream(side):  # warm-up outside the capture (kernel tuning, cuBLAS handles)
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
@@ -330,15 +340,11 @@ class StaticGreedy:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        prompt = input_ids.shape[1]
-        positions = torch.arange(prompt, device=self.device)
-        logits = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=positions,
-                            use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1)
-        out = [token]
-        self.position.fill_(prompt)
+        token = self._prefill(input_ids)
         if self.use_graph and self.graph is None:
             self._capture()
+            token = self._prefill(input_ids)  # the warm-up steps wrote into the cache
+        out = [token]
         for _ in range(new_tokens - 1):
             self.token.copy_(token[:, None])
             if self.use_graph:

@@ -122,7 +122,9 @@ def test_static_greedy_matches_generate():
     ids = torch.randint(0, 96, (2, 5))
     expected = model.generate(ids, max_new_tokens=7, do_sample=False)
     sparsify(model)
-    assert torch.equal(StaticGreedy(model, batch=2, max_len=12).generate(ids, 7), expected)
+    runner = StaticGreedy(model, batch=2, max_len=12)
+    assert torch.equal(runner.generate(ids, 7), expected)
+    assert torch.equal(runner.generate(ids, 7), expected)  # the cache is reused from the start
 
 
 def test_layer_the_block_does_not_divide_is_kept_and_listed():
@@ -156,11 +158,9 @@ def _check_every_config(x, sparse, bias, ref):
     """Run each candidate configuration on a poisoned output; all must write every element right."""
     m = x.shape[0]
     if m <= bsr.DECODE_MAX_TOKENS:
-        launch = bsr.launch_decode
-        configs = {(min(f, sparse.group_features), k, w, s) for f, k, w, s in bsr.DECODE_CONFIGS}
+        launch, configs = bsr.launch_decode, bsr.decode_candidates(sparse, m)
     else:
-        launch = bsr.launch_prefill
-        configs = [c for c in bsr.PREFILL_CONFIGS if c[0] * sparse.group_features <= 256 * 64]
+        launch, configs = bsr.launch_prefill, bsr.prefill_candidates(sparse)
     for cfg in configs:
         y = torch.full((m, sparse.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
         launch(x, sparse, bias, y, cfg)

@@ -24,9 +24,9 @@ Each launch shape picks its tile configuration by timing a few candidates once (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
-from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,7 @@ MAX_GROUP_FEATURES = 128  # widest tile of output features the prefill kernel ke
 DECODE_MAX_TOKENS = 16
 
 
-@dataclass
+@dataclasses.dataclass
 class BlockSparseWeight:
     """A weight [N, K] stored as groups of block-rows with their nonzero block-columns."""
 
@@ -49,6 +49,7 @@ class BlockSparseWeight:
     block: int
     group: int
     nonzero_blocks: int  # B x B blocks with a nonzero entry (what the pattern keeps)
+    uniform_count: int = -1  # stored block-columns of every group when all groups have the same, else -1
 
     @property
     def group_features(self) -> int:
@@ -73,16 +74,12 @@ class BlockSparseWeight:
         return sum(t.numel() * t.element_size() for t in (self.values, self.cols, self.group_ptr))
 
     def to(self, device=None, dtype=None) -> "BlockSparseWeight":
-        return BlockSparseWeight(
-            self.values.to(device=device, dtype=dtype), self.cols.to(device), self.group_ptr.to(device),
-            self.shape, self.block, self.group, self.nonzero_blocks,
-        )
+        return dataclasses.replace(self, values=self.values.to(device=device, dtype=dtype),
+                                   cols=self.cols.to(device), group_ptr=self.group_ptr.to(device))
 
     def clone(self) -> "BlockSparseWeight":
-        return BlockSparseWeight(
-            self.values.clone(), self.cols.clone(), self.group_ptr.clone(),
-            self.shape, self.block, self.group, self.nonzero_blocks,
-        )
+        return dataclasses.replace(self, values=self.values.clone(), cols=self.cols.clone(),
+                                   group_ptr=self.group_ptr.clone())
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: int = 16, group: int | None = None) -> "BlockSparseWeight":
@@ -111,7 +108,8 @@ class BlockSparseWeight:
         # [ngroups, nbc, G*B, B] slices of W; keep the stored ones, contiguous per entry.
         slices = weight.detach().reshape(ngroups, group * block, nbc, block).permute(0, 2, 1, 3)
         values = slices[group_mask].contiguous()
-        return cls(values, cols, group_ptr, (n, k), block, group, nonzero)
+        uniform = int(counts[0]) if ngroups and bool((counts == counts[0]).all()) else -1
+        return cls(values, cols, group_ptr, (n, k), block, group, nonzero, uniform)
 
     def to_dense(self) -> torch.Tensor:
         """The dense [N, K] weight, zeros in place (exact inverse of `from_dense`)."""
@@ -215,10 +213,17 @@ def _warn_no_triton() -> None:
 
 # ---------------------------------------------------------------- tile configurations and tuning
 
-# (BLOCK_F, BLOCK_K, num_warps, num_stages); BLOCK_F is capped at the group's width.
-DECODE_CONFIGS = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
-# (BLOCK_M, BLOCK_K, num_warps, num_stages); BLOCK_N is the group's width.
-PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
+# Decode, one token: (BLOCK_F, BLOCK_K, num_warps, num_stages). The reduction loop is not software
+# pipelined, so bytes in flight come from many programs with large tiles (BLOCK_F is capped at
+# the group's width).
+DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1), (4, 2048, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1), (16, 1024, 8, 1),
+                       (16, 512, 4, 1)]
+# Decode, 2-16 tokens on a 16-row tl.dot (BLOCK_F >= 16), pipelined loads.
+DECODE_DOT_CONFIGS = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (16, 1024, 8, 3), (64, 256, 4, 3)]
+# Prefill: (BLOCK_M, BLOCK_K, num_warps, num_stages, SWAP). The group's width is the tile's N;
+# SWAP puts the weight tile first (a 64-feature x 256-token wgmma instead of 256 x 64).
+PREFILL_CONFIGS = [(256, 64, 8, 3, False), (128, 64, 8, 3, False), (256, 64, 4, 3, True), (256, 64, 8, 3, True),
+                   (128, 64, 4, 4, True)]
 
 _tuned: dict[tuple, tuple] = {}
 
@@ -273,55 +278,63 @@ def tuned_configs() -> dict:
     return {"/".join(map(str, key)): cfg for key, cfg in _tuned.items()}
 
 
+def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
+    gb = w.group_features
+    if m == 1:
+        return list(dict.fromkeys((min(f, gb), k, nw, ns) for f, k, nw, ns in DECODE_GEMV_CONFIGS))
+    return list(dict.fromkeys((min(f, gb), k, nw, ns) for f, k, nw, ns in DECODE_DOT_CONFIGS))
+
+
+def prefill_candidates(w: BlockSparseWeight) -> list[tuple]:
+    # 256-token tiles only with groups of at most 64 features, to keep the accumulator in registers.
+    return [c for c in PREFILL_CONFIGS if c[0] * w.group_features <= 256 * 64]
+
+
+def _common_args(w: BlockSparseWeight, bias, y):
+    uniform = w.uniform_count >= 0
+    return dict(HAS_BIAS=bias is not None, B=w.block, GB=w.group_features, UNIFORM=uniform), \
+        (bias if bias is not None else y), max(w.uniform_count, 0)
+
+
 def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
     """y[M, N] = x[M, K] W^T (+ bias) for M <= 16; `cfg` forces one configuration."""
     m = x.shape[0]
-    gb = w.group_features
     kernel = _kernels().decode
+    flags, bias_arg, count = _common_args(w, bias, y)
 
     def launch(c):
         block_f, block_k, warps, stages = c
-        block_k = max(block_k, w.block)
-        grid = (w.shape[0] // block_f,)
-        kernel[grid](
-            x, w.values, w.cols, w.group_ptr, bias if bias is not None else y, y, m,
-            x.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, B=w.block, GB=gb,
-            BLOCK_M=1 if m == 1 else DECODE_MAX_TOKENS, BLOCK_F=block_f, BLOCK_K=block_k,
+        kernel[(w.shape[0] // block_f,)](
+            x, w.values, w.cols, w.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0), **flags,
+            BLOCK_M=1 if m == 1 else DECODE_MAX_TOKENS, BLOCK_F=block_f, BLOCK_K=max(block_k, w.block),
             num_warps=warps, num_stages=stages,
         )
 
-    candidates = list(dict.fromkeys((min(f, gb), k, nw, ns) for f, k, nw, ns in DECODE_CONFIGS))
     if cfg is not None:
         launch(cfg)
         return
-    _launch_tuned(("decode", *w.shape, w.block, gb, m, str(x.dtype)), candidates, launch)
+    _launch_tuned(("decode", *w.shape, w.block, w.group_features, m, str(x.dtype)), decode_candidates(w, m), launch)
 
 
 def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
     """y[M, N] = x[M, K] W^T (+ bias) as a tiled GEMM; `cfg` forces one configuration."""
     m = x.shape[0]
-    gb = w.group_features
     kernel = _kernels().prefill
+    flags, bias_arg, count = _common_args(w, bias, y)
 
     def launch(c):
-        block_m, block_k, warps, stages = c
-        block_k = max(block_k, w.block)
-        grid = (triton_cdiv(m, block_m), w.shape[0] // gb)
-        kernel[grid](
-            x, w.values, w.cols, w.group_ptr, bias if bias is not None else y, y, m,
-            x.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, B=w.block, GB=gb,
-            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        block_m, block_k, warps, stages, swap = c
+        kernel[(triton_cdiv(m, block_m), w.shape[0] // w.group_features)](
+            x, w.values, w.cols, w.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0), **flags,
+            BLOCK_M=block_m, BLOCK_K=max(block_k, w.block), SWAP=swap, num_warps=warps, num_stages=stages,
         )
 
-    # 256-token tiles only with narrow groups, to keep the fp32 accumulator in registers.
-    candidates = [c for c in PREFILL_CONFIGS if c[0] * gb <= 256 * 64]
     if cfg is not None:
         launch(cfg)
         return
     m_bucket = 1 << (m - 1).bit_length()
-    _launch_tuned(("prefill", *w.shape, w.block, gb, m_bucket, str(x.dtype)), candidates, launch)
+    key = ("prefill", *w.shape, w.block, w.group_features, m_bucket, str(x.dtype))
+    _launch_tuned(key, prefill_candidates(w), launch)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -337,20 +350,23 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    # M varies call to call: no specialisation on its value, so one binary serves every token count.
-    @triton.jit(do_not_specialize=["M"])
-    def decode(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, stride_xm, stride_ym,
-               HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr,
+    # M and count vary call to call: no specialisation on their values, one binary serves all.
+    @triton.jit(do_not_specialize=["M", "count"])
+    def decode(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, stride_xm, stride_ym,
+               HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr, UNIFORM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
         # One program: BLOCK_F consecutive output features, all inside one group.
         f0 = tl.program_id(0) * BLOCK_F
         g = f0 // GB
-        row0 = f0 - g * GB
-        start = tl.load(gptr_ptr + g)
-        width = (tl.load(gptr_ptr + g + 1) - start) * B  # compact input columns of this group
+        if UNIFORM:  # no load: the weight stream starts without waiting on one
+            start = g * count
+            width = count * B  # compact input columns of the group
+        else:
+            start = tl.load(gptr_ptr + g)
+            width = (tl.load(gptr_ptr + g + 1) - start) * B
         offs_f = tl.arange(0, BLOCK_F)
         offs_t = tl.arange(0, BLOCK_K)
-        w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((row0 + offs_f) * B)[:, None]
+        w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((f0 - g * GB + offs_f) * B)[:, None]
         if BLOCK_M == 1:
             acc = tl.zeros([BLOCK_F], dtype=tl.float32)
         else:
@@ -360,9 +376,8 @@ def _kernels():
             t = t0 + offs_t
             inside = t < width
             entry = t // B
-            col = tl.load(cols_ptr + start + entry, mask=inside, other=0)
-            xk = col * B + t % B
             w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
+            xk = tl.load(cols_ptr + start + entry, mask=inside, other=0) * B + t % B
             if BLOCK_M == 1:
                 xv = tl.load(x_ptr + xk, mask=inside, other=0.0)
                 acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
@@ -383,34 +398,50 @@ def _kernels():
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=offs_m[:, None] < M)
 
-    @triton.jit(do_not_specialize=["M"])
-    def prefill(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, stride_xm, stride_ym,
-                HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    @triton.jit(do_not_specialize=["M", "count"])
+    def prefill(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, stride_xm, stride_ym,
+                HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr, UNIFORM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
         # One program: BLOCK_M tokens x one whole group of GB output features.
         pid_m = tl.program_id(0)
         g = tl.program_id(1)
-        start = tl.load(gptr_ptr + g)
-        width = (tl.load(gptr_ptr + g + 1) - start) * B
+        if UNIFORM:  # no load: the weight stream starts without waiting on one
+            start = g * count
+            width = count * B
+        else:
+            start = tl.load(gptr_ptr + g)
+            width = (tl.load(gptr_ptr + g + 1) - start) * B
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_f = tl.arange(0, GB)
         offs_t = tl.arange(0, BLOCK_K)
         in_m = offs_m < M
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + (offs_f * B)[:, None]
-        acc = tl.zeros([BLOCK_M, GB], dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros([GB, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, GB], dtype=tl.float32)
         for t0 in range(0, width, BLOCK_K):
             t = t0 + offs_t
             inside = t < width
             entry = t // B
-            col = tl.load(cols_ptr + start + entry, mask=inside, other=0)
             w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
-            xv = tl.load(x_rows + (col * B + t % B)[None, :], mask=in_m[:, None] & inside[None, :], other=0.0)
-            acc = tl.dot(xv, tl.trans(w), acc)
+            xk = tl.load(cols_ptr + start + entry, mask=inside, other=0) * B + t % B
+            xv = tl.load(x_rows + xk[None, :], mask=in_m[:, None] & inside[None, :], other=0.0)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(xv), acc)
+            else:
+                acc = tl.dot(xv, tl.trans(w), acc)
         offs_n = g * GB + offs_f
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+        if SWAP:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None],
+                     acc.to(y_ptr.dtype.element_ty), mask=in_m[None, :])
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
+                     acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
 
     return types.SimpleNamespace(decode=decode, prefill=prefill)

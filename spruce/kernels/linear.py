@@ -28,6 +28,7 @@ class BlockSparseLinear(nn.Module):
         self.block_size = weight.block
         self.group = weight.group
         self.nonzero_blocks = weight.nonzero_blocks
+        self.uniform_count = weight.uniform_count
         self.register_buffer("values", weight.values)
         self.register_buffer("cols", weight.cols)
         self.register_buffer("group_ptr", weight.group_ptr)
@@ -42,7 +43,7 @@ class BlockSparseLinear(nn.Module):
     def sparse_weight(self) -> BlockSparseWeight:
         return BlockSparseWeight(
             self.values, self.cols, self.group_ptr, (self.out_features, self.in_features),
-            self.block_size, self.group, self.nonzero_blocks,
+            self.block_size, self.group, self.nonzero_blocks, self.uniform_count,
         )
 
     @property
