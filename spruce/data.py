@@ -223,7 +223,8 @@ def calibration_samples(spec: str, tokenizer, nsamples: int, seqlen: int, seed: 
 
 
 def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
-                    max_samples: int | None = None, seed: int = 0) -> torch.Tensor:
+                    max_samples: int | None = None, seed: int = 0,
+                    limit_flag: str = "max_train_samples") -> torch.Tensor:
     """Training blocks (n, block_size), the run_clm way; a mix is sampled by weight."""
     streams = token_streams(spec, split, tokenizer)
     blocks = [cut_blocks(s, block_size) for _, s in streams]
@@ -232,7 +233,7 @@ def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
         raise SpruceError(f"corpus '{spec}' split '{split}' is shorter than one block of {block_size} tokens")
     want = available if max_samples is None else max_samples
     if want > available:
-        warnings.warn(f"max_train_samples ({want}) is larger than dataset size ({available}); "
+        warnings.warn(f"{limit_flag} ({want}) is larger than dataset size ({available}); "
                       f"using all {available} samples")
         want = available
     if len(blocks) == 1:

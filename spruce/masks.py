@@ -75,3 +75,10 @@ def read_sparsity_json(folder: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise SpruceError(f"{path} is not valid JSON; re-run spruce prune or delete the file") from None
+
+
+def copy_sparsity_json(source: str | Path, folder: str | Path) -> None:
+    """Carry the pruned model's sparsity.json into a folder derived from it (merged, fine-tuned)."""
+    src = Path(source, SPARSITY_FILE)
+    if src.is_file():
+        Path(folder, SPARSITY_FILE).write_text(src.read_text())

@@ -22,7 +22,7 @@ from .models import load_model, resolve_device, save_model
 from .outdir import atomic_dir
 from .prune import prune_model
 from .recover.lora import attach_lora
-from .recover.train import train
+from .recover.train import TrainArgs, train
 from .report import MetricsLog, write_config, write_report
 
 
@@ -80,8 +80,11 @@ def run_demo(cfg: RunConfig, out_dir: str | Path, progress: bool = True, say=pri
         before = zero_masks(model)
         blocks = data.training_blocks(d.corpus, tok, lo.block_size, seed=cfg.seed)
         peft_model = attach_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
-        rows = train(peft_model, blocks, lo.steps, lo.lr, lo.batch_size, warmup=lo.warmup,
-                     seed=cfg.seed, log_every=10, on_log=log.write, progress=progress)
+        args = TrainArgs(steps=lo.steps, lr=lo.lr, batch_size=lo.batch_size, warmup_steps=lo.warmup,
+                         scheduler="cosine", seed=cfg.seed, logging_steps=20)
+        result = train(peft_model, blocks, args, on_event=log.write, say=lambda line: say(f"      {line}"),
+                       progress=progress)
+        rows = result.monitor.train
         peft_model.save_pretrained(run / "adapter")
 
         say("[4/5] evaluating the recovered model (pruned base + adapter)")

@@ -1,56 +1,243 @@
-"""One readable training loop: next-token loss on packed blocks, AdamW, warm-up + cosine."""
+"""One readable training loop for recovery: LoRA, masked full fine-tuning, distillation.
+
+    loop: batch -> (teacher logits) -> loss -> backward -> mask gradients -> step -> re-zero pruned
+          weights -> log / evaluate / checkpoint
+
+Data order is a seeded permutation per epoch, so a run resumed from a checkpoint sees the same
+batches, optimizer and scheduler states and RNG states as one that never stopped.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import SpruceError
+from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .monitor import Monitor, TensorBoard
 
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+
+@dataclass
+class TrainArgs:
+    steps: int                        # optimizer steps in total
+    lr: float = 1e-4                  # peak learning rate
+    batch_size: int = 1               # blocks per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step
+    eval_batch_size: int = 8          # blocks per evaluation forward pass
+    warmup_steps: int = 0             # linear warm-up steps
+    scheduler: str = "linear"         # linear | cosine | constant (decay after warm-up)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10           # log the mean train loss every N steps
+    eval_steps: int | None = None     # evaluate every N steps (and at the end)
+    save_steps: int | None = None     # checkpoint every N steps
+    save_total_limit: int | None = None  # keep at most N checkpoints (the best is never deleted)
+    load_best_model_at_end: bool = False
+    early_stopping_patience: int | None = None  # stop after N evaluations without a new best
+    seed: int = 42
+    bf16: bool = False                # autocast matmuls to bfloat16
+    distill_alpha: float = 0.0        # weight of the KL-to-teacher term (needs a teacher)
+    distill_temperature: float = 2.0
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise SpruceError(f"training needs at least one step, got {self.steps}")
+        if self.scheduler not in ("linear", "cosine", "constant"):
+            raise SpruceError(f"unknown lr scheduler '{self.scheduler}'; use linear, cosine or constant")
+        if not 0 <= self.distill_alpha <= 1:
+            raise SpruceError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_train_loss: float | None
+    monitor: Monitor
+    best_checkpoint: str | None = None
+    stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
 
-def train(model, blocks: torch.Tensor, steps: int, lr: float, batch_size: int = 1,
-          warmup: int = 10, seed: int = 0, log_every: int = 10,
-          on_log: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
-    """Train the trainable parameters of `model` on random batches of `blocks`; return log rows."""
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def batch_indices(step: int, micro: int, n: int, batch_size: int, grad_accum: int, seed: int) -> torch.Tensor:
+    """Indices of the blocks in micro-batch `micro` of optimizer step `step` (seeded per epoch)."""
+    first = (step * grad_accum + micro) * batch_size
+    return torch.stack([epoch_order(n, seed, i // n)[i % n] for i in range(first, first + batch_size)])
+
+
+def _loss(model, ids, teacher, args: TrainArgs):
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    if teacher is None or args.distill_alpha == 0:
+        return out.loss
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    t = args.distill_temperature
+    kl = F.kl_div(F.log_softmax(out.logits.float() / t, -1).flatten(0, 1),
+                  F.log_softmax(t_logits.float() / t, -1).flatten(0, 1),
+                  log_target=True, reduction="batchmean") * t * t
+    return args.distill_alpha * kl + (1 - args.distill_alpha) * out.loss
+
+
+@torch.no_grad()
+def eval_loss(model, blocks: torch.Tensor, batch_size: int, bf16: bool = False) -> float:
+    """Mean next-token loss over `blocks` (every block weighs the same)."""
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters")
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: cosine_with_warmup(s, steps, warmup))
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(blocks.shape[0], generator=gen)
-                       for _ in range(math.ceil(steps * batch_size / blocks.shape[0]))])
-    model.train()
-    rows, window, start = [], [], time.time()
-    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress)
-    for step in bar:
-        ids = blocks[order[step * batch_size:(step + 1) * batch_size]].to(device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed = time.time() - start
-            row = {"event": "train", "step": step + 1, "loss": sum(window) / len(window),
-                   "lr": sched.get_last_lr()[0], "epoch": (step + 1) * batch_size / blocks.shape[0],
-                   "tokens_per_s": (step + 1) * ids.numel() / elapsed}
-            rows.append(row)
-            window = []
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if on_log:
-                on_log(row)
+    was_training = model.training
     model.eval()
-    return rows
+    total = 0.0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            total += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * ids.shape[0]
+    model.train(was_training)
+    return total / blocks.shape[0]
+
+
+def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tensor | None = None,
+          output_dir: Path | None = None, masks: dict[str, torch.Tensor] | None = None, teacher=None,
+          resume_from: Path | None = None, on_event: Callable[[dict], None] | None = None,
+          say: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    """Train the parameters of `model` that require grad.
+
+    `masks` maps parameter names to bool tensors, True where a weight is pruned: those weights get
+    no gradient and are set back to exactly zero after every step (masked full fine-tuning).
+    """
+    device = next(model.parameters()).device
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise SpruceError("nothing to train: no parameter requires grad")
+    masks = {n: m.to(device) for n, m in (masks or {}).items() if n in named}
+    optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.steps, args.warmup_steps, args.scheduler))
+    ckpt_root = output_dir / "checkpoints" if output_dir else None
+    board = TensorBoard(output_dir / "runs") if output_dir else None
+    monitor, step, best_ckpt = Monitor(), 0, None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, monitor = state["step"], Monitor.from_state(state["monitor"])
+        best_ckpt = state.get("best_checkpoint")
+        say(f"resumed from {resume_from} at step {step}")
+    emit = on_event or (lambda row: None)
+    n = blocks.shape[0]
+    tokens_per_step = args.batch_size * args.grad_accum * blocks.shape[1]
+
+    def evaluate() -> dict:
+        loss = eval_loss(model, eval_blocks, args.eval_batch_size, args.bf16)
+        row = {"event": "eval", "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+        previous = monitor.best
+        improved, notes = monitor.on_eval(row)
+        row["best"] = improved
+        emit(row)
+        if board:
+            board.scalars(step, {"eval/loss": loss, "eval/perplexity": row["eval_ppl"]})
+        if improved:
+            verdict = "best so far" if previous is None else \
+                f"best so far ({row['eval_ppl'] - previous['eval_ppl']:+.2f} vs previous best {previous['eval_ppl']:.2f})"
+        else:
+            verdict = f"best {monitor.best['eval_ppl']:.2f} at step {monitor.best['step']}"
+        say(f"step {step}/{args.steps} | eval loss {loss:.4f} | perplexity {row['eval_ppl']:.2f} | {verdict}")
+        for note in notes:
+            say(f"warning: {note}")
+            emit({"event": "diagnostic", "step": step, "message": note})
+        return row
+
+    def checkpoint(is_best: bool) -> None:
+        nonlocal best_ckpt
+        folder = ckpt_root / f"checkpoint-{step}"
+        if is_best:
+            best_ckpt = str(folder)
+        state = {"step": step, "monitor": monitor.state(), "best_checkpoint": best_ckpt, "args": asdict(args)}
+        save_checkpoint(folder, model, optimizer, scheduler, state)
+        prune_checkpoints(ckpt_root, args.save_total_limit, Path(best_ckpt) if best_ckpt else None)
+        emit({"event": "checkpoint", "step": step, "path": str(folder)})
+
+    model.train()
+    start, window, stopped_early, last_loss = time.time(), [], False, None
+    first_step = step
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", disable=not progress)
+    while step < args.steps:
+        for micro in range(args.grad_accum):
+            ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed)].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                loss = _loss(model, ids, teacher, args) / args.grad_accum
+            loss.backward()
+            window.append(loss.item() * args.grad_accum)
+        if not math.isfinite(window[-1]):
+            last = list_checkpoints(ckpt_root) if ckpt_root else []
+            raise SpruceError(f"the loss became {window[-1]} at step {step + 1}; training stopped "
+                              f"(last good checkpoint: {last[-1] if last else 'none'}); lower --learning_rate")
+        for name, mask in masks.items():
+            if named[name].grad is not None:
+                named[name].grad.masked_fill_(mask, 0)
+        torch.nn.utils.clip_grad_norm_(named.values(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                named[name].masked_fill_(mask, 0)
+        step += 1
+        bar.update(1)
+        if step % args.logging_steps == 0 or step == args.steps:
+            elapsed = time.time() - start
+            last_loss = sum(window) / len(window)
+            rate = (step - first_step) * tokens_per_step / max(elapsed, 1e-9)
+            row = {"event": "train", "step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                   "epoch": step * args.batch_size * args.grad_accum / n, "tokens_per_s": rate,
+                   "eta_s": (args.steps - step) * tokens_per_step / max(rate, 1e-9)}
+            window = []
+            emit(row)
+            if board:
+                board.scalars(step, {"train/loss": last_loss, "train/lr": row["lr"]})
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
+            say(f"step {step}/{args.steps} | loss {last_loss:.4f} | lr {row['lr']:.2e} | epoch {row['epoch']:.2f} "
+                f"| {rate:,.0f} tok/s | ETA {row['eta_s'] / 60:.1f} min")
+            for note in monitor.on_train(row):
+                say(f"warning: {note}")
+                emit({"event": "diagnostic", "step": step, "message": note})
+        improved = False
+        if eval_blocks is not None and args.eval_steps and (step % args.eval_steps == 0 or step == args.steps):
+            improved = evaluate()["best"]
+            if args.early_stopping_patience and monitor.evals_since_best() >= args.early_stopping_patience:
+                say(f"early stopping: no new best eval loss in {args.early_stopping_patience} evaluations")
+                stopped_early = True
+        if ckpt_root and ((args.save_steps and step % args.save_steps == 0) or step == args.steps
+                          or stopped_early or (improved and args.load_best_model_at_end)):
+            checkpoint(improved)
+        if stopped_early:
+            break
+    bar.close()
+    if board:
+        board.close()
+    if args.load_best_model_at_end and best_ckpt and Path(best_ckpt).is_dir() and best_ckpt != str(ckpt_root / f"checkpoint-{step}"):
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            for name, value in load_file(str(Path(best_ckpt) / "trainable.safetensors")).items():
+                named[name].copy_(value)
+        say(f"loaded the best model from {best_ckpt}")
+    model.eval()
+    return TrainResult(step, time.time() - start, last_loss, monitor, best_ckpt, stopped_early)

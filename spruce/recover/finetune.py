@@ -1,0 +1,209 @@
+"""`spruce finetune`: recovery fine-tuning of a pruned model with the run_clm / finetune_lm flags.
+
+    spruce finetune --model_name_or_path out/pruned --dataset_name sotu --do_train --do_eval \\
+        --num_train_epochs 1 --block_size 1024 --learning_rate 1e-4 --output_dir out/lora
+
+Modes: `lora` (peft adapter on the frozen pruned model), `masked-lora` (the adapter's update is
+masked to the kept weights, so merging keeps the sparsity exactly), `full` (every kept weight
+trains, every pruned weight stays exactly zero). `--teacher_model` adds distillation from the
+dense model. Writes the adapter (or model) into --output_dir the way run_clm + peft do, plus
+metrics.jsonl, TensorBoard events, curves.png, summary.json and, with --merge, merged/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import data
+from ..errors import SpruceError
+from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
+from ..models import load_model, save_model
+from ..outdir import atomic_dir, check_output_dir
+from ..report import MetricsLog, write_config
+from .checkpoint import list_checkpoints
+from .lora import attach_lora, merge_keep_sparsity
+from .monitor import plot_curves
+from .train import TrainArgs, eval_loss, train
+
+MODES = ("lora", "masked-lora", "full")
+_WIKITEXT = {"wikitext-2-raw-v1": "wikitext2", "wikitext-2-v1": "wikitext2",
+             "wikitext-103-raw-v1": "wikitext103", "wikitext-103-v1": "wikitext103"}
+ADAPTER_MARKER = "spruce_adapter.json"
+
+
+def corpus_spec(dataset_name: str | None, dataset_config_name: str | None, mix_weights: str | None) -> str:
+    """run_clm's --dataset_name / --dataset_config_name (and a `+` mix with --mix_weights) as a spruce corpus spec."""
+    if not dataset_name:
+        raise SpruceError("no training data: pass --dataset_name (e.g. sotu, wikitext, c4) or --train_file")
+    names = [n.strip() for n in dataset_name.split("+")]
+    names = [_WIKITEXT.get(dataset_config_name, "wikitext2") if n == "wikitext" and dataset_config_name else n
+             for n in names]
+    if mix_weights:
+        weights = [w.strip() for w in mix_weights.split(",")]
+        if len(weights) != len(names):
+            raise SpruceError(f"--mix_weights has {len(weights)} values for {len(names)} datasets; give one per dataset")
+        names = [f"{n}:{w}" for n, w in zip(names, weights)]
+    spec = "+".join(names)
+    data.parse_corpus(spec)
+    return spec
+
+
+def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume in ("latest", "true", "True"):
+        found = list_checkpoints(output_dir / "checkpoints")
+        if not found:
+            raise SpruceError(f"no checkpoint to resume from in {output_dir / 'checkpoints'}")
+        return found[-1]
+    return Path(resume)
+
+
+def run_finetune(a, say=print) -> dict:
+    """Entry function: `a` carries the run_clm-style flags (see spruce.cli)."""
+    if not (a.do_train or a.do_eval):
+        raise SpruceError("nothing to do: pass --do_train and/or --do_eval")
+    if a.mode not in MODES:
+        raise SpruceError(f"unknown --mode '{a.mode}'; use one of {', '.join(MODES)}")
+    output_dir = Path(a.output_dir)
+    resume = _resume_path(output_dir, a.resume_from_checkpoint)
+    if resume is None:
+        check_output_dir(output_dir, a.overwrite_output_dir)
+    train_spec = a.train_file or corpus_spec(a.dataset_name, a.dataset_config_name, a.mix_weights)
+    eval_spec = a.validation_file or (train_spec if not a.train_file else None)
+    if a.do_eval and eval_spec is None:
+        raise SpruceError("--do_eval with --train_file needs --validation_file")
+    for spec in filter(None, (train_spec, eval_spec)):
+        data.parse_corpus(spec)
+    if a.teacher_model and a.mode == "lora" and a.distill_alpha == 0:
+        raise SpruceError("--teacher_model given with --distill_alpha 0; set --distill_alpha in (0, 1]")
+
+    torch.manual_seed(a.seed)
+    tokenizer_source = a.tokenizer_name
+    if not tokenizer_source and a.config_name and Path(a.model_name_or_path).is_dir() \
+            and not (Path(a.model_name_or_path) / "tokenizer_config.json").exists():
+        tokenizer_source = a.config_name  # the reference passes the dense model here
+    model, tok = load_model(a.model_name_or_path, a.device, a.dtype, a.trust_remote_code, tokenizer_source)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and a.block_size > limit:
+        raise SpruceError(f"--block_size {a.block_size} is longer than the model's context ({limit} tokens); lower it")
+
+    train_blocks = data.training_blocks(train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed) \
+        if a.do_train else None
+    eval_split = "train" if a.validation_file else "validation"
+    eval_blocks = data.training_blocks(eval_spec, tok, a.block_size, eval_split, a.max_eval_samples, a.seed,
+                                       limit_flag="max_eval_samples") if a.do_eval else None
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(output_dir / "metrics.jsonl")
+    write_config(output_dir, {k: v for k, v in vars(a).items() if k != "command"})
+    summary: dict = {"model": a.model_name_or_path, "mode": a.mode, "dataset": train_spec,
+                     "block_size": a.block_size, "sparsity_before": overall_sparsity(model)}
+    bf16 = a.dtype == "bfloat16"
+    if eval_blocks is not None:
+        loss = eval_loss(model, eval_blocks, a.per_device_eval_batch_size, bf16)
+        summary["eval_before"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+        log.write({"event": "eval", "step": 0, "stage": "before", **summary["eval_before"]})
+        say(f"before training: eval loss {loss:.4f} | perplexity {summary['eval_before']['eval_ppl']:.2f} "
+            f"({eval_blocks.shape[0]} blocks of {a.block_size} tokens)")
+    if not a.do_train:
+        _finish(output_dir, summary, log, None, say)
+        return summary
+
+    before = zero_masks(model)
+    if a.mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        masks = {f"{name}.weight": mask for name, mask in before.items()}
+        student = model
+    else:
+        student = attach_lora(model, a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_target_modules,
+                              masked=a.mode == "masked-lora")
+        masks = None
+    teacher = None
+    if a.teacher_model:
+        teacher, _ = load_model(a.teacher_model, a.device, a.dtype, a.trust_remote_code)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps
+    steps = a.max_steps if a.max_steps and a.max_steps > 0 else \
+        max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
+    args = TrainArgs(
+        steps=steps, lr=a.learning_rate, batch_size=a.per_device_train_batch_size,
+        grad_accum=a.gradient_accumulation_steps, eval_batch_size=a.per_device_eval_batch_size,
+        warmup_steps=a.warmup_steps, scheduler=a.lr_scheduler_type, weight_decay=a.weight_decay,
+        logging_steps=a.logging_steps, eval_steps=(a.eval_steps or steps) if a.do_eval else None,
+        save_steps=a.save_steps, save_total_limit=a.save_total_limit,
+        load_best_model_at_end=a.load_best_model_at_end, early_stopping_patience=a.early_stopping_patience,
+        seed=a.seed, bf16=bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
+        distill_temperature=a.distill_temperature)
+    say(f"training {a.mode} on {train_spec}: {train_blocks.shape[0]} blocks of {a.block_size} tokens, "
+        f"{steps} steps of {per_step} blocks ({steps * per_step / train_blocks.shape[0]:.2f} epochs)")
+    result = train(student, train_blocks, args, eval_blocks, output_dir, masks=_param_masks(student, masks),
+                   teacher=teacher, resume_from=resume, on_event=log.write, say=say)
+    summary.update({"steps": result.steps, "train_seconds": round(result.seconds, 1),
+                    "final_train_loss": result.final_train_loss, "best_checkpoint": result.best_checkpoint,
+                    "stopped_early": result.stopped_early})
+    if result.monitor.evals:
+        summary["eval_after"] = result.monitor.evals[-1]
+        summary["best_eval"] = result.monitor.best
+
+    summary["sparsity_after"] = overall_sparsity(student)
+    if a.mode == "full":
+        save_model(student, tok, output_dir)
+        copy_sparsity_json(a.model_name_or_path, output_dir)
+    else:
+        student.save_pretrained(output_dir)
+        (output_dir / ADAPTER_MARKER).write_text(json.dumps({"mode": a.mode}) + "\n")
+    if a.merge:
+        merged = student if a.mode == "full" else merge_keep_sparsity(student)
+        after = zero_masks(merged)
+        summary["merged_zero_set_unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+        with atomic_dir(output_dir / "merged") as folder:
+            save_model(merged, tok, folder)
+            copy_sparsity_json(a.model_name_or_path, folder)
+        if eval_blocks is not None:
+            loss = eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, bf16)
+            summary["eval_merged"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+            log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
+    plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {train_spec}")
+    _finish(output_dir, summary, log, result, say)
+    return summary
+
+
+def _param_masks(model, masks):
+    """Masks keyed by the parameter names of `model` (None when nothing is masked)."""
+    if not masks:
+        return None
+    names = {n for n, _ in model.named_parameters()}
+    return {n: m for n, m in masks.items() if n in names}
+
+
+def _finish(output_dir: Path, summary: dict, log: MetricsLog, result, say) -> None:
+    lines = ["", "=== summary ==="]
+    if result is not None:
+        lines.append(f"steps {result.steps} | time {result.seconds / 60:.1f} min | final train loss "
+                     f"{result.final_train_loss:.4f}" if result.final_train_loss is not None else f"steps {result.steps}")
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if after:
+        lines.append(f"final eval loss {after['eval_loss']:.4f} | perplexity {after['eval_ppl']:.2f}")
+    if summary.get("best_eval"):
+        best = summary["best_eval"]
+        lines.append(f"best eval perplexity {best['eval_ppl']:.2f} at step {best['step']}"
+                     + (f" ({summary['best_checkpoint']})" if summary.get("best_checkpoint") else ""))
+    if before and after:
+        lines.append(f"perplexity: pruned {before['eval_ppl']:.2f} -> recovered {after['eval_ppl']:.2f}")
+    if summary.get("eval_merged"):
+        lines.append(f"merged model perplexity {summary['eval_merged']['eval_ppl']:.2f} "
+                     f"(zero set unchanged: {summary['merged_zero_set_unchanged']})")
+    for line in lines:
+        say(line)
+    log.write({"event": "summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    tmp = output_dir / "summary.json.partial"
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(output_dir / "summary.json")

@@ -1,0 +1,183 @@
+"""Recovery fine-tuning: zero sets kept bit for bit, exact resume, diagnostics, bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spruce.cli import main
+from spruce.masks import zero_masks
+from spruce.models import load_model
+from spruce.prune import prune_model
+from spruce.recover.monitor import Monitor
+from tests.conftest import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    """A tiny Llama pruned to 50% in 16x16 blocks, saved as a HF folder."""
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=1)
+    samples = torch.randint(0, len(tok), (4, 64), generator=torch.Generator().manual_seed(0))
+    prune_model(model, "wanda", "16x16", 0.5, samples=samples, progress=False)
+    folder = tmp_path_factory.mktemp("pruned")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def finetune(capsys, pruned_dir, corpus_file, out, *extra):
+    argv = ["finetune", "--model_name_or_path", str(pruned_dir), "--train_file", str(corpus_file),
+            "--validation_file", str(corpus_file), "--block_size", "64", "--do_train", "--do_eval",
+            "--per_device_train_batch_size", "2", "--max_eval_samples", "8", "--logging_steps", "1",
+            "--output_dir", str(out), *extra]
+    code = main(argv)
+    out_text, err = capsys.readouterr()
+    return code, out_text, err
+
+
+def base_zero_sets(folder):
+    model, _ = load_model(str(folder))
+    return zero_masks(model)
+
+
+def test_lora_recovers_and_merge_keeps_zero_set(capsys, pruned_dir, corpus_file, tmp_path):
+    code, out, _ = finetune(capsys, pruned_dir, corpus_file, tmp_path / "lora", "--max_steps", "30",
+                            "--learning_rate", "3e-3", "--lora_target_modules", "all-linear", "--merge")
+    assert code == 0, out
+    summary = json.loads((tmp_path / "lora" / "summary.json").read_text())
+    assert summary["eval_after"]["eval_ppl"] < summary["eval_before"]["eval_ppl"]
+    assert summary["merged_zero_set_unchanged"] is True
+    for name in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "curves.png", "merged/config.json",
+                 "merged/sparsity.json" if (pruned_dir / "sparsity.json").exists() else "merged/config.json"]:
+        assert (tmp_path / "lora" / name).exists(), name
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged")
+    before, after = base_zero_sets(pruned_dir), zero_masks(merged)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert "perplexity: pruned" in out and "=== summary ===" in out
+
+
+def test_plain_peft_merge_would_fill_the_zeros(pruned_dir, corpus_file, tmp_path, capsys):
+    finetune(capsys, pruned_dir, corpus_file, tmp_path / "lora", "--max_steps", "5", "--learning_rate", "1e-2")
+    from peft import PeftModel
+
+    base, _ = load_model(str(pruned_dir))
+    before = zero_masks(base)
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "lora")).merge_and_unload()
+    after = zero_masks(plain)
+    assert not all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_masked_lora_merge_is_lossless(capsys, pruned_dir, corpus_file, tmp_path):
+    code, _, _ = finetune(capsys, pruned_dir, corpus_file, tmp_path / "m", "--mode", "masked-lora", "--max_steps", "10",
+                          "--learning_rate", "1e-2", "--lora_dropout", "0", "--merge")
+    assert code == 0
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["merged_zero_set_unchanged"] is True
+    assert abs(summary["eval_merged"]["eval_loss"] - summary["eval_after"]["eval_loss"]) < 1e-4
+
+
+def test_masked_full_finetuning_and_distillation_keep_zeros(capsys, pruned_dir, corpus_file, tmp_path, tiny_model_dir):
+    for extra in (["--mode", "full"], ["--mode", "full", "--teacher_model", str(tiny_model_dir), "--distill_alpha", "0.7"]):
+        out = tmp_path / extra[-1].replace("/", "_")
+        code, _, _ = finetune(capsys, pruned_dir, corpus_file, out, "--max_steps", "6", "--learning_rate", "1e-3", *extra)
+        assert code == 0
+        trained = AutoModelForCausalLM.from_pretrained(out)
+        before, after = base_zero_sets(pruned_dir), zero_masks(trained)
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        base, _ = load_model(str(pruned_dir))
+        assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
+
+
+def _train_losses(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
+
+
+def test_resume_continues_exactly(capsys, pruned_dir, corpus_file, tmp_path):
+    common = ["--max_steps", "8", "--save_steps", "4", "--learning_rate", "5e-3", "--lora_dropout", "0.1",
+              "--eval_steps", "4"]
+    assert finetune(capsys, pruned_dir, corpus_file, tmp_path / "full", *common)[0] == 0
+    straight = _train_losses(tmp_path / "full")
+    # a second run that stopped after its checkpoint at step 4: copy that checkpoint and resume
+    import shutil
+
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-4", tmp_path / "resumed" / "checkpoints" / "checkpoint-4")
+    code, out, _ = finetune(capsys, pruned_dir, corpus_file, tmp_path / "resumed", *common,
+                            "--resume_from_checkpoint", "latest")
+    assert code == 0 and "resumed from" in out
+    resumed = _train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+
+
+def test_overfitting_diagnostic_fires():
+    m = Monitor()
+    for step, (train_loss, eval_loss) in enumerate([(3.0, 2.5), (2.0, 2.4), (1.0, 2.6), (0.5, 2.9)], 1):
+        m.on_train({"step": step * 10, "loss": train_loss})
+        _, notes = m.on_eval({"step": step * 10, "eval_loss": eval_loss, "eval_ppl": 2.718 ** eval_loss})
+    assert any("overfitting" in n and "lower --learning_rate" in n for n in notes)
+    assert m.best["step"] == 20
+
+
+def test_flat_and_jumping_loss_diagnostics():
+    flat = Monitor()
+    notes = [n for s in range(6) for n in flat.on_train({"step": s, "loss": 2.0})]
+    assert any("flat" in n for n in notes)
+    jump = Monitor()
+    notes = [n for s, loss in enumerate([3.0, 2.0, 1.9, 4.5]) for n in jump.on_train({"step": s, "loss": loss})]
+    assert any("too high" in n for n in notes)
+
+
+def test_max_train_samples_warning(capsys, pruned_dir, corpus_file, tmp_path):
+    code, _, err = finetune(capsys, pruned_dir, corpus_file, tmp_path / "w", "--max_steps", "1",
+                            "--max_train_samples", "30000")
+    assert code == 0 and "max_train_samples (30000) is larger than dataset size" in err
+
+
+@pytest.mark.parametrize("case", ["existing_output", "block_size", "offline", "corrupt", "no_action"])
+def test_finetune_bad_input(case, capsys, pruned_dir, corpus_file, tmp_path):
+    out = tmp_path / "o"
+    extra = ["--max_steps", "1"]
+    if case == "existing_output":
+        out.mkdir()
+        (out / "x").write_text("x")
+        expected = "--overwrite_output_dir"
+    elif case == "block_size":
+        extra += ["--block_size", "4096"]
+        expected = "longer than the model's context"
+    elif case == "offline":
+        argv = ["finetune", "--model_name_or_path", str(pruned_dir), "--dataset_name", "wikitext",
+                "--dataset_config_name", "wikitext-2-raw-v1", "--do_train", "--output_dir", str(out)]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "offline, use --dataset sotu" in err and len(err.strip().splitlines()) == 1
+        return
+    elif case == "corrupt":
+        (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+        (out / "checkpoints" / "checkpoint-3" / "state.json").write_text("{")
+        extra += ["--resume_from_checkpoint", "latest"]
+        expected = "not a complete checkpoint"
+    else:
+        argv = ["finetune", "--model_name_or_path", str(pruned_dir), "--train_file", str(corpus_file),
+                "--output_dir", str(out)]
+        code = main(argv)
+        assert code == 2 and "pass --do_train" in capsys.readouterr().err
+        return
+    code, _, err = finetune(capsys, pruned_dir, corpus_file, out, *extra)
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_adapter_for_another_base_model(capsys, corpus_file, tmp_path, tiny_model_dir):
+    tok = build_tokenizer()
+    other = build_model(len(tok), hidden=32)
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    assert finetune(capsys, tmp_path / "other", corpus_file, tmp_path / "a", "--max_steps", "1")[0] == 0
+    code = main(["eval", "--model", str(tiny_model_dir), "--lora_weights", str(tmp_path / "a"),
+                 "--dataset", str(corpus_file), "--seqlen", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another base model" in err and len(err.strip().splitlines()) == 1
