@@ -147,6 +147,7 @@ def build_parser() -> Parser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains with bf16 weights and autocast (default: float32)")
+    g.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16 (the fast path on GPUs)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the Hub to run")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", metavar="CORPUS", help="sotu, moby, wikitext, c4, or a mix a+b")
@@ -317,6 +318,8 @@ def cmd_prune(args) -> None:
 def cmd_finetune(args) -> None:
     from .recover.finetune import run_finetune
 
+    if args.bf16:
+        args.dtype = "bfloat16"
     run_finetune(args)
 
 

@@ -129,7 +129,8 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
     if not named:
         raise SpruceError("nothing to train: no parameter requires grad")
     masks = {n: m.to(device) for n, m in (masks or {}).items() if n in named}
-    optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay)
+    fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in named.values())
+    optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.steps, args.warmup_steps, args.scheduler))
     ckpt_root = output_dir / "checkpoints" if output_dir else None
