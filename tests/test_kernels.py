@@ -154,6 +154,15 @@ def test_no_eligible_layer_is_a_clear_error():
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and bsr.triton_available()), reason="needs CUDA and triton")
 
 
+@pytest.fixture
+def few_configs(monkeypatch):
+    """One candidate tile of each kind (two for prefill), so that tests compile little;
+    test_every_configuration runs the full lists."""
+    monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:1])
+    monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", bsr.DECODE_DOT_CONFIGS[:1])
+    monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
+
+
 def _check_every_config(x, sparse, bias, ref):
     """Run each candidate configuration on a poisoned output; all must write every element right."""
     m = x.shape[0]
@@ -168,31 +177,41 @@ def _check_every_config(x, sparse, bias, ref):
         assert err <= 1e-2, (cfg, err)  # NaN fails too
 
 
+def _check_shape(n, k, block, make, dtype, tokens, gen, trial=0):
+    w = irregular_weight(n, k, block, seed=trial) if make == "irregular" else \
+        masked_weight(n, k, block, 0.5 + 0.25 * trial, make, seed=trial)
+    w = w.to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, block).to("cuda")
+    bias = torch.randn(n, generator=gen).to("cuda", dtype)
+    for m in tokens:
+        x = torch.randn(m, k, generator=gen).to("cuda", dtype)  # fresh inputs for every check
+        ref = F.linear(x.double(), w.double().cuda(), bias.double())
+        _check_every_config(x, sparse, bias, ref)
+        assert rel_err(bsr.block_sparse_linear(x, sparse, bias), ref) <= 1e-2
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", [16, 32, 64])
 @pytest.mark.parametrize("make", ["grouped", "independent", "irregular"])
-def test_kernels_match_float64(dtype, block, make):
+def test_kernels_match_float64(block, make, few_configs):
     gen = torch.Generator().manual_seed(block)
-    for trial in range(2):
+    for trial in range(2):  # random shapes
         n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
         k = block * int(torch.randint(2, 40, (1,), generator=gen))
-        w = irregular_weight(n, k, block, seed=trial) if make == "irregular" else \
-            masked_weight(n, k, block, 0.5 + 0.25 * trial, make, seed=trial)
-        w = w.to(dtype)
-        sparse = BlockSparseWeight.from_dense(w, block).to("cuda")
-        bias = torch.randn(n, generator=gen).to("cuda", dtype) if trial else None
-        for tokens in (1, 3, 16, 17, 129, 300):
-            x = torch.randn(tokens, k, generator=gen).to("cuda", dtype)
-            ref = F.linear(x.double(), w.double().cuda(), None if bias is None else bias.double())
-            _check_every_config(x, sparse, bias, ref)
-            assert rel_err(bsr.block_sparse_linear(x, sparse, bias), ref) <= 1e-2
+        _check_shape(n, k, block, make, torch.bfloat16, (1, 3, 16, 17, 129, 300), gen, trial)
 
 
 @pytest.mark.gpu
 @gpu
-def test_swapped_model_on_gpu_matches_dense():
+def test_every_configuration():
+    gen = torch.Generator().manual_seed(0)
+    _check_shape(384, 1040, 16, "grouped", torch.float16, (1, 5, 16, 200), gen)
+
+
+@pytest.mark.gpu
+@gpu
+def test_swapped_model_on_gpu_matches_dense(few_configs):
     model = tiny_llama(seed=2).to("cuda", torch.bfloat16)
     ids = torch.randint(0, 96, (3, 40), device="cuda")
     inputs = (ids, ids[:1, :5])  # 120 tokens run the prefill kernel, 5 the decode kernel

@@ -213,13 +213,15 @@ def _warn_no_triton() -> None:
 
 # ---------------------------------------------------------------- tile configurations and tuning
 
-# Decode, one token: (BLOCK_F, BLOCK_K, num_warps, num_stages). The reduction loop is not software
-# pipelined, so bytes in flight come from many programs with large tiles (BLOCK_F is capped at
-# the group's width).
-DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1), (4, 2048, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1), (16, 1024, 8, 1),
-                       (16, 512, 4, 1)]
-# Decode, 2-16 tokens on a 16-row tl.dot (BLOCK_F >= 16), pipelined loads.
-DECODE_DOT_CONFIGS = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (16, 1024, 8, 3), (64, 256, 4, 3)]
+# Decode: (BLOCK_F, BLOCK_K, num_warps, num_stages, USE_DOT); BLOCK_F is capped at the group's width.
+# Without tl.dot (up to 8 tokens, fp32 FMA per token) the loop is not software pipelined, so the
+# bytes in flight come from many programs with large tiles.
+DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False), (4, 2048, 4, 1, False), (8, 1024, 4, 1, False),
+                       (8, 2048, 8, 1, False), (16, 1024, 8, 1, False), (16, 512, 4, 1, False)]
+# With a 16-token tl.dot (BLOCK_F >= 16) and pipelined loads, for 2-16 tokens.
+DECODE_DOT_CONFIGS = [(16, 256, 4, 4, True), (16, 512, 4, 3, True), (32, 256, 4, 4, True), (16, 1024, 8, 3, True),
+                      (64, 256, 4, 3, True)]
+GEMV_MAX_TOKENS = 8
 # Prefill: (BLOCK_M, BLOCK_K, num_warps, num_stages, SWAP). The group's width is the tile's N;
 # SWAP puts the weight tile first (a 64-feature x 256-token wgmma instead of 256 x 64).
 PREFILL_CONFIGS = [(256, 64, 8, 3, False), (128, 64, 8, 3, False), (256, 64, 4, 3, True), (256, 64, 8, 3, True),
@@ -279,10 +281,8 @@ def tuned_configs() -> dict:
 
 
 def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
-    gb = w.group_features
-    if m == 1:
-        return list(dict.fromkeys((min(f, gb), k, nw, ns) for f, k, nw, ns in DECODE_GEMV_CONFIGS))
-    return list(dict.fromkeys((min(f, gb), k, nw, ns) for f, k, nw, ns in DECODE_DOT_CONFIGS))
+    configs = (DECODE_GEMV_CONFIGS if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS if m > 1 else [])
+    return list(dict.fromkeys((min(c[0], w.group_features), *c[1:]) for c in configs))
 
 
 def prefill_candidates(w: BlockSparseWeight) -> list[tuple]:
@@ -303,10 +303,11 @@ def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
     flags, bias_arg, count = _common_args(w, bias, y)
 
     def launch(c):
-        block_f, block_k, warps, stages = c
+        block_f, block_k, warps, stages, use_dot = c
+        block_m = DECODE_MAX_TOKENS if use_dot else 1 << (m - 1).bit_length()
         kernel[(w.shape[0] // block_f,)](
             x, w.values, w.cols, w.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0), **flags,
-            BLOCK_M=1 if m == 1 else DECODE_MAX_TOKENS, BLOCK_F=block_f, BLOCK_K=max(block_k, w.block),
+            BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_K=max(block_k, w.block), USE_DOT=use_dot,
             num_warps=warps, num_stages=stages,
         )
 
@@ -354,7 +355,7 @@ def _kernels():
     @triton.jit(do_not_specialize=["M", "count"])
     def decode(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, stride_xm, stride_ym,
                HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr, UNIFORM: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
         # One program: BLOCK_F consecutive output features, all inside one group.
         f0 = tl.program_id(0) * BLOCK_F
         g = f0 // GB
@@ -367,36 +368,30 @@ def _kernels():
         offs_f = tl.arange(0, BLOCK_F)
         offs_t = tl.arange(0, BLOCK_K)
         w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((f0 - g * GB + offs_f) * B)[:, None]
-        if BLOCK_M == 1:
-            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
-        else:
-            offs_m = tl.arange(0, BLOCK_M)
-            acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        offs_m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
         for t0 in range(0, width, BLOCK_K):
             t = t0 + offs_t
             inside = t < width
             entry = t // B
             w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
             xk = tl.load(cols_ptr + start + entry, mask=inside, other=0) * B + t % B
-            if BLOCK_M == 1:
-                xv = tl.load(x_ptr + xk, mask=inside, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-            else:
+            if USE_DOT:
                 xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
                              mask=(offs_m[:, None] < M) & inside[None, :], other=0.0)
                 acc = tl.dot(xv, tl.trans(w), acc)
+            else:  # the weight tile is converted once and reused for every token
+                wf = w.to(tl.float32)
+                for m in tl.static_range(BLOCK_M):
+                    # rows past M reread row M-1 (valid memory); their sums are never stored
+                    xv = tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + xk, mask=inside, other=0.0)
+                    part = tl.sum(wf * xv.to(tl.float32)[None, :], axis=1)
+                    acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
         offs_n = f0 + offs_f
         if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n).to(tl.float32)
-            if BLOCK_M == 1:
-                acc += b
-            else:
-                acc += b[None, :]
-        if BLOCK_M == 1:
-            tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty))
-        else:
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=offs_m[:, None] < M)
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=offs_m[:, None] < M)
 
     @triton.jit(do_not_specialize=["M", "count"])
     def prefill(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, stride_xm, stride_ym,
