@@ -10,6 +10,7 @@ a large bf16 matmul), so the distance to the limit is visible. Each prints a tab
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import platform
@@ -116,7 +117,6 @@ def measure_ceilings() -> dict:
     src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = _median_ms(lambda: dst.copy_(src))
-    del src, dst
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_ms = _median_ms(lambda: a @ b)
@@ -153,6 +153,12 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ---------------------------------------------------------------- kernels
 
 
+def _rotating_calls(fn, weights: list, inputs: list) -> list:
+    """fn(input, weight) over every copy, the shorter list cycled, each call on its own data."""
+    count = max(len(weights), len(inputs))
+    return [functools.partial(fn, inputs[i % len(inputs)], weights[i % len(weights)]) for i in range(count)]
+
+
 def _parse_shapes(shapes) -> list[tuple[int, int]]:
     parsed = []
     for shape in shapes:
@@ -178,7 +184,13 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
     time torch's 2:4 path. json_path: where to write rows and environment. Every sparse output is
     checked against float64 math on the masked weight (rel_err). Returns the rows.
     """
-    from spruce.kernels.bsr import BlockSparseWeight, block_sparse_linear, launch_decode, launch_prefill, tuned_configs
+    from spruce.kernels.bsr import (
+        BlockSparseWeight,
+        block_sparse_linear,
+        launch_decode,
+        launch_prefill,
+        tuned_configs,
+    )
 
     _require_cuda()
     if dtype not in DTYPES:
@@ -223,7 +235,7 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
             try:
                 semi_copies = [to_sparse_semi_structured(pruned24.clone())
                                for _ in range(_copies_for(n * k * esize // 2))]
-            except Exception as exc:  # the 2:4 path is torch's; report why it could not run
+            except Exception as exc:  # noqa: BLE001 - the 2:4 path is torch's; report why it could not run
                 rows.append({"shape": f"{n}x{k}", "tokens": 0, "kernel": "2:4 torch",
                              "error": f"{type(exc).__name__}: {exc}"})
         for m in tokens:
@@ -231,18 +243,14 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
             xs = [torch.randn(m, k, generator=gen).to("cuda", torch_dtype) for _ in range(_copies_for(x_bytes))]
             io_bytes = x_bytes + m * n * esize
 
-            def calls(fn, weights):
-                count = max(len(weights), len(xs))
-                return [lambda w=weights[i % len(weights)], x=xs[i % len(xs)]: fn(x, w) for i in range(count)]
-
-            dense_us = graph_time_us(calls(F.linear, dense))
+            dense_us = graph_time_us(_rotating_calls(F.linear, dense, xs))
             row(n, k, m, "dense cuBLAS", dense_us, n * k * esize + io_bytes, 2 * m * n * k, speedup=1.0)
             for name, b, s, layout, masked, copies in variants:
                 x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
                 y = torch.full((m, n), float("nan"), dtype=torch_dtype, device="cuda")
                 (launch_decode if m <= 16 else launch_prefill)(x, copies[0], None, y)
                 err = _rel_err(y, F.linear(x.double(), masked.double()))
-                us = graph_time_us(calls(block_sparse_linear, copies))
+                us = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
                 sp = copies[0]
                 row(n, k, m, name, us, sp.nbytes + io_bytes, 2 * m * n * k * sp.stored_fraction,
                     speedup=dense_us / us, block=b, sparsity=s, layout=layout, group=sp.group, rel_err=err)
@@ -250,8 +258,8 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
                 try:
                     x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
                     err = _rel_err(F.linear(x, semi_copies[0]), F.linear(x.double(), pruned24.double()))
-                    us = graph_time_us(calls(F.linear, semi_copies))
-                except Exception as exc:  # torch's 2:4 path has its own limits; report them
+                    us = graph_time_us(_rotating_calls(F.linear, semi_copies, xs))
+                except Exception as exc:  # noqa: BLE001 - torch's 2:4 path has its own limits; report them
                     rows.append({"shape": f"{n}x{k}", "tokens": m, "kernel": "2:4 torch",
                                  "error": f"{type(exc).__name__}: {exc}"})
                     continue
@@ -269,10 +277,10 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
 
 
 def format_kernel_table(rows: list[dict], ceilings: dict) -> str:
-    lines = [f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-             f"bf16 matmul {ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
-             f"{'shape':>11} {'tokens':>6} {'kernel':<28} {'us':>9} {'x dense':>8} {'GB/s':>7} "
-             f"{'TFLOP/s':>8} {'%floor':>6} {'rel err':>8}"]
+    lines = [(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 matmul {ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s"),
+             (f"{'shape':>11} {'tokens':>6} {'kernel':<28} {'us':>9} {'x dense':>8} {'GB/s':>7} "
+              f"{'TFLOP/s':>8} {'%floor':>6} {'rel err':>8}")]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['shape']:>11} {r['tokens']:>6} {r['kernel']:<28} failed: {r['error'][:80]}")
@@ -357,6 +365,19 @@ class StaticGreedy:
         return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
 
 
+def _generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
+    """A function of the prompt ids that generates `new_tokens` greedily in the given mode."""
+    if mode == "graph":
+        return functools.partial(StaticGreedy(model, batch, prompt_tokens + new_tokens).generate,
+                                 new_tokens=new_tokens)
+
+    def hf_generate(ids):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False)
+
+    return hf_generate
+
+
 def llama2_7b_config(num_layers: int = 32):
     from transformers import LlamaConfig
 
@@ -421,20 +442,14 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
         for b in batch_sizes:
             for mode in modes:
                 try:
-                    if mode == "graph":
-                        runner = StaticGreedy(model, b, prompt_tokens + new_tokens)
-                        generate = lambda ids: runner.generate(ids, new_tokens)  # noqa: E731
-                    else:
-                        generate = lambda ids: model.generate(  # noqa: E731
-                            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False)
+                    generate = _generator(model, mode, b, prompt_tokens, new_tokens)
                     generate(prompts[b])  # warm-up: kernel tuning, graph capture
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     tokens = generate(prompts[b])
                     torch.cuda.synchronize()
                     seconds = time.perf_counter() - start
-                except Exception as exc:  # report the failure of one case and go on with the others
+                except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
                     rows.append({"kind": kind, "batch": b, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
                     continue
                 outputs[kind, b, mode] = tokens.cpu()
@@ -473,7 +488,8 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
             dense_out = outputs.get(("dense", r["batch"], r["mode"]))
             if r["kind"].startswith("bsr") and dense_out is not None:
-                r["tokens_equal_to_dense"] = (outputs[r["kind"], r["batch"], r["mode"]] == dense_out).float().mean().item()
+                new = outputs[r["kind"], r["batch"], r["mode"]][:, prompt_tokens:]
+                r["tokens_equal_to_dense"] = (new == dense_out[:, prompt_tokens:]).float().mean().item()
     summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsify_report": str(report),
                "rows": rows}
@@ -484,8 +500,8 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
 
 
 def format_generate_table(rows: list[dict]) -> str:
-    lines = [f"{'kind':<24} {'batch':>5} {'mode':<6} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
-             f"{'floor ms':>8} {'same tok':>8}"]
+    lines = [(f"{'kind':<24} {'batch':>5} {'mode':<6} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
+              f"{'floor ms':>8} {'same new':>8}")]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['kind']:<24} {r['batch']:>5} {r['mode']:<6} failed: {r['error'][:90]}")

@@ -7,8 +7,14 @@ from torch import nn
 
 from spruce.bench import StaticGreedy, expand_block_mask, random_block_mask
 from spruce.errors import SpruceError
-from spruce.kernels import BlockSparseLinear, BlockSparseWeight, densify, reference_linear, sparsify
-from spruce.kernels import bsr
+from spruce.kernels import (
+    BlockSparseLinear,
+    BlockSparseWeight,
+    bsr,
+    densify,
+    reference_linear,
+    sparsify,
+)
 
 
 def masked_weight(n, k, block, sparsity=0.5, layout="independent", dtype=torch.float64, seed=0):

@@ -5,7 +5,12 @@
 when a CUDA tensor reaches a kernel, so this package imports on machines without it.
 """
 
-from spruce.kernels.bsr import BlockSparseWeight, block_sparse_linear, reference_linear, triton_available
+from spruce.kernels.bsr import (
+    BlockSparseWeight,
+    block_sparse_linear,
+    reference_linear,
+    triton_available,
+)
 from spruce.kernels.linear import BlockSparseLinear, SparsifyReport, densify, sparsify
 
 __all__ = [

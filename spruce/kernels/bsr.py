@@ -73,16 +73,16 @@ class BlockSparseWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.values, self.cols, self.group_ptr))
 
-    def to(self, device=None, dtype=None) -> "BlockSparseWeight":
+    def to(self, device=None, dtype=None) -> BlockSparseWeight:
         return dataclasses.replace(self, values=self.values.to(device=device, dtype=dtype),
                                    cols=self.cols.to(device), group_ptr=self.group_ptr.to(device))
 
-    def clone(self) -> "BlockSparseWeight":
+    def clone(self) -> BlockSparseWeight:
         return dataclasses.replace(self, values=self.values.clone(), cols=self.cols.clone(),
                                    group_ptr=self.group_ptr.clone())
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, block: int = 16, group: int | None = None) -> "BlockSparseWeight":
+    def from_dense(cls, weight: torch.Tensor, block: int = 16, group: int | None = None) -> BlockSparseWeight:
         """Build the format from a dense [N, K] weight with zeros in place.
 
         group: block-rows per group; None picks the largest that stores no all-zero block.
@@ -255,7 +255,7 @@ def _fastest(candidates: list[tuple], launch) -> tuple:
     for cfg in candidates:
         try:
             launch(cfg)  # compile
-        except Exception as exc:  # a tile that does not fit this card's shared memory
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit this card's shared memory
             failure = exc
             continue
         times = []
@@ -292,8 +292,8 @@ def prefill_candidates(w: BlockSparseWeight) -> list[tuple]:
 
 def _common_args(w: BlockSparseWeight, bias, y):
     uniform = w.uniform_count >= 0
-    return dict(HAS_BIAS=bias is not None, B=w.block, GB=w.group_features, UNIFORM=uniform), \
-        (bias if bias is not None else y), max(w.uniform_count, 0)
+    flags = {"HAS_BIAS": bias is not None, "B": w.block, "GB": w.group_features, "UNIFORM": uniform}
+    return flags, (bias if bias is not None else y), max(w.uniform_count, 0)
 
 
 def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:

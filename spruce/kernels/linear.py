@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from spruce.errors import SpruceError
-from spruce.kernels.bsr import BLOCK_SIZES, KERNEL_DTYPES, BlockSparseWeight, block_sparse_linear
+from spruce.kernels.bsr import (
+    BLOCK_SIZES,
+    KERNEL_DTYPES,
+    BlockSparseWeight,
+    block_sparse_linear,
+)
 
 # Below this fraction of zero blocks a layer saves too few bytes to pay for the indexed loads.
 DEFAULT_MIN_SPARSITY = 0.3
@@ -35,7 +40,7 @@ class BlockSparseLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None) -> "BlockSparseLinear":
+    def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None) -> BlockSparseLinear:
         weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size, group)
         return cls(weight, linear.bias)
 
