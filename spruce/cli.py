@@ -103,19 +103,49 @@ def build_parser() -> Parser:
     p.add_argument("--batch_size", type=_positive_int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
 
-    p = _sub(sub, "prune", "prune a model with magnitude or Wanda into unstructured or block sparsity",
+    p = _sub(sub, "prune", "prune a model (magnitude, Wanda, SparseGPT, OBS) into unstructured, N:M, block or hybrid sparsity",
              "Prune every linear layer of the decoder blocks, one layer at a time over calibration\n"
              "samples, and save an ordinary Hugging Face folder with zeros in place plus\n"
-             "sparsity.json (pattern and per-layer ratios). Accepts the flags of the Wanda scripts.\n\n"
+             "sparsity.json (pattern, per-layer ratios, the resolved recipe). Accepts the flags of\n"
+             "the Wanda scripts. Without --prune_method each pattern gets its best measured recipe:\n"
+             "sparsegpt for unstructured, N:M and hybrid; obs for blocks.\n\n"
              "Patterns: 'unstructured' prunes the same share of every output row (Wanda);\n"
-             "'unstructured-layer' uses one threshold per matrix; 'BxB' or 'RxC' (e.g. 16x16)\n"
-             "removes whole tiles, ranked by mean score with one threshold per matrix.",
+             "'unstructured-layer' uses one threshold per matrix; 'N:M' (2:4, 4:8) keeps at most N\n"
+             "of every M consecutive input weights (so 2:4 is 50%); 'BxB' or 'RxC' (e.g. 16x16)\n"
+             "removes whole tiles, chosen with one threshold per matrix (--block_selection global)\n"
+             "or the same count per block-row (row-balanced); 'hybrid:16x16' keeps the best tiles\n"
+             "dense, the next 2:4 and the rest top-k (--hybrid_tiers).\n\n"
+             "Methods: magnitude (|W|, no data); wanda (|W| * input norm); sparsegpt (OBS weight\n"
+             "update, mask chosen inside the sweep); wanda+update (Wanda mask, SparseGPT update);\n"
+             "obs (blocks: tiles removed over rounds by exact group OBS error, kept weights refit).",
              EPILOG_MODELS + "\n" + EPILOG_CORPORA)
     _add_model_args(p)
-    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda"], help="scoring (default: wanda)")
+    p.add_argument("--prune_method", choices=["magnitude", "wanda", "sparsegpt", "wanda+update", "obs"],
+                   help="how weights are scored and updated (default: the best recipe for the pattern)")
     p.add_argument("--sparsity_type", default="unstructured",
-                   help="unstructured, unstructured-layer, BxB / RxC blocks such as 16x16, or 'block' with "
-                        "--block_size (default: unstructured)")
+                   help="unstructured, unstructured-layer, N:M such as 2:4, BxB / RxC blocks such as 16x16, "
+                        "hybrid:16x16, or 'block' with --block_size (default: unstructured)")
+    p.add_argument("--block_selection", choices=["global", "row-balanced"],
+                   help="blocks: one threshold per matrix, or the same tile count in every block-row "
+                        "(default: the pattern's recipe)")
+    p.add_argument("--tile_score", choices=["mean", "energy"],
+                   help="blocks ranked by wanda/magnitude: mean score of the tile (the reference) or sum of "
+                        "squared scores (default: mean)")
+    p.add_argument("--hybrid_tiers", metavar="DENSE,NM",
+                   help="hybrid: shares of tiles kept dense and kept 2:4; the rest keep their top-k weights "
+                        "(default: 0.2,0.4)")
+    p.add_argument("--allocation", choices=["uniform", "owl"],
+                   help="sparsity per decoder layer: uniform, or owl (layers with more outliers pruned less); "
+                        "the total stays at --sparsity_ratio (default: the pattern's recipe)")
+    p.add_argument("--owl_m", type=float, default=5.0, help="owl: an outlier scores above M x the mean (default: 5)")
+    p.add_argument("--owl_lambda", type=float, default=0.08,
+                   help="owl: layer sparsities span the target +- lambda (default: 0.08)")
+    p.add_argument("--dense_target", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparsegpt / wanda+update / obs: refit each layer toward the dense model's outputs, "
+                        "which also undoes the drift from earlier pruned layers (default: the pattern's recipe)")
+    p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
+                   help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
+                        "are shifted so the total stays at --sparsity_ratio")
     p.add_argument("--block_size", type=_positive_int, help="with --sparsity_type block: square block side")
     p.add_argument("--sparsity_ratio", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1) (default: 0.5)")
     p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration samples (default: 128)")
@@ -265,16 +295,23 @@ def cmd_prune(args) -> None:
     from .models import load_model, save_model
     from .outdir import atomic_dir, check_output_dir
     from .prune import prune_model
-    from .prune.methods import NEEDS_CALIBRATION, validate_method
-    from .prune.patterns import validate_pattern
+    from .prune.allocate import parse_overrides
+    from .prune.methods import NEEDS_CALIBRATION
+    from .prune.patterns import parse_tiers, validate_pattern
+    from .prune.recipes import resolve_recipe
 
     pattern = args.sparsity_type
     if pattern == "block":
         if not args.block_size:
             raise SpruceError("--sparsity_type block needs --block_size (e.g. 16)")
         pattern = f"{args.block_size}x{args.block_size}"
-    validate_method(args.prune_method)
-    validate_pattern(pattern)
+    tiers = parse_tiers(args.hybrid_tiers)
+    recipe = resolve_recipe(pattern, method=args.prune_method, selection=args.block_selection,
+                            tile_score=args.tile_score, allocation=args.allocation,
+                            module_sparsity=parse_overrides(args.module_sparsity) or None,
+                            dense_target=args.dense_target)
+    method = recipe["method"]
+    validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
     if not (args.save_model or args.eval_dataset or args.save):
@@ -288,13 +325,17 @@ def cmd_prune(args) -> None:
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
     samples = None
-    if NEEDS_CALIBRATION[args.prune_method] and args.sparsity_ratio > 0:
+    if (NEEDS_CALIBRATION[method] or recipe["allocation"] == "owl") and args.sparsity_ratio > 0:
         _check_context(model, args.seqlen, "--seqlen")
         samples = data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
-    info = prune_model(model, args.prune_method, pattern, args.sparsity_ratio, samples=samples,
-                       batch_size=args.calib_batch_size)
-    info["recipe"] = {k: v for k, v in vars(args).items() if k != "command"}
-    print(f"pruned {args.model}: {args.prune_method}, {pattern}, measured sparsity "
+    info = prune_model(model, method, pattern, args.sparsity_ratio, samples=samples,
+                       batch_size=args.calib_batch_size, selection=recipe["selection"],
+                       tile_score=recipe["tile_score"], tiers=tiers, allocation=recipe["allocation"],
+                       owl_m=args.owl_m, owl_lambda=args.owl_lambda, module_sparsity=recipe["module_sparsity"],
+                       dense_target=recipe["dense_target"])
+    info["recipe"] = {**{k: v for k, v in vars(args).items() if k != "command"}, **recipe,
+                      "prune_method": method}
+    print(f"pruned {args.model}: {method}, {info['pattern']}, measured sparsity "
           f"{info['measured_sparsity']:.4f} of decoder linear weights ({info['seconds']:.0f} s)")
     if args.eval_dataset:
         windows = data.eval_windows(args.eval_dataset, "test", tok, 1024)
@@ -310,9 +351,9 @@ def cmd_prune(args) -> None:
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         ppl = info.get("eval", {}).get("ppl", float("nan"))
-        with open(Path(args.save, f"log_{args.prune_method}.txt"), "w") as f:
+        with open(Path(args.save, f"log_{method}.txt"), "w") as f:
             f.write("method\tactual_sparsity\tppl_test\n")
-            f.write(f"{args.prune_method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
+            f.write(f"{method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
 
 
 def cmd_finetune(args) -> None:

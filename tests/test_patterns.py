@@ -5,7 +5,7 @@ import torch
 
 from spruce.errors import SpruceError
 from spruce.masks import block_pattern_holds, tile_zero_fraction
-from spruce.prune.patterns import (block_global_mask, check_divides, mask_for, unstructured_layer_mask,
+from spruce.prune.patterns import (block_global_mask, check_divides, mask_for, parse_pattern, unstructured_layer_mask,
                                    unstructured_row_mask)
 
 
@@ -57,3 +57,75 @@ def test_block_that_does_not_divide_names_layer_and_fit():
 def test_unknown_pattern():
     with pytest.raises(SpruceError, match="unknown sparsity type 'diagonal'"):
         mask_for("diagonal", torch.rand(4, 4), 0.5)
+
+
+def _zero_frac_tiles(mask, bh, bw):
+    return tile_zero_fraction(mask.logical_not().float(), bh, bw)
+
+
+@pytest.mark.parametrize("name, n, m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4), ("3:8", 3, 8)])
+def test_nm_keeps_at_most_n_of_every_m(name, n, m):
+    score = torch.rand(32, 64, generator=torch.Generator().manual_seed(3))
+    mask = mask_for(name, score, 1 - n / m)
+    groups = mask.view(32, 64 // m, m)
+    assert (groups.sum(-1) == m - n).all()  # exactly m - n zeros, so at most n nonzeros
+    kept, pruned = score.view(32, -1, m), groups
+    assert (kept.masked_fill(pruned, float("inf")).min(-1).values
+            >= kept.masked_fill(~pruned, -float("inf")).max(-1).values).all()
+
+
+@pytest.mark.parametrize("name", ["2:2", "4:2", "0:4"])
+def test_nm_needs_n_below_m(name):
+    with pytest.raises(SpruceError, match="needs 0 < N < M"):
+        parse_pattern(name)
+
+
+def test_nm_that_does_not_divide_names_the_layer():
+    with pytest.raises(SpruceError, match=r"2:8 groups of 8 do not divide the 60 inputs of mlp.up"):
+        check_divides("2:8", {"mlp.up": (32, 60)})
+
+
+def test_row_balanced_block_rows_hold_equal_counts():
+    score = torch.rand(64, 128, generator=torch.Generator().manual_seed(4))
+    score[:16] += 10  # the first block-row scores far higher: global selection would spare it
+    mask = mask_for("16x16", score, 0.5, selection="row-balanced")
+    pruned_tiles = mask[::16, ::16]
+    assert pruned_tiles.sum(1).tolist() == [4, 4, 4, 4]
+    assert set(_zero_frac_tiles(mask, 16, 16).unique().tolist()) <= {0.0, 1.0}
+    assert mask_for("16x16", score, 0.5)[:16].sum() == 0  # while global keeps the first block-row
+
+
+def test_energy_tile_score_ranks_by_sum_of_squares():
+    score = torch.full((16, 32), 0.9)
+    score[:, :16] = 0.5
+    score[0, 0] = 20.0  # one outlier: tile 0 has the lower mean (0.58) but the higher energy (464 > 207)
+    assert mask_for("16x16", score, 0.5)[:, :16].all()
+    assert mask_for("16x16", score, 0.5, tile_score="energy")[:, 16:].all()
+
+
+@pytest.mark.parametrize("tiers", [(0.2, 0.4), (0.0, 0.5), (0.25, 0.25)])
+def test_hybrid_tiers(tiers):
+    score = torch.rand(64, 128, generator=torch.Generator().manual_seed(5))
+    mask = mask_for("hybrid:16x16", score, 0.5, tiers=tiers)
+    assert mask.sum().item() == 64 * 128 // 2
+    pruned_share = _zero_frac_tiles(mask, 16, 16).flatten()
+    n_tiles = pruned_share.numel()
+    dense = (pruned_share == 0).sum().item()
+    assert dense == round(n_tiles * tiers[0])
+    tiles = mask.reshape(4, 16, 8, 16).transpose(1, 2).reshape(-1, 16, 16)
+    nm_like = (tiles.reshape(-1, 64, 4).sum(-1) == 2).all(-1)
+    assert nm_like.sum().item() >= round(n_tiles * tiers[1])  # the 2:4 tier holds 2 zeros in every 4
+    # tiers follow the tile score: every dense tile outscores every 2:4 or top-k tile
+    means = score.reshape(4, 16, 8, 16).mean(dim=(1, 3)).flatten()
+    if dense:
+        assert means[pruned_share == 0].min() >= means[pruned_share > 0].max()
+
+
+def test_hybrid_tiers_that_cannot_reach_the_target():
+    with pytest.raises(SpruceError, match="cannot reach sparsity"):
+        mask_for("hybrid:16x16", torch.rand(32, 32), 0.5, tiers=(0.9, 0.1))
+
+
+def test_unknown_selection():
+    with pytest.raises(SpruceError, match="unknown block selection"):
+        parse_pattern("16x16", selection="diagonal")

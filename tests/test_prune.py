@@ -79,3 +79,101 @@ def test_engine_on_cuda(tiny_model):
     prune_model(tiny_model, "wanda", "16x16", 0.5, samples=_samples(tiny_model.config.vocab_size),
                 device="cuda", progress=False)
     assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(tiny_model).values())
+
+
+@pytest.mark.parametrize("method, pattern, options", [
+    ("sparsegpt", "16x16", {}),
+    ("sparsegpt", "unstructured", {}),
+    ("wanda+update", "16x16", {"selection": "row-balanced"}),
+    ("obs", "16x16", {}),
+    ("obs", "32x32", {"selection": "row-balanced"}),
+])
+def test_hessian_methods_exact_blocks_and_sparsity(tiny_model, method, pattern, options):
+    info = prune_model(tiny_model, method, pattern, 0.5, samples=_samples(tiny_model.config.vocab_size),
+                       batch_size=2, progress=False, **options)
+    b = 16 if pattern == "unstructured" else int(pattern.split("x")[0])
+    for name, m in prunable_linears(tiny_model).items():
+        if pattern != "unstructured":
+            assert block_pattern_holds(m.weight, b, b), name
+        assert (m.weight == 0).float().mean().item() == 0.5, name
+    assert info["method"] == method and info["measured_sparsity"] == 0.5
+
+
+def test_nm_pattern_on_the_model(tiny_model):
+    info = prune_model(tiny_model, "sparsegpt", "2:4", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                       batch_size=2, progress=False)
+    for name, m in prunable_linears(tiny_model).items():
+        assert ((m.weight == 0).view(m.weight.shape[0], -1, 4).sum(-1) >= 2).all(), name
+    assert info["measured_sparsity"] == 0.5 and info["selection"] == "per-group"
+
+
+def test_nm_fixes_the_sparsity(tiny_model):
+    with pytest.warns(UserWarning, match="4:8 fixes the sparsity at 0.5"):
+        info = prune_model(tiny_model, "magnitude", "4:8", 0.3, progress=False)
+    assert info["measured_sparsity"] == 0.5
+
+
+def test_owl_allocation_averages_to_the_target(tiny_model):
+    info = prune_model(tiny_model, "wanda", "unstructured", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                       allocation="owl", owl_lambda=0.1, progress=False)
+    sizes = {n: m.weight.numel() for n, m in prunable_linears(tiny_model).items()}
+    assert len(info["owl"]["outlier_ratios"]) == 2
+    assert len({round(v, 6) for v in info["target_layers"].values()}) == 2  # one sparsity per decoder block
+    assert abs(info["measured_sparsity"] - 0.5) < 1 / 64  # to within one weight per row
+    assert sum(info["target_layers"][n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.5)
+
+
+def test_module_overrides_make_attention_denser(tiny_model):
+    info = prune_model(tiny_model, "wanda", "16x16", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                       module_sparsity={"self_attn": 0.25}, progress=False)
+    layers = info["layers"]
+    assert all(v == 0.25 for n, v in layers.items() if "self_attn" in n)
+    assert all(v > 0.5 for n, v in layers.items() if "mlp" in n)
+    assert abs(info["measured_sparsity"] - 0.5) < 0.01  # to within one tile per matrix
+
+
+def test_shared_inputs_share_statistics(tiny_model):
+    from spruce.prune.engine import capture_layer_inputs, gather_statistics
+    layer = tiny_model.model.layers[0]
+    batches = capture_layer_inputs(tiny_model, _samples(tiny_model.config.vocab_size), torch.device("cpu"), 2)
+    stats, dense_out = gather_statistics(layer, batches, ("sq_norm", "hessian"))
+    assert dense_out is None
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+    h = stats["self_attn.q_proj"]["hessian"]
+    assert torch.allclose(torch.diagonal(h), stats["self_attn.q_proj"]["sq_norm"], rtol=1e-5)
+
+
+def test_obs_refuses_unstructured(tiny_model):
+    with pytest.raises(SpruceError, match="method 'obs' prunes block patterns"):
+        prune_model(tiny_model, "obs", "unstructured", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                    progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["sparsegpt", "obs"])
+def test_hessian_engine_on_cuda(tiny_model, method):
+    prune_model(tiny_model, method, "16x16", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                device="cuda", progress=False)
+    assert all(block_pattern_holds(m.weight, 16, 16) and m.weight.device.type == "cpu"
+               for m in prunable_linears(tiny_model).values())
+
+
+def test_dense_target_statistics(tiny_model):
+    from spruce.prune.engine import _run_layer, capture_layer_inputs, gather_statistics
+    layers = tiny_model.model.layers
+    batches = capture_layer_inputs(tiny_model, _samples(tiny_model.config.vocab_size), torch.device("cpu"), 2)
+    stats, dense_out = gather_statistics(layers[0], batches, ("hessian",), dense_batches=batches)
+    assert all(torch.count_nonzero(s["cross"]) == 0 for s in stats.values())  # same inputs: nothing to fix
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(dense_out, _run_layer(layers[0], batches)))
+    shifted = [(h + 0.1, kw) for h, kw in batches]
+    stats, _ = gather_statistics(layers[0], shifted, ("hessian",), dense_batches=batches)
+    assert torch.count_nonzero(stats["mlp.down_proj"]["cross"]) > 0
+
+
+def test_dense_target_prunes_to_the_pattern(tiny_model):
+    info = prune_model(tiny_model, "obs", "16x16", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                       dense_target=True, progress=False)
+    assert info["dense_target"] and info["measured_sparsity"] == 0.5
+    assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(tiny_model).values())

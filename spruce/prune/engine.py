@@ -1,14 +1,18 @@
-"""Layer-by-layer pruning: calibrate one decoder layer at a time, score, mask, move on.
+"""Layer-by-layer pruning: calibrate one decoder layer at a time, prune it, move on.
 
 The inputs of the first decoder layer are captured once; then each layer in turn is moved to
-the work device, run over the calibration set in batches while hooks gather per-Linear input
-statistics, pruned, and run again so that the next layer sees the outputs of the pruned layer.
-Only the current layer needs to be on the work device.
+the work device, run over the calibration set in batches while hooks gather the per-Linear
+input statistics the method reads (squared input norms for Wanda, X^T X for SparseGPT and OBS;
+linears that read the same input, such as q/k/v, share one accumulator), pruned, and run again
+so that the next layer sees the outputs of the pruned layer. Only the current layer needs to be
+on the work device. OWL allocation first runs one dense pass over the layers to measure each
+layer's outlier ratio.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -16,8 +20,9 @@ from tqdm.auto import tqdm
 from ..errors import SpruceError
 from ..masks import overall_sparsity, weight_sparsity
 from ..models import decoder_layers, prunable_linears
-from .methods import METHODS, NEEDS_CALIBRATION, validate_method
-from .patterns import check_divides, mask_for, validate_pattern
+from . import allocate as alloc
+from .methods import METHODS, validate_method, wanda_score
+from .patterns import Pattern, check_divides, parse_pattern
 
 
 class _Captured(Exception):
@@ -64,70 +69,195 @@ def _layer_output(out):
 
 
 @torch.no_grad()
+def gather_statistics(layer, batches, needs: tuple[str, ...], dense_batches=None):
+    """Run `layer` over the batches; return ({linear name: {"sq_norm", "hessian", ...}}, dense outputs).
+
+    Linears fed the same tensor in a forward call (q/k/v, gate/up) share one set of statistics:
+    the hooks keep a reference to each input seen in the call, so identity means the same data.
+    With `dense_batches` (the same samples as they flow through the unpruned model) the layer,
+    still dense, is also run on those, and each linear gets "cross" = X^T X_dense - X^T X, the
+    term that lets the weight update aim at the dense model's outputs; the layer's dense outputs
+    are returned for the next layer (else None)."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    owner: dict[str, str] = {}
+    seen: list[tuple[torch.Tensor, str]] = []
+    dense_inputs: dict[str, torch.Tensor] = {}
+    mode = ["pruned"]
+
+    def make_hook(name):
+        def hook(_m, inputs, _out):
+            x = inputs[0]
+            if name not in owner:
+                owner[name] = next((n for t, n in seen if t is x), name)
+            seen.append((x, name))
+            if owner[name] != name:
+                return
+            x = x.reshape(-1, x.shape[-1]).float()
+            if mode[0] == "dense":
+                dense_inputs[name] = x
+                return
+            acc = stats.setdefault(name, {})
+            if "sq_norm" in needs:
+                acc["sq_norm"] = acc.get("sq_norm", 0) + (x * x).sum(0)
+            if "hessian" in needs:
+                xtx = x.T @ x
+                acc["hessian"] = acc.get("hessian", 0) + xtx
+                if dense_batches is not None:
+                    acc["cross"] = acc.get("cross", 0) + x.T @ dense_inputs.pop(name) - xtx
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    dense_out = [] if dense_batches is not None else None
+    try:
+        for i, (hidden, kwargs) in enumerate(batches):
+            if dense_batches is not None:
+                mode[0] = "dense"
+                seen.clear()
+                dense_out.append((_layer_output(layer(dense_batches[i][0], **kwargs)), kwargs))
+                mode[0] = "pruned"
+            seen.clear()
+            layer(hidden, **kwargs)
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+    return {n: stats[owner[n]] for n in linears}, dense_out
+
+
+def _run_layer(layer, batches):
+    return [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+
+
+@torch.no_grad()
+def owl_outlier_ratios(model, batches, device, m: float, progress: bool) -> list[float]:
+    """One dense pass over the decoder layers: each layer's share of Wanda-score outliers."""
+    ratios = []
+    for layer in tqdm(decoder_layers(model), desc="owl outlier ratios", unit="layer", disable=not progress):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        stats, _ = gather_statistics(layer, batches, ("sq_norm",))
+        linears = {n: mod for n, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+        ratios.append(alloc.outlier_ratio([wanda_score(mod.weight.data, stats[n]["sq_norm"])
+                                           for n, mod in linears.items()], m))
+        batches = _run_layer(layer, batches)
+        layer.to(home)
+    return ratios
+
+
+def _resolve_sparsity(pattern: Pattern, sparsity: float) -> float:
+    fixed = pattern.fixed_sparsity
+    if fixed is None or sparsity == 0 or abs(sparsity - fixed) < 1e-9:
+        return sparsity
+    warnings.warn(f"{pattern.name} fixes the sparsity at {fixed:g}; the requested {sparsity:g} is not used")
+    return fixed
+
+
+@torch.no_grad()
 def prune_model(model, method: str, pattern: str, sparsity: float,
                 samples: torch.Tensor | None = None, device: str | torch.device | None = None,
-                batch_size: int = 8, progress: bool = True) -> dict:
-    """Prune every decoder nn.Linear of `model` in place; return a report for sparsity.json."""
+                batch_size: int = 8, progress: bool = True, selection: str = "global",
+                tile_score: str = "mean", tiers: tuple[float, float] | None = None,
+                allocation: str = "uniform", owl_m: float = alloc.OWL_M, owl_lambda: float = alloc.OWL_LAMBDA,
+                module_sparsity: dict[str, float] | None = None, dense_target: bool = False) -> dict:
+    """Prune every decoder nn.Linear of `model` in place; return a report for sparsity.json.
+
+    method: a name of METHODS; pattern: a pattern name (see patterns.py) with its `selection`,
+    `tile_score` and hybrid `tiers`; allocation: uniform or owl (with owl_m, owl_lambda);
+    module_sparsity: per-module overrides such as {"self_attn": 0.35}; dense_target: Hessian
+    methods refit each layer toward the dense model's outputs on the same samples (the error of
+    earlier pruned layers is compensated too), at the cost of a second pass per layer."""
     validate_method(method)
-    validate_pattern(pattern)
     if not 0 <= sparsity < 1:
         raise SpruceError(f"sparsity must be in [0, 1), got {sparsity}")
+    spec = parse_pattern(pattern, selection, tile_score, tiers)
+    sparsity = _resolve_sparsity(spec, sparsity)
+    if allocation not in alloc.ALLOCATIONS:
+        raise SpruceError(f"unknown allocation '{allocation}'; use {' or '.join(alloc.ALLOCATIONS)}")
+    if spec.kind == "nm" and (allocation != "uniform" or module_sparsity):
+        raise SpruceError(f"{spec.name} fixes every layer's sparsity; use uniform allocation without overrides")
     linears = prunable_linears(model)
-    check_divides(pattern, {n: tuple(m.weight.shape) for n, m in linears.items()})
+    check_divides(spec, {n: tuple(m.weight.shape) for n, m in linears.items()})
+    needs = METHODS[method].needs
+    if sparsity > 0 and (needs or allocation == "owl") and samples is None:
+        raise SpruceError(f"method '{method}' with {allocation} allocation needs calibration samples")
     start = time.time()
+    work = torch.device(device) if device else next(model.parameters()).device
+    per_linear, ratios = {n: 0.0 for n in linears}, None
     if sparsity > 0:
-        if NEEDS_CALIBRATION[method]:
-            if samples is None:
-                raise SpruceError(f"method '{method}' needs calibration samples")
-            _prune_calibrated(model, method, pattern, sparsity, samples,
-                              torch.device(device) if device else next(model.parameters()).device,
-                              batch_size, progress)
-        else:
-            for name, module in tqdm(linears.items(), desc="pruning", disable=not progress):
-                score = METHODS[method](module.weight.data)
-                module.weight.data[mask_for(pattern, score, sparsity).to(module.weight.device)] = 0
+        batches = capture_layer_inputs(model, samples, work, batch_size) if samples is not None \
+            and (needs or allocation == "owl") else None
+        block_of = _block_index(model, linears)
+        block_sparsity = None
+        if allocation == "owl":
+            ratios = owl_outlier_ratios(model, batches, work, owl_m, progress)
+            sizes_per_block = [0.0] * len(ratios)
+            for n, m in linears.items():
+                sizes_per_block[block_of[n]] += m.weight.numel()
+            block_sparsity = alloc.owl_sparsities(ratios, sparsity, owl_lambda, sizes_per_block)
+        per_linear = alloc.allocate({n: m.weight.numel() for n, m in linears.items()}, block_of, sparsity,
+                                    block_sparsity, module_sparsity)
+        _prune_layers(model, method, spec, per_linear, batches, work, progress, dense_target)
     return {
         "format": "spruce-sparsity/1",
         "method": method,
-        "pattern": pattern,
-        "selection": "global-mean" if "x" in pattern else "per-row" if pattern == "unstructured" else "per-layer",
+        "pattern": spec.name,
+        "selection": _selection_name(spec),
+        "tile_score": spec.tile_score if spec.kind in ("block", "hybrid") else None,
+        "hybrid_tiers": {"dense": spec.tiers[0], "2:4": spec.tiers[1]} if spec.kind == "hybrid" else None,
+        "allocation": allocation,
+        "owl": {"m": owl_m, "lambda": owl_lambda, "outlier_ratios": ratios} if allocation == "owl" else None,
+        "module_sparsity": module_sparsity or None,
+        "dense_target": dense_target,
         "target_sparsity": sparsity,
         "measured_sparsity": overall_sparsity(model),
+        "target_layers": per_linear,
         "layers": weight_sparsity(model),
-        "calibration": None if samples is None or not NEEDS_CALIBRATION[method]
+        "calibration": None if samples is None or not (needs or allocation == "owl") or sparsity == 0
         else {"nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])},
         "seconds": round(time.time() - start, 2),
     }
 
 
-def _prune_calibrated(model, method, pattern, sparsity, samples, device, batch_size, progress):
+def _selection_name(spec: Pattern) -> str:
+    if spec.kind in ("block", "hybrid"):
+        return spec.selection
+    return {"unstructured": "per-row", "unstructured-layer": "per-layer", "nm": "per-group"}[spec.kind]
+
+
+def _block_index(model, linears) -> dict[str, int]:
+    """Decoder block index of each linear, from its position among the decoder layers."""
+    index = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        ids = {id(m) for m in layer.modules()}
+        for n, m in linears.items():
+            if id(m) in ids:
+                index[n] = i
+    return index
+
+
+def _prune_weight(module, method: str, spec: Pattern, stats: dict, sparsity: float) -> None:
+    w = module.weight.data
+    new = METHODS[method].prune(w, stats, spec, sparsity)
+    w.copy_(new)
+
+
+def _prune_layers(model, method, spec, per_linear, batches, device, progress, dense_target=False):
     layers = decoder_layers(model)
-    batches = capture_layer_inputs(model, samples, device, batch_size)
-    bar = tqdm(layers, desc=f"{method} {pattern}", unit="layer", disable=not progress)
+    full_names = {id(m): n for n, m in prunable_linears(model).items()}
+    needs = METHODS[method].needs
+    dense = list(batches) if dense_target and "hessian" in needs else None
+    bar = tqdm(layers, desc=f"{method} {spec.name}", unit="layer", disable=not progress)
     for layer in bar:
         home = next(layer.parameters()).device
         layer.to(device)
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        sq_norms = {n: torch.zeros(m.in_features, dtype=torch.float32, device=device)
-                    for n, m in linears.items()}
-
-        def make_hook(name):
-            def hook(_m, inputs, _out):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-                sq_norms[name] += (x * x).sum(0)
-            return hook
-
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
-        try:
-            for hidden, kwargs in batches:
-                layer(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, module in linears.items():
-            score = METHODS[method](module.weight.data, sq_norms[name])
-            module.weight.data[mask_for(pattern, score, sparsity)] = 0
-        batches = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        stats, dense = gather_statistics(layer, batches, needs, dense) if needs else ({}, None)
+        for name, module in layer.named_modules():
+            if id(module) in full_names and per_linear[full_names[id(module)]] > 0:
+                _prune_weight(module, method, spec, stats.get(name, {}), per_linear[full_names[id(module)]])
+        if batches is not None and layer is not layers[-1]:
+            batches = _run_layer(layer, batches)
         layer.to(home)
+        del stats
     if device.type == "cuda":
         torch.cuda.empty_cache()

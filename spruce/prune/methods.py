@@ -1,14 +1,42 @@
-"""Pruning scores, registered by name: plain functions of a weight and its input statistics.
+"""Pruning methods, registered by name: plain functions of a weight and its input statistics.
 
-`magnitude` needs no data. `wanda` scores |W_ij| * ||X_j||_2 (Sun et al., 2023), where
-||X_j|| is the L2 norm of input feature j over the calibration tokens.
+Every method maps (weight W of shape (out, in), calibration statistics, pattern, sparsity) to the
+pruned weight, with zeros where the pattern removed weights. The statistics are
+  - `sq_norm`: sum over calibration tokens of x_j^2 per input feature j (Wanda), and
+  - `hessian`: H = sum over tokens of x x^T (in x in), the Hessian of the layer's squared
+    output error ||X W^T - X W'^T||^2 up to a factor 2 (SparseGPT, OBS).
+
+Methods:
+  - `magnitude`: prune the smallest |W| (no data).
+  - `wanda`: prune the smallest |W_ij| * ||X_j|| (Sun et al., 2023); no weight update.
+  - `sparsegpt`: the optimal-brain-surgeon sweep of SparseGPT (Frantar & Alistarh, 2023): columns
+    left to right, each pruned weight's error spread over the columns to its right through the
+    Cholesky factor of the inverse Hessian, in lazy batches of 128 columns, damping 1% of the
+    mean diagonal. The mask is chosen inside the sweep, one column group at a time, by the OBS
+    error w^2 / d^2: per 128 columns for unstructured, per M columns for N:M, per tile column
+    for blocks (each tile column prunes the same share of its tiles). Row-balanced and hybrid
+    tiles, which need whole-matrix decisions, are chosen up front by OBS saliency w^2 / [H^-1]_jj.
+  - `wanda+update`: the Wanda mask, then the SparseGPT sweep as a weight update for that mask.
+  - `obs`: (block patterns) gradual group OBS: tiles are removed over several rounds, each
+    round taking the tiles whose removal raises the output error least (the exact group OBS
+    error given the tiles already gone), and after each round the kept weights of every
+    block-row are refit to the dense outputs by least squares. Rows of one block-row share
+    their mask, so the refit is one small linear solve per block-row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..errors import SpruceError
+from .patterns import Pattern, _lowest, expand_tiles, mask_from_pattern, nm_mask, tile_view
+
+PERCDAMP = 0.01      # damping: this share of the mean Hessian diagonal is added to the diagonal
+SWEEP_BLOCK = 128    # columns per lazy batch of the SparseGPT sweep
+OBS_ROUNDS = 8       # rounds of the gradual block OBS
 
 
 def magnitude_score(weight: torch.Tensor, input_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,8 +48,215 @@ def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tens
     return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
 
 
-METHODS = {"magnitude": magnitude_score, "wanda": wanda_score}
-NEEDS_CALIBRATION = {"magnitude": False, "wanda": True}
+def damped(hessian: torch.Tensor, percdamp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H with dead inputs set to 1 on the diagonal and percdamp * mean diagonal added, dead mask).
+
+    A dead input (never nonzero in calibration) has no say in the output, so its weights are
+    free to go; the unit diagonal keeps the factorisation defined."""
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(percdamp * torch.diagonal(h).mean())
+    return h, dead
+
+
+def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U is the OBS update of column i
+    given that columns < i are already fixed."""
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+Chooser = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sparsegpt_sweep(weight: torch.Tensor, hessian: torch.Tensor, choose: Chooser, group: int,
+                    blocksize: int = SWEEP_BLOCK, percdamp: float = PERCDAMP) -> torch.Tensor:
+    """The SparseGPT sweep; returns the pruned and updated weight (float32).
+
+    `choose(col, w, d)` returns the bool prune mask of columns [col, col + group) given their
+    current (already updated) weights w (out, group) and the diagonal d of the inverse-Hessian
+    Cholesky factor there; it is called when the sweep reaches col, so masks chosen late see
+    the compensation for earlier pruning."""
+    w = weight.float().clone()
+    h, dead = damped(hessian, percdamp)
+    w[:, dead] = 0
+    u = inverse_cholesky(h)
+    cols = w.shape[1]
+    blocksize = max(group, blocksize // group * group)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d1 = torch.diagonal(u1)
+        err1 = torch.zeros_like(w1)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % group == 0:
+                mask1[:, i:i + group] = choose(i1 + i, w1[:, i:i + group], d1[i:i + group])
+            q = w1[:, i].masked_fill(mask1[:, i], 0)
+            err = (w1[:, i] - q) / d1[i]
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w
+
+
+def _obs_error(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return w.square() / d.square().unsqueeze(0)
+
+
+def sweep_chooser(pattern: Pattern, sparsity: float) -> tuple[Chooser, int]:
+    """(chooser, group) that picks the pattern's mask inside the sweep by OBS error."""
+    if pattern.kind == "nm":
+        return (lambda col, w, d: nm_mask(_obs_error(w, d), pattern.keep, pattern.cols)), pattern.cols
+    if pattern.kind == "block":
+        bh = pattern.rows
+
+        def choose_tiles(col, w, d):
+            tiles = _obs_error(w, d).reshape(-1, bh, w.shape[1]).sum(dim=(1, 2))
+            return _lowest(tiles, round(tiles.numel() * sparsity)).repeat_interleave(bh).unsqueeze(1).expand_as(w)
+        return choose_tiles, pattern.cols
+    if pattern.kind == "unstructured":   # per output row, inside every lazy batch
+        return (lambda col, w, d: _lowest(_obs_error(w, d), round(w.shape[1] * sparsity))), SWEEP_BLOCK
+    # unstructured-layer: the reference SparseGPT threshold, over all rows of each lazy batch
+    return (lambda col, w, d: _lowest(_obs_error(w, d).flatten(), round(w.numel() * sparsity)).view_as(w)), \
+        SWEEP_BLOCK
+
+
+def obs_saliency(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:
+    """w_ij^2 / [H^-1]_jj: the output error of removing one weight alone, with the rest refit."""
+    h, _ = damped(hessian, percdamp)
+    hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(h)))
+    return weight.float().square() / hinv_diag.unsqueeze(0)
+
+
+def aim_at_dense(weight: torch.Tensor, stats: dict, percdamp: float = PERCDAMP) -> torch.Tensor:
+    """The weight whose outputs on the pruned model's inputs X best match the dense model's
+    outputs on its inputs X_d: w + (H^-1 X^T (X_d - X) w^T)^T, with stats["cross"] = X^T X_d - X^T X.
+    Without "cross" (no dense target asked for) the weight is returned as it is."""
+    if "cross" not in stats:
+        return weight
+    h, dead = damped(stats["hessian"], percdamp)
+    correction = torch.cholesky_solve(stats["cross"].float() @ weight.float().T, torch.linalg.cholesky(h)).T
+    return (weight.float() + correction).masked_fill(dead.unsqueeze(0), 0)
+
+
+def prune_magnitude(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
+    return weight.masked_fill(mask_from_pattern(pattern, magnitude_score(weight), sparsity), 0)
+
+
+def prune_wanda(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
+    return weight.masked_fill(mask_from_pattern(pattern, wanda_score(weight, stats["sq_norm"]), sparsity), 0)
+
+
+def fixed_mask_update(weight, hessian, mask: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """The SparseGPT sweep with a mask chosen beforehand: prune it and compensate to the right."""
+    return sparsegpt_sweep(weight, hessian, lambda col, w, d: mask[:, col:col + w.shape[1]],
+                           group=SWEEP_BLOCK)
+
+
+def prune_sparsegpt(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
+    h, dtype, weight = stats["hessian"], weight.dtype, aim_at_dense(weight, stats)
+    if pattern.kind == "hybrid" or (pattern.kind == "block" and pattern.selection == "row-balanced"):
+        mask = mask_from_pattern(pattern, obs_saliency(weight, h).sqrt(), sparsity)
+        return fixed_mask_update(weight, h, mask).to(dtype)
+    choose, group = sweep_chooser(pattern, sparsity)
+    return sparsegpt_sweep(weight, h, choose, group).to(dtype)
+
+
+def prune_wanda_update(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
+    dtype, weight = weight.dtype, aim_at_dense(weight, stats)
+    mask = mask_from_pattern(pattern, wanda_score(weight, stats["sq_norm"]), sparsity)
+    return fixed_mask_update(weight, stats["hessian"], mask).to(dtype)
+
+
+def refit_block_rows(target: torch.Tensor, h: torch.Tensor, keep_cols: torch.Tensor, bh: int, bw: int,
+                     score: bool = True, chunk_bytes: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares refit of a matrix whose rows share a column mask within each block-row,
+    and the exact OBS error of removing each tile next.
+
+    target: dense weight (out, in); h: damped Hessian; keep_cols: (out/bh, in) bool, the inputs
+    each block-row keeps. The refit minimises ||X (w - target)^T||^2 over w with w = 0 at the
+    pruned inputs: w_K = H_KK^-1 (H target^T)_K, one solve per block-row, batched in chunks so
+    that only a chunk of inverses sits in memory. Returns (refit weight, tile errors or None)."""
+    g, n = keep_cols.shape
+    out = torch.empty_like(target)
+    errors = torch.empty(g, n // bw, dtype=h.dtype, device=h.device) if score else None
+    rhs_all = (target @ h).view(g, bh, n)
+    step = max(1, chunk_bytes // (n * n * h.element_size()))
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    for s in range(0, g, step):
+        k = keep_cols[s:s + step].to(h.dtype)
+        a = h * k.unsqueeze(2) * k.unsqueeze(1) + eye * (1 - k).unsqueeze(2)
+        chol = torch.linalg.cholesky(a)
+        rhs = (rhs_all[s:s + step] * k.unsqueeze(1)).transpose(1, 2)
+        w = torch.cholesky_solve(rhs, chol).transpose(1, 2)
+        out.view(g, bh, n)[s:s + step] = w
+        if score:
+            hinv = torch.cholesky_inverse(chol) * k.unsqueeze(2) * k.unsqueeze(1)
+            errors[s:s + step] = group_obs_errors(w.reshape(-1, n), hinv, bh, bw)
+    return out, errors
+
+
+def group_obs_errors(w: torch.Tensor, hinv: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """Exact OBS error of removing each tile alone, (out/bh, in/bw): for the rows r of the tile's
+    block-row and its inputs S, sum_r w_rS^T [(H_KK^-1)_SS]^-1 w_rS, where hinv holds each
+    block-row's H_KK^-1 with zeros at pruned inputs. Removed tiles get +inf."""
+    g, n = hinv.shape[0], hinv.shape[1]
+    c = n // bw
+    diag_blocks = hinv.view(g, c, bw, c, bw).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (g, c, bw, bw)
+    gone = diag_blocks.diagonal(dim1=2, dim2=3).sum(-1) == 0
+    safe = diag_blocks + torch.diag_embed(gone.unsqueeze(-1).to(hinv.dtype).expand(g, c, bw))
+    wt = tile_view(w, bh, bw).transpose(2, 3)                   # (g, c, bw, bh)
+    solved = torch.cholesky_solve(wt, torch.linalg.cholesky(safe))
+    err = (wt * solved).sum(dim=(2, 3))
+    return err.masked_fill(gone, float("inf"))
+
+
+def gradual_block_obs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float,
+                      rounds: int = OBS_ROUNDS, percdamp: float = PERCDAMP) -> torch.Tensor:
+    """Tiles removed over `rounds` rounds by exact group OBS error, the kept weights refit by
+    least squares per block-row after each round (see the module docstring)."""
+    bh, bw = pattern.rows, pattern.cols
+    h, dead = damped(hessian, percdamp)
+    target = weight.float().masked_fill(dead.unsqueeze(0), 0)
+    pruned = torch.zeros(target.shape[0] // bh, target.shape[1] // bw, dtype=torch.bool, device=weight.device)
+    w, err = refit_block_rows(target, h, ~expand_tiles(pruned, 1, bw), bh, bw)
+    for r in range(1, rounds + 1):
+        share = sparsity * r / rounds
+        if pattern.selection == "row-balanced":
+            pruned |= _lowest(err, round(pruned.shape[1] * share) - pruned.sum(1))
+        else:
+            pruned |= _lowest(err.flatten(), round(pruned.numel() * share) - int(pruned.sum())).view_as(pruned)
+        w, err = refit_block_rows(target, h, ~expand_tiles(pruned, 1, bw), bh, bw, score=r < rounds)
+    return w.masked_fill(expand_tiles(pruned, bh, bw), 0).to(weight.dtype)
+
+
+def prune_obs(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
+    if pattern.kind != "block":
+        raise SpruceError(f"method 'obs' prunes block patterns (e.g. 16x16), not {pattern.name}; "
+                          "use sparsegpt for unstructured and N:M")
+    return gradual_block_obs(aim_at_dense(weight, stats), stats["hessian"], pattern, sparsity).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: its function and the calibration statistics it reads."""
+    prune: Callable[..., torch.Tensor]
+    needs: tuple[str, ...]          # "sq_norm" and/or "hessian"
+    summary: str
+
+
+METHODS = {
+    "magnitude": Method(prune_magnitude, (), "smallest |W|, no data"),
+    "wanda": Method(prune_wanda, ("sq_norm",), "smallest |W| * ||X||, no update"),
+    "sparsegpt": Method(prune_sparsegpt, ("hessian",), "OBS sweep, mask chosen inside it"),
+    "wanda+update": Method(prune_wanda_update, ("sq_norm", "hessian"), "Wanda mask, SparseGPT update"),
+    "obs": Method(prune_obs, ("hessian",), "gradual group OBS with least-squares refit (blocks)"),
+}
+NEEDS_CALIBRATION = {name: bool(m.needs) for name, m in METHODS.items()}
 
 
 def validate_method(name: str) -> None:

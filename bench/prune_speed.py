@@ -1,0 +1,74 @@
+"""python bench/prune_speed.py --runs wanda:16x16,sparsegpt:16x16 --nsamples 128 --seqlen 2048
+
+Pruning time on a Llama-2-7B-shaped model (32 layers, hidden 4096, MLP 11008, random float16
+weights built on the GPU, so no download), with random calibration tokens. The clock runs from
+the call of prune_model to its return: calibration capture, statistics, masks, weight updates.
+`--layers N` builds fewer layers (quick checks); the table prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spruce.masks import overall_sparsity  # noqa: E402
+from spruce.prune import prune_model  # noqa: E402
+
+
+def build_llama7b_shape(layers: int, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="wanda:16x16,sparsegpt:16x16", help="comma list of METHOD:PATTERN")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    args = p.parse_args()
+    device = "cuda"
+    card = torch.cuda.get_device_name(0)
+    samples = torch.randint(0, 32000, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for run in args.runs.split(","):
+        method, pattern = run.split(":", 1)
+        t = time.time()
+        model = build_llama7b_shape(args.layers, getattr(torch, args.dtype), device)
+        torch.cuda.synchronize()
+        built = time.time() - t
+        torch.cuda.reset_peak_memory_stats()
+        t = time.time()
+        prune_model(model, method, pattern, 0.5, samples=samples, device=device, batch_size=args.batch_size,
+                    progress=False)
+        torch.cuda.synchronize()
+        seconds = time.time() - t
+        rows.append((method, pattern, seconds, overall_sparsity(model), torch.cuda.max_memory_allocated() / 2**30))
+        print(f"{method} {pattern}: {seconds:.1f} s (model built in {built:.0f} s), peak "
+              f"{rows[-1][4]:.1f} GiB", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    print(f"\nLlama-2-7B shape, {args.layers} layers, {args.dtype}, {args.nsamples} x {args.seqlen} calibration "
+          f"tokens, batch {args.batch_size}, {card}, {time.strftime('%Y-%m-%d')}")
+    print("| method | pattern | seconds | sparsity | peak GiB |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for method, pattern, seconds, sparsity, peak in rows:
+        print(f"| {method} | {pattern} | {seconds:.1f} | {sparsity:.4f} | {peak:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
