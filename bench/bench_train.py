@@ -29,11 +29,24 @@ from spruce.recover.lora import attach_lora  # noqa: E402
 from spruce.recover.train import TrainArgs, eval_loss, train  # noqa: E402
 
 
-def reference_trainer(model_src, blocks, eval_blocks, lr, device):
+def model_factory(src: str, random_init: bool, device: str):
+    """A function dtype -> model: the model at `src`, or one of its shape with random weights."""
+    def make(dtype: str):
+        if not random_init:
+            return load_model(src, device=device, dtype=dtype)[0]
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(src)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device)
+    return make
+
+
+def reference_trainer(make, blocks, eval_blocks, lr, device):
     """HF Trainer + peft, batch 1, fp16 AMP: the reference recipe's configuration."""
     from transformers import Trainer, TrainingArguments
 
-    model, _ = load_model(model_src, device=device, dtype="float32")
+    model = make("float32")
     model = attach_lora(model, 8, 16, 0.05, "q_proj,v_proj")
 
     class Blocks(torch.utils.data.Dataset):
@@ -59,8 +72,8 @@ def reference_trainer(model_src, blocks, eval_blocks, lr, device):
             "tokens_per_s": blocks.numel() / seconds, "seconds": seconds, "eval_ppl": math.exp(loss)}
 
 
-def spruce_loop(model_src, blocks, eval_blocks, lr, batch, device, compile_model):
-    model, _ = load_model(model_src, device=device, dtype="bfloat16" if device == "cuda" else "float32")
+def spruce_loop(make, blocks, eval_blocks, lr, batch, device, compile_model):
+    model = make("bfloat16" if device == "cuda" else "float32")
     model = attach_lora(model, 8, 16, 0.05, "q_proj,v_proj")
     if compile_model:
         model = torch.compile(model)
@@ -95,17 +108,28 @@ def main():
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--batches", default="8,16", help="spruce micro-batch sizes to try")
     parser.add_argument("--compile", action="store_true", help="also try torch.compile")
+    parser.add_argument("--random_init", action="store_true",
+                        help="speed only: a model of --model's shape (a folder with config.json) with random "
+                             "weights, trained on random tokens")
     parser.add_argument("--json", help="write all rows here")
     a = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    src = a.pruned or a.model
-    _, tok = load_model(a.model, device="cpu")
-    blocks = data.training_blocks(a.corpus, tok, 1024, "train", a.blocks, seed=0)
-    eval_blocks = data.training_blocks(a.corpus, tok, 1024, "validation", a.eval_blocks, seed=0)
-    rows = [reference_trainer(src, blocks, eval_blocks, 1e-4, device)]
+    make = model_factory(a.pruned or a.model, a.random_init, device)
+    if a.random_init:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(a.model).vocab_size
+        gen = torch.Generator().manual_seed(0)
+        blocks = torch.randint(0, vocab, (a.blocks, 1024), generator=gen)
+        eval_blocks = torch.randint(0, vocab, (a.eval_blocks, 1024), generator=gen)
+    else:
+        _, tok = load_model(a.model, device="cpu")
+        blocks = data.training_blocks(a.corpus, tok, 1024, "train", a.blocks, seed=0)
+        eval_blocks = data.training_blocks(a.corpus, tok, 1024, "validation", a.eval_blocks, seed=0)
+    rows = [reference_trainer(make, blocks, eval_blocks, 1e-4, device)]
     for batch in [int(b) for b in a.batches.split(",")]:
         for compile_model in ([False, True] if a.compile else [False]):
-            rows.append(spruce_loop(src, blocks, eval_blocks, 1e-3 * math.sqrt(batch / 8), batch, device, compile_model))
+            rows.append(spruce_loop(make, blocks, eval_blocks, 1e-3 * math.sqrt(batch / 8), batch, device, compile_model))
     base = rows[0]["tokens_per_s"]
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     if a.json:

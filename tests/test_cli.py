@@ -41,7 +41,8 @@ def test_prune_then_eval_roundtrip(capsys, tiny_model_dir, corpus_file, tmp_path
 
 
 def test_wanda_style_block_flags(capsys, tiny_model_dir, corpus_file, tmp_path):
-    code, out, _ = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--sparsity_type", "block",
+    code, out, _ = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--prune_method", "wanda",
+                           "--sparsity_type", "block",
                            "--block_size", "32", "--nsamples", "2", "--seqlen", "64",
                            "--calib_dataset", str(corpus_file), "--save_model", str(tmp_path / "m"),
                            "--save", str(tmp_path / "log"))
@@ -102,6 +103,6 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 
 def test_every_command_has_help(capsys):
-    for command in ["demo", "eval", "prune", "fetch"]:
+    for command in ["demo", "eval", "prune", "finetune", "merge", "bench", "fetch"]:
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0 and "usage: spruce " + command in out
