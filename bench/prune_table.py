@@ -4,7 +4,7 @@ The method x pattern table: prune the embedded model (SmolLM2-135M, float32) at 
 recipe, measure perplexity on the SOTU test split (seqlen 1024) and print one row per recipe,
 as a ratio to the dense perplexity measured in the same run. The model is loaded once; every
 row starts again from the dense weights and the same calibration samples. Each row prints the
-`spruce prune` command that makes the same model. `--rows` picks rows by name (see ROWS).
+`spruce prune` command that makes the same model. `--rows` picks rows by exact name (else by prefix), in the order given (see ROWS).
 The table prints last; `--out` also writes one JSON object per row.
 """
 
@@ -89,7 +89,8 @@ def main() -> None:
     eval_batch = 8 if device.type == "cuda" else 1
     base = perplexity(model, windows, eval_batch, progress=False)
     wanted = [r.strip() for r in args.rows.split(",")] if args.rows else None
-    names = [n for n in ROWS if wanted is None or any(n.startswith(w) for w in wanted)]
+    names = list(ROWS) if wanted is None else [n for w in wanted
+                                               for n in ([w] if w in ROWS else [r for r in ROWS if r.startswith(w)])]
     results = [{"row": "dense", "ppl": base["ppl"], "ratio": 1.0, "seconds": 0.0,
                 "command": f"spruce eval --model smollm2-135m --dataset sotu --split test --seqlen 1024"
                            f"{f' --max_windows {args.max_windows}' if args.max_windows else ''}"}]

@@ -325,13 +325,13 @@ def cmd_prune(args) -> None:
     from . import data
     from .evaluate import perplexity
     from .masks import write_sparsity_json
-    from .models import load_model, save_model
+    from .models import load_model, prunable_linears, save_model
     from .outdir import atomic_dir, check_output_dir
     from .prune import prune_model
     from .prune.allocate import parse_overrides
     from .prune.methods import NEEDS_CALIBRATION
     from .prune.patterns import parse_tiers, validate_pattern
-    from .prune.recipes import resolve_recipe
+    from .prune.recipes import fit_to_model, resolve_recipe
 
     pattern = args.sparsity_type
     if pattern == "block":
@@ -357,6 +357,7 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
+    recipe = fit_to_model(recipe, list(prunable_linears(model)))
     samples = None
     if (NEEDS_CALIBRATION[method] or recipe["allocation"] == "owl") and args.sparsity_ratio > 0:
         _check_context(model, args.seqlen, "--seqlen")

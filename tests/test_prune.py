@@ -177,3 +177,17 @@ def test_dense_target_prunes_to_the_pattern(tiny_model):
                        dense_target=True, progress=False)
     assert info["dense_target"] and info["measured_sparsity"] == 0.5
     assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(tiny_model).values())
+
+
+def test_default_recipes_per_pattern():
+    from spruce.prune.recipes import fit_to_model, resolve_recipe
+    block = resolve_recipe("16x16")
+    assert block["method"] == "obs" and block["dense_target"] and block["module_sparsity"] == {"attn": 0.4}
+    assert resolve_recipe("16x16", method="wanda")["dense_target"] is False  # Wanda has no Hessian
+    assert resolve_recipe("16x16", selection="row-balanced")["selection"] == "row-balanced"
+    assert resolve_recipe("unstructured")["method"] == "sparsegpt"
+    assert resolve_recipe("2:4")["method"] == "sparsegpt"
+    # a default override that names nothing in the model is dropped; a user's one is kept (and checked later)
+    assert fit_to_model(block, ["h.0.mlp.c_fc"])["module_sparsity"] is None
+    user = resolve_recipe("16x16", module_sparsity={"attn": 0.3})
+    assert fit_to_model(user, ["h.0.mlp.c_fc"])["module_sparsity"] == {"attn": 0.3}
