@@ -75,18 +75,35 @@ def build_parser() -> Parser:
     sub.required = True
 
     p = _sub(sub, "demo", "prune the embedded model to 16x16 blocks, recover with LoRA, report",
-             "Run the whole path on the embedded SmolLM2-135M model and State of the Union corpus:\n"
-             "dense perplexity -> Wanda pruning to 50% in 16x16 blocks (the reference recipe, which\n"
-             "collapses) -> pruned perplexity -> a short LoRA recovery -> recovered perplexity.\n"
-             "Sized for a laptop: about 10 minutes on 2 CPU cores, with fewer evaluation windows\n"
-             "and calibration samples than a full run. Writes a run folder with config.yaml,\n"
-             "metrics.jsonl, report.md, plots/, the pruned model and the adapter.")
-    p.add_argument("--output_dir", default="runs/demo", help="run folder, replaced when the demo finishes (default: runs/demo)")
+             "Run the shipped recipe recipes/smollm2-block16.yaml on the embedded SmolLM2-135M model\n"
+             "and State of the Union corpus: dense perplexity -> Wanda pruning to 50% in 16x16 blocks\n"
+             "chosen the reference way (which collapses the model) -> pruned perplexity -> a short\n"
+             "masked-LoRA recovery that keeps the zeros -> recovered perplexity -> report.md.\n"
+             "Sized for a laptop: about 10 minutes on 2 CPU cores, with fewer evaluation windows and\n"
+             "calibration samples than a full run. Run it again and finished stages are skipped.")
+    p.add_argument("--output_dir", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--eval_windows", type=_positive_int, help="evaluation windows of 1024 tokens (default: 24)")
-    p.add_argument("--nsamples", type=_positive_int, help="calibration samples (default: 16)")
-    p.add_argument("--train_steps", type=_positive_int, help="LoRA steps (default: 160)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first and run every stage again")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. recover.max_steps=300")
+
+    p = _sub(sub, "run", "run a recipe: prune -> recover -> merge -> evaluate -> report",
+             "Run the stages of a YAML recipe in order (baseline, prune, recover, report) into its\n"
+             "output_dir. A finished stage is not run again, so an interrupted run resumes where it\n"
+             "stopped; the resolved recipe is saved as config.yaml. Shipped recipes are in recipes/,\n"
+             "each headed by its command. Override any key on the command line: prune.sparsity=0.6.",
+             "Example: spruce run recipes/smollm2-block16.yaml recover.max_steps=300 --stages prune recover")
+    p.add_argument("recipe", help="YAML recipe file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as recover.learning_rate=5e-4")
+    p.add_argument("--stages", nargs="+", choices=["baseline", "prune", "recover", "report"],
+                   help="run only these stages (default: the recipe's stages)")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first and run every stage again")
+
+    p = _sub(sub, "compare", "put several runs in one table (Markdown and JSON)",
+             "Read the run folders written by 'spruce run' / 'spruce demo' and print one Markdown table:\n"
+             "pattern, recovery mode, measured sparsity, dense / pruned / recovered perplexity.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as a Markdown file")
 
     p = _sub(sub, "eval", "perplexity of a model (optionally with a LoRA adapter) on a corpus",
              "Measure perplexity by the Wanda / SparseGPT protocol: the split is joined with blank\n"
@@ -102,6 +119,10 @@ def build_parser() -> Parser:
     p.add_argument("--max_windows", type=_positive_int, help="use only the first N windows")
     p.add_argument("--batch_size", type=_positive_int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    p.add_argument("--tasks", metavar="T1,T2",
+                   help="also run zero-shot tasks through lm-evaluation-harness (if installed), e.g. "
+                        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+    p.add_argument("--tasks_limit", type=_positive_int, help="at most N examples per zero-shot task")
 
     p = _sub(sub, "prune", "prune a model (magnitude, Wanda, SparseGPT, OBS) into unstructured, N:M, block or hybrid sparsity",
              "Prune every linear layer of the decoder blocks, one layer at a time over calibration\n"
@@ -291,6 +312,10 @@ def cmd_eval(args) -> None:
     from .recover.lora import load_adapter
 
     data.parse_corpus(args.dataset)
+    if args.tasks:
+        from .evaluate import require_lm_eval
+
+        require_lm_eval()
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
     _check_context(model, args.seqlen, "--seqlen")
     sparsity = overall_sparsity(model)
@@ -303,6 +328,13 @@ def cmd_eval(args) -> None:
     print(f"perplexity {result['ppl']:.3f} | {args.model}{' + ' + args.lora_weights if args.lora_weights else ''} "
           f"on {args.dataset}/{args.split} | seqlen {result['seqlen']} x {result['windows']} windows "
           f"({result['tokens']:,} tokens) | sparsity {sparsity:.2%} | {result['seconds']:.0f} s")
+    if args.tasks:
+        from .evaluate import zero_shot
+
+        scores = zero_shot(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                           batch_size=args.batch_size, limit=args.tasks_limit)
+        record["zero_shot"] = scores
+        print("zero-shot accuracy | " + " | ".join(f"{t} {100 * a:.1f}" for t, a in scores.items()))
     if args.json:
         _write_json(args.json, record)
 
@@ -432,26 +464,45 @@ def cmd_bench(args) -> None:
                        semi_structured=not args.no_semi_structured, num_layers=args.num_layers, json_path=args.json)
 
 
-def cmd_demo(args) -> None:
-    from .config import demo_config
-    from .pipeline import run_demo
-
-    cfg = demo_config()
-    cfg.device, cfg.seed = args.device, args.seed
-    if args.eval_windows:
-        cfg.data.eval_windows = args.eval_windows
-    if args.nsamples:
-        cfg.prune.nsamples = args.nsamples
-    if args.train_steps:
-        cfg.lora.steps = args.train_steps
-    results = run_demo(cfg, args.output_dir)
+def _run_and_show(cfg, fresh: bool, stages=None) -> None:
+    from .pipeline import run_recipe
     from .report import perplexity_table
-    print()
-    print(perplexity_table(results))
-    print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
+
+    results = run_recipe(cfg, fresh=fresh, only=stages)
+    table = (results.get("report") or {}).get("results")
+    if table:
+        print()
+        print(perplexity_table(table))
+        print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "prune": cmd_prune, "finetune": cmd_finetune,
+def cmd_demo(args) -> None:
+    from .config import load_recipe, recipes_dir
+
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
+                      [f"output_dir={args.output_dir}", f"device={args.device}", *args.overrides])
+    _run_and_show(cfg, args.fresh)
+
+
+def cmd_run(args) -> None:
+    from .config import load_recipe
+
+    _run_and_show(load_recipe(args.recipe, args.overrides), args.fresh, args.stages)
+
+
+def cmd_compare(args) -> None:
+    from .report import compare_markdown, compare_runs
+
+    rows = compare_runs(args.runs)
+    table = compare_markdown(rows)
+    print(table)
+    if args.json:
+        _write_json(args.json, {"runs": rows})
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "eval": cmd_eval, "prune": cmd_prune, "finetune": cmd_finetune,
             "merge": cmd_merge, "bench": cmd_bench, "fetch": cmd_fetch}
 
 

@@ -1,14 +1,20 @@
-"""Typed, documented configuration of a prune -> recover -> evaluate run, validated early.
+"""Typed, documented recipes for `spruce run`: YAML + `key.sub=value` overrides, validated early.
 
-Each dataclass field carries its meaning in a comment; `__post_init__` rejects bad values with
-a one-line SpruceError. `to_dict` gives the resolved form saved as config.yaml in a run folder.
+Each dataclass field carries its meaning in a comment; `__post_init__` rejects bad values with a
+one-line SpruceError. `to_dict` gives the resolved form saved as config.yaml in a run folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
 
 from .errors import SpruceError
+
+STAGES = ("baseline", "prune", "recover", "report")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -22,66 +28,159 @@ class DataConfig:
     eval_split: str = "test"      # split that perplexity is measured on
     eval_seqlen: int = 1024       # tokens per evaluation window
     eval_windows: int | None = None  # first N windows only (None = all)
+    zero_shot_tasks: list[str] | None = None  # lm-evaluation-harness tasks, e.g. [boolq, rte] (needs lm-eval)
 
     def __post_init__(self):
-        _require(self.eval_seqlen > 0, f"eval_seqlen must be positive, got {self.eval_seqlen}")
+        _require(self.eval_seqlen > 0, f"data.eval_seqlen must be positive, got {self.eval_seqlen}")
         _require(self.eval_windows is None or self.eval_windows > 0,
-                 f"eval_windows must be positive, got {self.eval_windows}")
+                 f"data.eval_windows must be positive, got {self.eval_windows}")
 
 
 @dataclass
 class PruneConfig:
-    method: str = "wanda"         # magnitude | wanda
-    pattern: str = "16x16"        # unstructured | unstructured-layer | BxB / RxC blocks
+    method: str | None = None     # magnitude | wanda | sparsegpt | ... ; None = the pattern's best recipe
+    pattern: str = "16x16"        # unstructured | N:M | BxB / RxC blocks | hybrid (see spruce prune --help)
     sparsity: float = 0.5         # fraction of each decoder linear weight set to zero
     nsamples: int = 128           # calibration samples
     seqlen: int = 1024            # tokens per calibration sample
     batch_size: int = 8           # calibration samples per forward call
+    options: dict = field(default_factory=dict)  # more prune_model options (selection, allocation, ...)
+    # progressive pruning: one entry per prune -> recover round, a sparsity or a mapping
+    # {sparsity: s, <prune option>: value, ...} (e.g. hybrid tiers); the last must equal `sparsity`
+    rounds: list | None = None
 
     def __post_init__(self):
-        _require(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
+        _require(0 <= self.sparsity < 1, f"prune.sparsity must be in [0, 1), got {self.sparsity}")
         _require(self.nsamples > 0 and self.seqlen > 0 and self.batch_size > 0,
-                 "nsamples, seqlen and batch_size must be positive")
+                 "prune.nsamples, prune.seqlen and prune.batch_size must be positive")
+        if self.rounds:
+            levels = [r["sparsity"] if isinstance(r, dict) else r for r in self.rounds]
+            _require(all(isinstance(x, (int, float)) and 0 < x < 1 for x in levels),
+                     f"every prune.rounds entry needs a sparsity in (0, 1), got {self.rounds}")
+            _require(all(a <= b for a, b in zip(levels, levels[1:])),
+                     f"prune.rounds must not lower the sparsity from one round to the next, got {levels}")
+            _require(abs(levels[-1] - self.sparsity) < 1e-9,
+                     f"prune.rounds must end at prune.sparsity ({self.sparsity}), got {levels[-1]}")
+
+    def round_plan(self) -> list[tuple[float, dict]]:
+        """[(sparsity, prune options)] for each round; one round when `rounds` is not set."""
+        if not self.rounds:
+            return [(self.sparsity, dict(self.options))]
+        plan = []
+        for entry in self.rounds:
+            extra = dict(entry) if isinstance(entry, dict) else {"sparsity": entry}
+            plan.append((extra.pop("sparsity"), {**self.options, **extra}))
+        return plan
 
 
 @dataclass
-class LoraConfig:
-    r: int = 8                    # LoRA rank
-    alpha: int = 16               # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = 0.05         # dropout on the LoRA input
-    target_modules: str = "q_proj,v_proj"  # comma list of module names, or all-linear
-    lr: float = 1e-4              # peak learning rate (AdamW, warm-up then cosine decay)
-    steps: int = 200              # optimizer steps
-    warmup: int = 10              # warm-up steps
-    batch_size: int = 1           # blocks per step
+class RecoverConfig:
+    mode: str = "lora"            # lora | masked-lora | full (masked full fine-tuning)
+    corpus: str | None = None     # training corpus; None = data.corpus
+    lora_r: int = 8               # LoRA rank
+    lora_alpha: int = 16          # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05    # dropout on the LoRA input
+    lora_target_modules: str = "q_proj,v_proj"  # comma list of module names, or all-linear
+    learning_rate: float = 1e-4   # peak learning rate (AdamW, warm-up then decay)
+    max_steps: int | None = None  # optimizer steps; None = num_train_epochs
+    num_train_epochs: float = 1.0
+    batch_size: int = 1           # blocks per micro-batch
+    gradient_accumulation_steps: int = 1
     block_size: int = 1024        # tokens per training block
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "cosine"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 16   # validation blocks for eval during training
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    teacher: bool = False         # distil from the dense model (the run's `model`)
+    distill_alpha: float = 0.5
+    dtype: str | None = None      # training dtype; None = the run's dtype
 
     def __post_init__(self):
-        _require(self.r > 0 and self.steps > 0 and self.batch_size > 0 and self.block_size > 0,
-                 "LoRA r, steps, batch_size and block_size must be positive")
-        _require(self.lr > 0, f"learning rate must be positive, got {self.lr}")
-        _require(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        _require(self.mode in ("lora", "masked-lora", "full"),
+                 f"recover.mode must be lora, masked-lora or full, got {self.mode}")
+        _require(self.lora_r > 0 and self.batch_size > 0 and self.block_size > 0
+                 and self.gradient_accumulation_steps > 0,
+                 "recover.lora_r, batch_size, block_size and gradient_accumulation_steps must be positive")
+        _require(self.learning_rate > 0, f"recover.learning_rate must be positive, got {self.learning_rate}")
+        _require(self.max_steps is None or self.max_steps > 0, "recover.max_steps must be positive")
+        _require(0 <= self.lora_dropout < 1, f"recover.lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m"   # model source: HF folder, Hub id, .gguf file or embedded name
+    output_dir: str = "runs/run"  # the run folder
     device: str = "auto"          # auto | cpu | cuda
     dtype: str = "float32"        # float32 | bfloat16 | float16
     seed: int = 0                 # seeds calibration sampling and training order
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # which stages to run, in order
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        _require(not unknown, f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def demo_config() -> RunConfig:
-    """The embedded demo: sized to finish in minutes on 2 CPU cores (fewer windows and samples
-    than a full run, short blocks, a higher learning rate for the few LoRA steps)."""
-    return RunConfig(
-        data=DataConfig(eval_windows=24),
-        prune=PruneConfig(nsamples=16, seqlen=1024, batch_size=4),
-        lora=LoraConfig(lr=1e-3, steps=160, warmup=10, batch_size=2, block_size=256),
-    )
+def _build(cls, values: dict, where: str):
+    """Instantiate dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys fail."""
+    if not isinstance(values, dict):
+        raise SpruceError(f"{where or 'recipe'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SpruceError(f"unknown key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
+                          f"valid keys: {', '.join(f'{where}{k}' for k in fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = _nested.get((cls, name))
+        kwargs[name] = _build(sub, value or {}, f"{where}{name}.") if sub else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise SpruceError(f"bad recipe section {where or 'top level'}: {e}") from None
+
+
+_nested = {(RunConfig, "data"): DataConfig, (RunConfig, "prune"): PruneConfig,
+           (RunConfig, "recover"): RecoverConfig}
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply `key.sub=value` to a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise SpruceError(f"override '{assignment}' is not key.sub=value")
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpruceError(f"override '{assignment}': {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or start from the defaults), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpruceError(f"recipe {path} does not exist; shipped recipes are in recipes/")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpruceError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return _build(RunConfig, tree, "")
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes (package data, also linked as recipes/ at the repository root)."""
+    return Path(__file__).parent / "recipes"

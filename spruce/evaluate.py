@@ -46,3 +46,38 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
         "seconds": round(time.time() - start, 2),
     }
 
+
+
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def require_lm_eval():
+    """The lm-eval entry points, or one clear error when the harness is not installed."""
+    from .errors import SpruceError
+
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise SpruceError("zero-shot tasks need lm-evaluation-harness: pip install lm-eval "
+                          "(its task data also needs the Hugging Face Hub or a local cache)") from None
+    return simple_evaluate, HFLM
+
+
+def zero_shot(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
+    """Zero-shot accuracy per task through lm-evaluation-harness, on the in-memory model."""
+    from .errors import SpruceError
+
+    simple_evaluate, HFLM = require_lm_eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    except (OSError, ConnectionError, ValueError) as e:
+        raise SpruceError(f"lm-eval could not run {', '.join(tasks)} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}); offline, its task data cannot be fetched") from None
+    scores = {}
+    for task, metrics in out["results"].items():
+        acc = metrics.get("acc_norm,none", metrics.get("acc,none"))
+        if acc is not None:
+            scores[task] = acc
+    return scores

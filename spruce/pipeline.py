@@ -1,29 +1,41 @@
-"""`spruce demo`: dense perplexity -> 16x16 Wanda pruning -> LoRA recovery -> perplexity.
+"""`spruce run RECIPE.yaml`: baseline -> prune -> recover -> report, one stage at a time.
 
-    spruce demo                       # the embedded model and corpus, about 10 minutes on 2 CPU cores
+    spruce run recipes/smollm2-block16.yaml recover.max_steps=300
+    spruce demo                       # the shipped smollm2-block16 recipe, sized for 2 CPU cores
 
-Writes a run folder (config.yaml, metrics.jsonl, report.md, plots/, pruned/, adapter/) that
-appears only once the run has finished.
+Each stage writes its outputs into the run folder and then a marker `stages/<stage>.json` with
+its results; a stage whose marker exists is not run again, so an interrupted run picks up where
+it stopped. The resolved recipe is saved as config.yaml. Stages:
+
+  baseline  perplexity of the dense model
+  prune     layer-by-layer pruning -> pruned/ (safetensors with zeros + sparsity.json), its perplexity;
+            with prune.rounds, progressive rounds of prune -> recover, each round's zero set a
+            superset of the last
+  recover   fine-tuning (spruce finetune) -> recover/ (adapter or model, checkpoints, curves) and
+            recover/merged/ (zero set kept), its perplexity
+  report    report.md with the table, per-layer sparsity and training curves
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import data
 from .config import RunConfig
+from .errors import SpruceError
 from .evaluate import perplexity
-from .masks import overall_sparsity, write_sparsity_json, zero_masks
+from .masks import overall_sparsity, read_sparsity_json, write_sparsity_json, zero_masks
 from .models import load_model, resolve_device, save_model
 from .outdir import atomic_dir
-from .prune import prune_model
-from .recover.lora import attach_lora
-from .recover.train import TrainArgs, train
-from .report import MetricsLog, write_config, write_report
+from .report import MetricsLog, versions, write_run_report
 
 
 def seed_everything(seed: int) -> None:
@@ -31,81 +43,224 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_demo(cfg: RunConfig, out_dir: str | Path, progress: bool = True, say=print) -> dict:
-    """Run the whole demo path; return {stage: perplexity result}."""
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    d, p, lo = cfg.data, cfg.prune, cfg.lora
-    results: dict[str, dict] = {}
-    t0 = time.time()
-    with atomic_dir(out_dir) as run:
-        write_config(run, cfg.to_dict())
-        log = MetricsLog(run / "metrics.jsonl")
+class Run:
+    """A run folder: config, stage markers, metrics."""
 
-        say(f"[1/5] loading {cfg.model} on {device} ({cfg.dtype})")
-        model, tok = load_model(cfg.model, device=device, dtype=cfg.dtype)
-        windows = data.eval_windows(d.corpus, d.eval_split, tok, d.eval_seqlen)
-        total_windows = windows.shape[0]
-        windows = windows[: d.eval_windows] if d.eval_windows else windows
-        say(f"      evaluating on {d.corpus}/{d.eval_split}: the first {windows.shape[0]} of "
-            f"{total_windows} windows of {d.eval_seqlen} tokens (a full run uses all of them)")
+    def __init__(self, cfg: RunConfig, say=print, progress: bool = True):
+        self.cfg, self.say, self.progress = cfg, say, progress
+        self.dir = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.device)
+        self._windows = None
+        self._tokenizer = None
 
-        def evaluate(stage: str, m) -> dict:
-            r = perplexity(m, windows, progress=progress, desc=f"{stage} perplexity")
-            r["sparsity"] = overall_sparsity(m)
-            results[stage] = r
-            log.write({"event": "eval", "stage": stage, **r})
-            return r
+    def start(self, fresh: bool) -> None:
+        if self.cfg.data.zero_shot_tasks:
+            from .evaluate import require_lm_eval
 
-        r = evaluate("dense", model)
-        say(f"      dense perplexity: {r['ppl']:.2f}")
+            require_lm_eval()
+        saved = self.dir / "config.yaml"
+        if fresh and self.dir.exists():
+            shutil.rmtree(self.dir)
+        if saved.exists():
+            previous = yaml.safe_load(saved.read_text())
+            previous.pop("versions", None)
+            if previous != self.cfg.to_dict():
+                raise SpruceError(f"{self.dir} holds a run with another recipe; pass --fresh to start it "
+                                  "again, or choose another output_dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "stages").mkdir(exist_ok=True)
+        saved.write_text(yaml.safe_dump({**self.cfg.to_dict(), "versions": versions()}, sort_keys=False))
+        self.log = MetricsLog(self.dir / "metrics.jsonl")
 
-        say(f"[2/5] pruning: {p.method}, {p.pattern} blocks chosen by mean block score with one "
-            f"threshold per matrix (the reference recipe), {p.sparsity:.0%} sparsity, "
-            f"{p.nsamples} calibration samples of {p.seqlen} tokens (a full run uses 128)")
-        samples = data.calibration_samples(d.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed)
-        info = prune_model(model, p.method, p.pattern, p.sparsity, samples=samples, device=device,
-                           batch_size=p.batch_size, progress=progress)
+    def done(self, stage: str) -> dict | None:
+        marker = self.dir / "stages" / f"{stage}.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def mark(self, stage: str, result: dict) -> dict:
+        marker = self.dir / "stages" / f"{stage}.json"
+        tmp = marker.with_suffix(".partial")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(marker)
+        self.log.write({"event": "stage", "stage": stage, **{k: v for k, v in result.items() if not isinstance(v, dict)}})
+        return result
+
+    def windows(self, tok) -> torch.Tensor:
+        d = self.cfg.data
+        if self._windows is None:
+            all_windows = data.eval_windows(d.corpus, d.eval_split, tok, d.eval_seqlen)
+            self.total_windows = all_windows.shape[0]
+            self._windows = all_windows[: d.eval_windows] if d.eval_windows else all_windows
+        return self._windows
+
+    def load(self, source: str, dtype: str | None = None):
+        return load_model(source, device=self.device, dtype=dtype or self.cfg.dtype)
+
+    def evaluate(self, stage: str, model, tok) -> dict:
+        windows = self.windows(tok)
+        result = perplexity(model, windows, progress=self.progress, desc=f"{stage} perplexity")
+        result["sparsity"] = overall_sparsity(model)
+        if self.cfg.data.zero_shot_tasks:
+            from .evaluate import zero_shot
+
+            result["zero_shot"] = zero_shot(model, tok, self.cfg.data.zero_shot_tasks)
+        self.log.write({"event": "eval", "stage": stage, **result})
+        return result
+
+
+def stage_baseline(run: Run) -> dict:
+    model, tok = run.load(run.cfg.model)
+    windows = run.windows(tok)
+    d = run.cfg.data
+    run.say(f"[baseline] {run.cfg.model} on {run.device}: perplexity on {d.corpus}/{d.eval_split}, "
+            f"{windows.shape[0]} of {run.total_windows} windows of {d.eval_seqlen} tokens"
+            + (" (a full run uses all of them)" if windows.shape[0] < run.total_windows else ""))
+    result = run.evaluate("dense", model, tok)
+    run.say(f"[baseline] dense perplexity: {result['ppl']:.2f}")
+    return {"dense": result}
+
+
+PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target")
+
+
+def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:
+    from .models import prunable_linears
+    from .prune import prune_model
+    from .prune.recipes import fit_to_model, resolve_recipe
+
+    p, cfg = run.cfg.prune, run.cfg
+    unknown = set(options) - set(PRUNE_OPTIONS) - {"tiers"}
+    if unknown:
+        raise SpruceError(f"unknown prune option(s) {sorted(unknown)}; use {', '.join(PRUNE_OPTIONS)}, tiers")
+    recipe = resolve_recipe(p.pattern, method=p.method, **{k: v for k, v in options.items() if k != "tiers"})
+    recipe = fit_to_model(recipe, list(prunable_linears(model)))
+    samples = data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed)
+    tiers = tuple(options["tiers"]) if options.get("tiers") else None
+    return prune_model(model, recipe["method"], p.pattern, sparsity, samples=samples, device=run.device,
+                       batch_size=p.batch_size, progress=run.progress, tiers=tiers,
+                       **{k: recipe[k] for k in PRUNE_OPTIONS})
+
+
+def stage_prune(run: Run) -> dict:
+    p, cfg = run.cfg.prune, run.cfg
+    rounds = p.round_plan()
+    source = cfg.model
+    results = {}
+    for i, (sparsity, options) in enumerate(rounds, 1):
+        tag = f"round {i}/{len(rounds)}: " if len(rounds) > 1 else ""
+        model, tok = run.load(source)
+        previous = zero_masks(model) if i > 1 else None
+        run.say(f"[prune] {tag}{p.method or 'default recipe'}, {p.pattern}, {sparsity:.0%} sparsity, "
+                f"{p.nsamples} calibration samples of {p.seqlen} tokens"
+                + (f", options {options}" if options else ""))
+        info = _prune_once(run, model, tok, sparsity, options)
+        if previous is not None:
+            _keep_superset(model, previous)
+            info["measured_sparsity"] = overall_sparsity(model)
         info["recipe"] = cfg.to_dict()
-        log.write({"event": "prune", **{k: v for k, v in info.items() if k not in ("layers", "recipe")}})
-        with atomic_dir(run / "pruned") as folder:
-            save_model(model, tok, folder)
-            write_sparsity_json(folder, info)
-        r = evaluate("pruned", model)
-        say(f"      pruned perplexity: {r['ppl']:.2f} ({r['ppl'] / results['dense']['ppl']:.0f}x dense) "
-            f"at {r['sparsity']:.1%} sparsity: the block pattern collapses the model")
-
-        say(f"[3/5] LoRA recovery: r={lo.r} on {lo.target_modules}, {lo.steps} steps of "
-            f"{lo.batch_size}x{lo.block_size} tokens, lr {lo.lr:g} (a full run trains an epoch of 1024-token blocks)")
-        before = zero_masks(model)
-        blocks = data.training_blocks(d.corpus, tok, lo.block_size, seed=cfg.seed)
-        peft_model = attach_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
-        args = TrainArgs(steps=lo.steps, lr=lo.lr, batch_size=lo.batch_size, warmup_steps=lo.warmup,
-                         scheduler="cosine", seed=cfg.seed, logging_steps=20)
-        result = train(peft_model, blocks, args, on_event=log.write, say=lambda line: say(f"      {line}"),
-                       progress=progress)
-        rows = result.monitor.train
-        peft_model.save_pretrained(run / "adapter")
-
-        say("[4/5] evaluating the recovered model (pruned base + adapter)")
-        r = evaluate("recovered (LoRA)", peft_model)
-        after = zero_masks(peft_model)
-        unchanged = before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
-        say(f"      recovered perplexity: {r['ppl']:.2f}; pruned base weights unchanged: {unchanged}")
-
-        say(f"[5/5] writing the run folder {out_dir}")
-        notes = [
-            f"Pruned with {p.method}, {p.pattern}, target {p.sparsity:.0%}, {p.nsamples} calibration "
-            f"samples x {p.seqlen} tokens of {d.corpus}/train (seed {cfg.seed}).",
-            f"LoRA r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout} on {lo.target_modules}; "
-            f"{lo.steps} steps of {lo.batch_size}x{lo.block_size} tokens at lr {lo.lr:g}.",
-            "The adapter is kept separate: the pruned base weights (and their zeros) stay frozen "
-            f"(zero set unchanged: {unchanged}).",
-            f"Demo sizes: {windows.shape[0]} of {total_windows} evaluation windows; numbers are "
-            "not comparable with full runs. The dense baseline is a dequantized Q4_1 model.",
-            f"Total time {time.time() - t0:.0f} s on {device}.",
-        ]
-        write_report(run, "spruce demo: 16x16 block pruning and LoRA recovery", cfg.to_dict(),
-                     results, rows, notes)
+        folder = run.dir / ("pruned" if i == len(rounds) else f"rounds/round{i}-pruned")
+        with atomic_dir(folder) as tmp:
+            save_model(model, tok, tmp)
+            write_sparsity_json(tmp, info)
+        result = run.evaluate("pruned" if i == len(rounds) else f"round{i}-pruned", model, tok)
+        ratio = result["ppl"] / run.done("baseline")["dense"]["ppl"] if run.done("baseline") else None
+        run.say(f"[prune] {tag}pruned perplexity: {result['ppl']:.2f}"
+                + (f" ({ratio:.1f}x dense)" if ratio else "") + f" at {result['sparsity']:.1%} sparsity")
+        results[f"round{i}" if len(rounds) > 1 else "pruned"] = result
+        if i < len(rounds):
+            summary = _recover(run, folder, run.dir / "rounds" / f"round{i}-recover", quiet=True)
+            source = str(run.dir / "rounds" / f"round{i}-recover" / "merged")
+            run.say(f"[prune] round {i} recovered: eval perplexity {summary['eval_after']['eval_ppl']:.2f}")
+    results["pruned"] = results.get("pruned") or results[f"round{len(rounds)}"]
     return results
 
+
+@torch.no_grad()
+def _keep_superset(model, previous: dict[str, torch.Tensor]) -> None:
+    """Progressive rounds only add zeros: weights pruned in an earlier round stay zero."""
+    from .models import prunable_linears
+
+    for name, module in prunable_linears(model).items():
+        module.weight.masked_fill_(previous[name].to(module.weight.device), 0)
+
+
+def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> dict:
+    from .recover.finetune import run_finetune
+
+    r, cfg = run.cfg.recover, run.cfg
+    ns = Namespace(
+        model_name_or_path=str(model_dir), config_name=None, tokenizer_name=None, device=cfg.device,
+        dtype=r.dtype or cfg.dtype, trust_remote_code=False, dataset_name=r.corpus or cfg.data.corpus,
+        dataset_config_name=None, mix_weights=None, train_file=None, validation_file=None,
+        block_size=r.block_size, max_train_samples=r.max_train_samples, max_eval_samples=r.max_eval_samples,
+        do_train=True, do_eval=True, mode=r.mode, num_train_epochs=r.num_train_epochs,
+        max_steps=r.max_steps or -1, per_device_train_batch_size=r.batch_size, per_device_eval_batch_size=8,
+        gradient_accumulation_steps=r.gradient_accumulation_steps, learning_rate=r.learning_rate,
+        weight_decay=0.0, warmup_steps=r.warmup_steps, lr_scheduler_type=r.lr_scheduler_type, seed=cfg.seed,
+        lora_r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
+        lora_target_modules=r.lora_target_modules, teacher_model=cfg.model if r.teacher else None,
+        distill_alpha=r.distill_alpha, distill_temperature=2.0, output_dir=str(out_dir),
+        overwrite_output_dir=True, logging_steps=20, eval_steps=r.eval_steps, save_steps=r.save_steps,
+        save_total_limit=2, load_best_model_at_end=False, early_stopping_patience=None,
+        resume_from_checkpoint="latest" if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()) else None,
+        merge=True)
+    return run_finetune(ns, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))
+
+
+def stage_recover(run: Run) -> dict:
+    r = run.cfg.recover
+    pruned = run.dir / "pruned"
+    if not (pruned / "config.json").exists():
+        raise SpruceError(f"{pruned} is missing: run the prune stage first")
+    run.say(f"[recover] {r.mode}" + (f" r={r.lora_r} on {r.lora_target_modules}" if r.mode != "full" else "")
+            + f", lr {r.learning_rate:g}, blocks of {r.block_size} tokens"
+            + (f", {r.max_steps} steps" if r.max_steps else f", {r.num_train_epochs:g} epochs")
+            + (", distilled from the dense model" if r.teacher else ""))
+    summary = _recover(run, pruned, run.dir / "recover")
+    merged, tok = run.load(str(run.dir / "recover" / "merged"))
+    before = zero_masks(run.load(str(pruned))[0])
+    after = zero_masks(merged)
+    kept = all(torch.equal(before[n], after[n]) for n in before)
+    result = run.evaluate("recovered", merged, tok)
+    run.say(f"[recover] recovered perplexity: {result['ppl']:.2f} (merged model, zero set unchanged: {kept})")
+    return {"recovered": result, "zero_set_unchanged": kept, "train": {k: summary.get(k) for k in
+            ("steps", "train_seconds", "final_train_loss", "eval_before", "eval_after", "best_eval")}}
+
+
+def stage_report(run: Run) -> dict:
+    results = {}
+    for stage in ("baseline", "prune", "recover"):
+        marker = run.done(stage) or {}
+        for key in ("dense", "pruned", "recovered"):
+            if key in marker:
+                results[key] = marker[key]
+    sparsity = read_sparsity_json(run.dir / "pruned") if (run.dir / "pruned").exists() else None
+    write_run_report(run.dir, run.cfg.to_dict(), results, sparsity, _stage_seconds(run))
+    run.say(f"[report] {run.dir / 'report.md'}")
+    return {"results": results}
+
+
+def _stage_seconds(run: Run) -> dict:
+    return {s: (run.done(s) or {}).get("seconds") for s in ("baseline", "prune", "recover")}
+
+
+STAGE_FUNCTIONS = {"baseline": stage_baseline, "prune": stage_prune, "recover": stage_recover,
+                   "report": stage_report}
+
+
+def run_recipe(cfg: RunConfig, fresh: bool = False, say=print, progress: bool = True,
+               only: list[str] | None = None) -> dict:
+    """Run the stages of `cfg` in order, skipping those already done; return {stage: result}."""
+    seed_everything(cfg.seed)
+    run = Run(cfg, say, progress)
+    run.start(fresh)
+    results = {}
+    for stage in only or cfg.stages:
+        if stage != "report" and (done := run.done(stage)):
+            say(f"[{stage}] done earlier; skipped (results in {run.dir / 'stages' / (stage + '.json')})")
+            results[stage] = done
+            continue
+        start = time.time()
+        result = STAGE_FUNCTIONS[stage](run)
+        result["seconds"] = round(time.time() - start, 1)
+        results[stage] = run.mark(stage, result)
+    return results

@@ -1,13 +1,17 @@
-"""Run-folder records: metrics.jsonl (one JSON object per event), config.yaml, report.md, plots."""
+"""Run-folder records a person can read: metrics.jsonl, config.yaml, report.md with plots, and
+`spruce compare` tables across runs."""
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
 import yaml
+
+from .errors import SpruceError
 
 
 class MetricsLog:
@@ -15,11 +19,9 @@ class MetricsLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.rows: list[dict] = []
 
     def write(self, row: dict) -> dict:
         row = {"time": round(time.time(), 3), **row}
-        self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
@@ -41,21 +43,34 @@ def write_config(folder: Path, config: dict) -> None:
     (folder / "config.yaml").write_text(yaml.safe_dump(payload, sort_keys=False))
 
 
-def plot_training(train_rows: list[dict], path: Path) -> bool:
-    """Training-loss curve as PNG; False when there is nothing to plot."""
-    if not train_rows:
-        return False
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title("LoRA recovery: training loss")
+    return plt
+
+
+def plot_layer_sparsity(layers: dict[str, float], path: Path) -> bool:
+    """Sparsity of every decoder linear, grouped by layer index, as a PNG."""
+    if not layers:
+        return False
+    plt = _pyplot()
+    by_kind: dict[str, list[tuple[int, float]]] = {}
+    for name, ratio in layers.items():
+        m = re.search(r"\.(\d+)\.(?:.*\.)?(\w+)$", name)
+        if m:
+            by_kind.setdefault(m.group(2), []).append((int(m.group(1)), ratio))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for kind, points in sorted(by_kind.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", label=kind)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("zeros (%)")
+    ax.set_title("sparsity per layer and module")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -68,26 +83,79 @@ def perplexity_table(results: dict[str, dict]) -> str:
     dense = results.get("dense", {}).get("ppl")
     lines = ["| model | perplexity | x dense | sparsity of decoder linears |",
              "| --- | ---: | ---: | ---: |"]
+    tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
+    if tasks:
+        lines[0] += "".join(f" {t} |" for t in tasks)
+        lines[1] += " ---: |" * len(tasks)
     for stage, r in results.items():
         ratio = f"{r['ppl'] / dense:.2f}" if dense else "-"
-        lines.append(f"| {stage} | {r['ppl']:,.2f} | {ratio} | {100 * r['sparsity']:.1f}% |")
+        scores = "".join(f" {100 * r['zero_shot'][t]:.1f} |" if t in r.get("zero_shot", {}) else " - |" for t in tasks)
+        lines.append(f"| {stage} | {r['ppl']:,.2f} | {ratio} | {100 * r['sparsity']:.2f}% |{scores}")
     return "\n".join(lines)
 
 
-def write_report(folder: Path, title: str, config: dict, results: dict[str, dict],
-                 train_rows: list[dict], notes: list[str]) -> None:
-    """report.md: the perplexity table, how it was measured, the loss curve and the config."""
-    any_result = next(iter(results.values()))
-    has_plot = plot_training(train_rows, folder / "plots" / "train_loss.png")
-    parts = [
-        f"# {title}", "",
-        perplexity_table(results), "",
-        f"Perplexity on `{config['data']['corpus']}` split `{config['data']['eval_split']}`, "
-        f"seqlen {any_result['seqlen']}, {any_result['windows']} windows "
-        f"({any_result['tokens']:,} tokens), model `{config['model']}` in {config['dtype']}.", "",
-    ]
-    parts += [f"- {n}" for n in notes] + [""]
-    if has_plot:
-        parts += ["![training loss](plots/train_loss.png)", ""]
-    parts += ["## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+def write_run_report(folder: Path, config: dict, results: dict[str, dict], sparsity: dict | None,
+                     seconds: dict) -> None:
+    """report.md: what was done, the perplexity table, plots, timings and the recipe."""
+    d, p, r = config["data"], config["prune"], config["recover"]
+    any_result = next(iter(results.values()), None)
+    parts = [f"# spruce run: {Path(config['output_dir']).name}", ""]
+    parts += [f"Model `{config['model']}` ({config['dtype']}); pruned to {p['sparsity']:.0%} in `{p['pattern']}` "
+              f"with {sparsity['method'] if sparsity else p['method'] or 'the default recipe'}"
+              + (f" in {len(p['rounds'])} progressive rounds" if p.get("rounds") else "")
+              + f"; recovered with {r['mode']} on `{r['corpus'] or d['corpus']}`"
+              + (", distilled from the dense model" if r["teacher"] else "") + ".", ""]
+    if results:
+        parts += [perplexity_table(results), ""]
+        parts += [f"Perplexity on `{d['corpus']}` split `{d['eval_split']}`, seqlen {any_result['seqlen']}, "
+                  f"{any_result['windows']} windows ({any_result['tokens']:,} tokens). The recovered row is the "
+                  "merged model (adapter folded in, zero set kept).", ""]
+        if "pruned" in results and "recovered" in results:
+            parts += [f"Recovery brought perplexity from {results['pruned']['ppl']:,.2f} to "
+                      f"{results['recovered']['ppl']:,.2f} at the same sparsity.", ""]
+    if sparsity and plot_layer_sparsity(sparsity.get("layers", {}), folder / "plots" / "layer_sparsity.png"):
+        parts += ["## Sparsity per layer", "", "![sparsity per layer](plots/layer_sparsity.png)", ""]
+    if (folder / "recover" / "curves.png").exists():
+        parts += ["## Training", "", "![training curves](recover/curves.png)", ""]
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if v is not None)
+    if timings:
+        parts += ["## Timings", "", timings, ""]
+    parts += ["## Recipe", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     (folder / "report.md").write_text("\n".join(parts))
+
+
+def compare_runs(folders: list[str]) -> list[dict]:
+    """One row per run folder: recipe essentials and the perplexities of its stages."""
+    rows = []
+    for folder in map(Path, folders):
+        config_path = folder / "config.yaml"
+        if not config_path.is_file():
+            raise SpruceError(f"{folder} is not a spruce run folder (no config.yaml)")
+        config = yaml.safe_load(config_path.read_text())
+        row = {"run": str(folder), "model": config["model"], "pattern": config["prune"]["pattern"],
+               "target_sparsity": config["prune"]["sparsity"], "recover": config["recover"]["mode"]}
+        for stage in ("baseline", "prune", "recover"):
+            marker = folder / "stages" / f"{stage}.json"
+            if marker.is_file():
+                for key, value in json.loads(marker.read_text()).items():
+                    if key in ("dense", "pruned", "recovered"):
+                        row[f"{key}_ppl"] = value["ppl"]
+                        row[f"{key}_sparsity"] = value["sparsity"]
+        rows.append(row)
+    return rows
+
+
+def compare_markdown(rows: list[dict]) -> str:
+    lines = ["| run | model | pattern | recover | sparsity | dense | pruned | recovered | recovered x dense |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(row, key, fmt="{:,.2f}"):
+        return fmt.format(row[key]) if key in row else "-"
+
+    for row in rows:
+        ratio = f"{row['recovered_ppl'] / row['dense_ppl']:.2f}" if "recovered_ppl" in row and "dense_ppl" in row else "-"
+        measured = row.get("recovered_sparsity", row.get("pruned_sparsity"))
+        lines.append(f"| {row['run']} | {row['model']} | {row['pattern']} | {row['recover']} | "
+                     f"{'-' if measured is None else f'{100 * measured:.1f}%'} | {cell(row, 'dense_ppl')} | "
+                     f"{cell(row, 'pruned_ppl')} | {cell(row, 'recovered_ppl')} | {ratio} |")
+    return "\n".join(lines)

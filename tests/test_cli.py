@@ -106,3 +106,20 @@ def test_every_command_has_help(capsys):
     for command in ["demo", "eval", "prune", "finetune", "merge", "bench", "fetch"]:
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0 and "usage: spruce " + command in out
+
+
+def test_zero_shot_without_lm_eval_says_how_to_get_it(capsys, tiny_model_dir, corpus_file, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *a, **k):
+        if name.startswith("lm_eval"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    code, out, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(corpus_file),
+                             "--seqlen", "64", "--max_windows", "2", "--tasks", "boolq,rte")
+    assert code == 2 and "pip install lm-eval" in err and len(err.strip().splitlines()) == 1
+    assert out == ""  # refused before any work

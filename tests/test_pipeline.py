@@ -1,0 +1,126 @@
+"""`spruce run` / `spruce demo`: shipped recipes, stages, resume, progressive rounds, reports."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from spruce.cli import main
+from spruce.config import load_recipe, recipes_dir
+from spruce.errors import SpruceError
+from spruce.masks import zero_masks
+from spruce.pipeline import run_recipe
+
+RECIPES = sorted(recipes_dir().glob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2-block16.yaml", "llama2-7b-block16-wikitext.yaml", "llama2-7b-block16-c4.yaml",
+            "llama2-7b-block16-mix.yaml", "smollm2-hybrid-progressive.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_names_its_command(path):
+    cfg = load_recipe(path)
+    assert path.read_text().splitlines()[0] == f"# spruce run recipes/{path.name}"
+    assert cfg.prune.round_plan()[-1][0] == cfg.prune.sparsity
+
+
+def tiny_overrides(tiny_model_dir, corpus_file, out, *extra):
+    return [f"model={tiny_model_dir}", f"output_dir={out}", "device=cpu", f"data.corpus={corpus_file}",
+            "data.eval_seqlen=64", "data.eval_windows=6", "prune.nsamples=4", "prune.seqlen=64",
+            "prune.batch_size=2", "recover.block_size=64", "recover.max_steps=40", "recover.learning_rate=0.003",
+            "recover.batch_size=2", "recover.warmup_steps=4", "recover.max_eval_samples=4", "recover.lora_dropout=0",
+            *extra]
+
+
+def quiet(lines):
+    return lambda line: lines.append(line)
+
+
+def test_demo_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml", tiny_overrides(tiny_model_dir, corpus_file, out))
+    lines = []
+    results = run_recipe(cfg, say=quiet(lines), progress=False)
+    for name in ["config.yaml", "metrics.jsonl", "report.md", "pruned/sparsity.json", "pruned/config.json",
+                 "recover/adapter_config.json", "recover/merged/config.json", "recover/curves.png",
+                 "plots/layer_sparsity.png", "stages/recover.json"]:
+        assert (out / name).exists(), name
+    table = results["report"]["results"]
+    assert table["pruned"]["sparsity"] == 0.5 and table["recovered"]["sparsity"] == 0.5
+    assert table["recovered"]["ppl"] < table["pruned"]["ppl"]
+    assert results["recover"]["zero_set_unchanged"] is True
+    merged = AutoModelForCausalLM.from_pretrained(out / "recover" / "merged")
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert all(torch.equal(a, b) for a, b in zip(zero_masks(pruned).values(), zero_masks(merged).values()))
+    report = (out / "report.md").read_text()
+    assert "| recovered |" in report and "layer_sparsity.png" in report
+    assert yaml.safe_load((out / "config.yaml").read_text())["prune"]["pattern"] == "16x16"
+
+    # started again: every finished stage is skipped
+    again = []
+    run_recipe(cfg, say=quiet(again), progress=False)
+    assert sum("skipped" in line for line in again) == 3
+
+
+def test_interrupted_run_resumes_with_the_missing_stages(tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
+                      tiny_overrides(tiny_model_dir, corpus_file, out, "recover.max_steps=4"))
+    run_recipe(cfg, say=quiet([]), progress=False, only=["baseline", "prune"])
+    assert not (out / "stages" / "recover.json").exists()
+    lines = []
+    run_recipe(cfg, say=quiet(lines), progress=False)
+    assert any(line.startswith("[baseline] done earlier") for line in lines)
+    assert any(line.startswith("[prune] done earlier") for line in lines)
+    assert (out / "stages" / "recover.json").exists()
+
+
+def test_progressive_rounds_only_add_zeros(tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_recipe(None, tiny_overrides(tiny_model_dir, corpus_file, out, "prune.pattern=hybrid:16x16",
+                                           "prune.method=wanda", "prune.sparsity=0.3", "recover.max_steps=4",
+                                           "prune.rounds=[{sparsity: 0.15, tiers: [0.6, 0.2]}, "
+                                           "{sparsity: 0.3, tiers: [0.3, 0.4]}]", "stages=[baseline, prune]"))
+    run_recipe(cfg, say=quiet([]), progress=False)
+    first = zero_masks(AutoModelForCausalLM.from_pretrained(out / "rounds" / "round1-pruned"))
+    final = zero_masks(AutoModelForCausalLM.from_pretrained(out / "pruned"))
+    for name in first:
+        assert torch.all(final[name] | ~first[name]), name  # every earlier zero is still zero
+    assert sum(int(m.sum()) for m in final.values()) > sum(int(m.sum()) for m in first.values())
+
+
+def test_compare_runs(capsys, tiny_model_dir, corpus_file, tmp_path):
+    for name, extra in [("a", []), ("b", ["prune.pattern=unstructured"])]:
+        cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
+                          tiny_overrides(tiny_model_dir, corpus_file, tmp_path / name, "recover.max_steps=2", *extra))
+        run_recipe(cfg, say=quiet([]), progress=False)
+    code = main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("\n| ") >= 3 and "16x16" in out and "unstructured" in out
+    assert len(json.loads((tmp_path / "c.json").read_text())["runs"]) == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prune.sparsity=1.5", "prune.sparsity must be in [0, 1)"),
+    ("prune.nosuch=1", "unknown key(s) prune.nosuch"),
+    ("stages=[prune, deploy]", "unknown stage(s)"),
+    ("recover.mode=qlora", "recover.mode must be"),
+    ("prune.rounds=[0.3, 0.2]", "must not lower the sparsity"),
+    ("novalue", "is not key.sub=value"),
+])
+def test_bad_recipes(override, message):
+    with pytest.raises(SpruceError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(recipes_dir() / "smollm2-block16.yaml", [override])
+
+
+def test_another_recipe_in_the_same_folder_needs_fresh(capsys, tiny_model_dir, corpus_file, tmp_path):
+    base = tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run", "stages=[baseline]")
+    run_recipe(load_recipe(None, base), say=quiet([]), progress=False)
+    code = main(["run", str(recipes_dir() / "smollm2-block16.yaml"), *base, "prune.sparsity=0.6"])
+    assert code == 2 and "--fresh" in capsys.readouterr().err
+    assert main(["run", str(recipes_dir() / "smollm2-block16.yaml"), *base, "prune.sparsity=0.6", "--fresh"]) == 0
