@@ -129,3 +129,13 @@ def test_hybrid_tiers_that_cannot_reach_the_target():
 def test_unknown_selection():
     with pytest.raises(SpruceError, match="unknown block selection"):
         parse_pattern("16x16", selection="diagonal")
+
+
+def test_hybrid_tiers_without_top_k_tier_fix_the_sparsity():
+    from spruce.prune.patterns import hybrid_tier_counts
+
+    # 90% dense tiles, 10% 2:4 tiles (the first round of the reference schedule) on a 576x576 matrix
+    n_dense, n_nm, k, extra = hybrid_tier_counts(36 * 36, 256, 0.05, (0.9, 0.1))
+    assert (n_dense, n_nm, k, extra) == (1166, 130, 0, 0)
+    with pytest.raises(SpruceError, match="cannot reach sparsity"):
+        hybrid_tier_counts(36 * 36, 256, 0.2, (0.9, 0.1))

@@ -175,6 +175,9 @@ def hybrid_tier_counts(n_tiles: int, tile_size: int, sparsity: float,
     n_topk = n_tiles - n_dense - n_nm
     total = n_tiles * tile_size
     budget = total - round(total * sparsity) - n_dense * tile_size - n_nm * tile_size // 2
+    if n_topk == 0 and abs(budget) <= 0.01 * total:
+        # no top-k tier to absorb rounding: the tiers fix the sparsity (within 1% of the target)
+        return n_dense, n_nm, 0, 0
     if budget < 0 or (n_topk == 0 and budget > 0) or budget > n_topk * tile_size:
         raise SpruceError(f"hybrid tiers {tiers} (dense, 2:4) cannot reach sparsity {sparsity}; "
                           "lower the dense / 2:4 shares for higher sparsity, raise them for lower")

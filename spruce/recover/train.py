@@ -142,6 +142,11 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
         best_ckpt = state.get("best_checkpoint")
         say(f"resumed from {resume_from} at step {step}")
     emit = on_event or (lambda row: None)
+
+    def tell(line: str) -> None:
+        with tqdm.external_write_mode():  # print above the progress bar, not through it
+            say(line)
+
     n = blocks.shape[0]
     tokens_per_step = args.batch_size * args.grad_accum * blocks.shape[1]
 
@@ -159,9 +164,9 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
                 f"best so far ({row['eval_ppl'] - previous['eval_ppl']:+.2f} vs previous best {previous['eval_ppl']:.2f})"
         else:
             verdict = f"best {monitor.best['eval_ppl']:.2f} at step {monitor.best['step']}"
-        say(f"step {step}/{args.steps} | eval loss {loss:.4f} | perplexity {row['eval_ppl']:.2f} | {verdict}")
+        tell(f"step {step}/{args.steps} | eval loss {loss:.4f} | perplexity {row['eval_ppl']:.2f} | {verdict}")
         for note in notes:
-            say(f"warning: {note}")
+            tell(f"warning: {note}")
             emit({"event": "diagnostic", "step": step, "message": note})
         return row
 
@@ -214,16 +219,16 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
             if board:
                 board.scalars(step, {"train/loss": last_loss, "train/lr": row["lr"]})
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
-            say(f"step {step}/{args.steps} | loss {last_loss:.4f} | lr {row['lr']:.2e} | epoch {row['epoch']:.2f} "
+            tell(f"step {step}/{args.steps} | loss {last_loss:.4f} | lr {row['lr']:.2e} | epoch {row['epoch']:.2f} "
                 f"| {rate:,.0f} tok/s | ETA {row['eta_s'] / 60:.1f} min")
             for note in monitor.on_train(row):
-                say(f"warning: {note}")
+                tell(f"warning: {note}")
                 emit({"event": "diagnostic", "step": step, "message": note})
         improved = False
         if eval_blocks is not None and args.eval_steps and (step % args.eval_steps == 0 or step == args.steps):
             improved = evaluate()["best"]
             if args.early_stopping_patience and monitor.evals_since_best() >= args.early_stopping_patience:
-                say(f"early stopping: no new best eval loss in {args.early_stopping_patience} evaluations")
+                tell(f"early stopping: no new best eval loss in {args.early_stopping_patience} evaluations")
                 stopped_early = True
         if ckpt_root and ((args.save_steps and step % args.save_steps == 0) or step == args.steps
                           or stopped_early or (improved and args.load_best_model_at_end)):
@@ -239,6 +244,6 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
         with torch.no_grad():
             for name, value in load_file(str(Path(best_ckpt) / "trainable.safetensors")).items():
                 named[name].copy_(value)
-        say(f"loaded the best model from {best_ckpt}")
+        tell(f"loaded the best model from {best_ckpt}")
     model.eval()
     return TrainResult(step, time.time() - start, last_loss, monitor, best_ckpt, stopped_early)
