@@ -4,8 +4,10 @@
     spruce demo                       # the shipped smollm2-block16 recipe, sized for 2 CPU cores
 
 Each stage writes its outputs into the run folder and then a marker `stages/<stage>.json` with
-its results; a stage whose marker exists is not run again, so an interrupted run picks up where
-it stopped. The resolved recipe is saved as config.yaml. Stages:
+its results and the parts of the recipe it depends on. A stage finished with the same inputs is
+not run again, so an interrupted run picks up where it stopped (training resumes from its last
+checkpoint), and after editing one line of a recipe only the stages it touches run again. The
+resolved recipe is saved as config.yaml. Stages:
 
   baseline  perplexity of the dense model
   prune     layer-by-layer pruning -> pruned/ (safetensors with zeros + sparsity.json), its perplexity;
@@ -51,7 +53,7 @@ class Run:
         self.dir = Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
         self._windows = None
-        self._tokenizer = None
+        self.resume = False
 
     def start(self, fresh: bool) -> None:
         if self.cfg.data.zero_shot_tasks:
@@ -61,12 +63,6 @@ class Run:
         saved = self.dir / "config.yaml"
         if fresh and self.dir.exists():
             shutil.rmtree(self.dir)
-        if saved.exists():
-            previous = yaml.safe_load(saved.read_text())
-            previous.pop("versions", None)
-            if previous != self.cfg.to_dict():
-                raise SpruceError(f"{self.dir} holds a run with another recipe; pass --fresh to start it "
-                                  "again, or choose another output_dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "stages").mkdir(exist_ok=True)
         saved.write_text(yaml.safe_dump({**self.cfg.to_dict(), "versions": versions()}, sort_keys=False))
@@ -75,6 +71,14 @@ class Run:
     def done(self, stage: str) -> dict | None:
         marker = self.dir / "stages" / f"{stage}.json"
         return json.loads(marker.read_text()) if marker.exists() else None
+
+    def begin(self, stage: str, inputs: dict) -> bool:
+        """Record that `stage` starts with `inputs`; True when an earlier attempt with the same
+        inputs was interrupted (its partial outputs, such as checkpoints, may be resumed)."""
+        path = self.dir / "stages" / f"{stage}.inputs.json"
+        same = path.exists() and json.loads(path.read_text()) == inputs
+        path.write_text(json.dumps(inputs, indent=2) + "\n")
+        return same
 
     def mark(self, stage: str, result: dict) -> dict:
         marker = self.dir / "stages" / f"{stage}.json"
@@ -187,6 +191,10 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
     from .recover.finetune import run_finetune
 
     r, cfg = run.cfg.recover, run.cfg
+    checkpoints = out_dir / "checkpoints"
+    resume = run.resume and checkpoints.is_dir() and any(checkpoints.iterdir())
+    if not resume and out_dir.exists():
+        shutil.rmtree(out_dir)  # outputs of other inputs: never resume or mix with them
     ns = Namespace(
         model_name_or_path=str(model_dir), config_name=None, tokenizer_name=None, device=cfg.device,
         dtype=r.dtype or cfg.dtype, trust_remote_code=False, dataset_name=r.corpus or cfg.data.corpus,
@@ -201,7 +209,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         distill_alpha=r.distill_alpha, distill_temperature=2.0, output_dir=str(out_dir),
         overwrite_output_dir=True, logging_steps=20, eval_steps=r.eval_steps, save_steps=r.save_steps,
         save_total_limit=2, load_best_model_at_end=False, early_stopping_patience=None,
-        resume_from_checkpoint="latest" if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()) else None,
+        resume_from_checkpoint="latest" if resume else None,
         merge=True)
     return run_finetune(ns, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))
 
@@ -247,20 +255,37 @@ STAGE_FUNCTIONS = {"baseline": stage_baseline, "prune": stage_prune, "recover": 
                    "report": stage_report}
 
 
+def stage_inputs(cfg: RunConfig, stage: str) -> dict:
+    """The parts of the recipe a stage's result depends on: change one and the stage (and every
+    later stage) runs again; change nothing and a finished stage is skipped."""
+    c = cfg.to_dict()
+    inputs = {"model": c["model"], "dtype": c["dtype"], "data": c["data"]}
+    if stage in ("prune", "recover"):
+        inputs.update(seed=c["seed"], prune=c["prune"])
+        if stage == "recover" or c["prune"]["rounds"]:
+            inputs["recover"] = c["recover"]
+    return inputs
+
+
 def run_recipe(cfg: RunConfig, fresh: bool = False, say=print, progress: bool = True,
                only: list[str] | None = None) -> dict:
-    """Run the stages of `cfg` in order, skipping those already done; return {stage: result}."""
+    """Run the stages of `cfg` in order, skipping those finished with the same inputs; return
+    {stage: result}."""
     seed_everything(cfg.seed)
     run = Run(cfg, say, progress)
     run.start(fresh)
-    results = {}
+    results, rerun = {}, False
     for stage in only or cfg.stages:
-        if stage != "report" and (done := run.done(stage)):
+        inputs = stage_inputs(cfg, stage)
+        done = run.done(stage)
+        if stage != "report" and not rerun and done and done.get("inputs") == inputs:
             say(f"[{stage}] done earlier; skipped (results in {run.dir / 'stages' / (stage + '.json')})")
             results[stage] = done
             continue
+        rerun = True
+        run.resume = run.begin(stage, inputs) and done is None
         start = time.time()
         result = STAGE_FUNCTIONS[stage](run)
-        result["seconds"] = round(time.time() - start, 1)
+        result.update(seconds=round(time.time() - start, 1), inputs=inputs)
         results[stage] = run.mark(stage, result)
     return results

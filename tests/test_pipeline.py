@@ -118,9 +118,40 @@ def test_bad_recipes(override, message):
         load_recipe(recipes_dir() / "smollm2-block16.yaml", [override])
 
 
-def test_another_recipe_in_the_same_folder_needs_fresh(capsys, tiny_model_dir, corpus_file, tmp_path):
+def test_editing_one_line_reruns_only_what_it_touches(tiny_model_dir, corpus_file, tmp_path):
+    recipe = recipes_dir() / "smollm2-block16.yaml"
+    base = tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run", "recover.max_steps=4")
+    run_recipe(load_recipe(recipe, base), say=quiet([]), progress=False)
+    lines = []
+    results = run_recipe(load_recipe(recipe, [*base, "recover.learning_rate=0.01"]), say=quiet(lines), progress=False)
+    assert any(line.startswith("[baseline] done earlier") for line in lines)
+    assert any(line.startswith("[prune] done earlier") for line in lines)
+    assert not any(line.startswith("[recover] done earlier") for line in lines)
+    assert results["recover"]["inputs"]["recover"]["learning_rate"] == 0.01
+    lines = []
+    run_recipe(load_recipe(recipe, [*base, "recover.learning_rate=0.01", "prune.sparsity=0.25"]),
+               say=quiet(lines), progress=False)
+    assert sum("done earlier" in line for line in lines) == 1  # only the baseline is kept
+
+
+def test_interrupted_recovery_resumes_from_its_checkpoint(tiny_model_dir, corpus_file, tmp_path):
+    recipe = recipes_dir() / "smollm2-block16.yaml"
+    cfg = load_recipe(recipe, tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run",
+                                             "recover.max_steps=6", "recover.save_steps=3"))
+    run_recipe(cfg, say=quiet([]), progress=False)
+    # as if killed after the checkpoint at step 3: no marker, no final outputs, no later checkpoint
+    import shutil
+
+    (tmp_path / "run" / "stages" / "recover.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "recover" / "checkpoints" / "checkpoint-6")
+    lines = []
+    run_recipe(cfg, say=quiet(lines), progress=False)
+    assert any("resumed from" in line and "checkpoint-3" in line for line in lines), lines
+
+
+def test_fresh_starts_over(capsys, tiny_model_dir, corpus_file, tmp_path):
     base = tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run", "stages=[baseline]")
-    run_recipe(load_recipe(None, base), say=quiet([]), progress=False)
-    code = main(["run", str(recipes_dir() / "smollm2-block16.yaml"), *base, "prune.sparsity=0.6"])
-    assert code == 2 and "--fresh" in capsys.readouterr().err
-    assert main(["run", str(recipes_dir() / "smollm2-block16.yaml"), *base, "prune.sparsity=0.6", "--fresh"]) == 0
+    recipe = str(recipes_dir() / "smollm2-block16.yaml")
+    assert main(["run", recipe, *base]) == 0
+    assert main(["run", recipe, *base]) == 0 and "done earlier" in capsys.readouterr().out
+    assert main(["run", recipe, *base, "--fresh"]) == 0 and "done earlier" not in capsys.readouterr().out
