@@ -81,7 +81,8 @@ def build_parser() -> Parser:
              "masked-LoRA recovery that keeps the zeros -> recovered perplexity -> report.md.\n"
              "Sized for a laptop: about 10 minutes on 2 CPU cores, with fewer evaluation windows and\n"
              "calibration samples than a full run. Run it again and finished stages are skipped.")
-    p.add_argument("--output_dir", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--output_dir", help="run folder (default: the recipe's, runs/smollm2-block16, so that "
+                                        "'spruce run recipes/smollm2-block16.yaml' continues it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first and run every stage again")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. recover.max_steps=300")
@@ -389,7 +390,7 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    recipe = fit_to_model(recipe, list(prunable_linears(model)))
+    recipe = fit_to_model(recipe, prunable_linears(model))
     samples = None
     if (NEEDS_CALIBRATION[method] or recipe["allocation"] == "owl") and args.sparsity_ratio > 0:
         _check_context(model, args.seqlen, "--seqlen")
@@ -479,8 +480,8 @@ def _run_and_show(cfg, fresh: bool, stages=None) -> None:
 def cmd_demo(args) -> None:
     from .config import load_recipe, recipes_dir
 
-    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
-                      [f"output_dir={args.output_dir}", f"device={args.device}", *args.overrides])
+    where = [f"output_dir={args.output_dir}"] if args.output_dir else []
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml", [*where, f"device={args.device}", *args.overrides])
     _run_and_show(cfg, args.fresh)
 
 

@@ -188,6 +188,21 @@ def test_default_recipes_per_pattern():
     assert resolve_recipe("unstructured")["method"] == "sparsegpt"
     assert resolve_recipe("2:4")["method"] == "sparsegpt"
     # a default override that names nothing in the model is dropped; a user's one is kept (and checked later)
-    assert fit_to_model(block, ["h.0.mlp.c_fc"])["module_sparsity"] is None
+    gpt2_like = {"h.0.mlp.c_fc": torch.nn.Linear(64, 256)}
+    assert fit_to_model(block, gpt2_like)["module_sparsity"] is None
     user = resolve_recipe("16x16", module_sparsity={"attn": 0.3})
-    assert fit_to_model(user, ["h.0.mlp.c_fc"])["module_sparsity"] == {"attn": 0.3}
+    assert fit_to_model(user, gpt2_like)["module_sparsity"] == {"attn": 0.3}
+
+
+def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model):
+    from spruce.prune.recipes import fit_to_model, resolve_recipe
+
+    linears = prunable_linears(tiny_model)
+    default = resolve_recipe("16x16")
+    assert default["method"] == "obs"
+    assert fit_to_model(default, linears)["method"] == "obs"  # 64-128 inputs: obs is cheap
+    with pytest.warns(UserWarning, match="does not scale"):
+        wide = fit_to_model(default, linears, obs_max_inputs=64)
+    assert wide["method"] == "sparsegpt" and wide["dense_target"] is False
+    chosen = resolve_recipe("16x16", method="obs")
+    assert fit_to_model(chosen, linears, obs_max_inputs=64)["method"] == "obs"  # the user's choice stays

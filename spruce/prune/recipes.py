@@ -11,6 +11,8 @@ toward the dense outputs with attention at 40% (MLP higher, total kept) 42x dens
 
 from __future__ import annotations
 
+import warnings
+
 from .patterns import parse_pattern
 
 DEFAULTS: dict[str, dict] = {
@@ -32,16 +34,30 @@ def resolve_recipe(pattern: str, **given) -> dict:
     kind = parse_pattern(pattern).kind
     recipe = {**BASE, **DEFAULTS.get(kind, {})}
     recipe["module_sparsity_is_default"] = given.get("module_sparsity") is None
+    recipe["method_is_default"] = given.get("method") is None
     recipe.update({k: v for k, v in given.items() if v is not None})
     if recipe["method"] in ("magnitude", "wanda"):
         recipe["dense_target"] = given.get("dense_target") or False  # needs a Hessian method
     return recipe
 
 
-def fit_to_model(recipe: dict, linear_names: list[str]) -> dict:
-    """Drop default module overrides that name no linear of this model (user ones stay strict)."""
+# `obs` refits every block-row with an (inputs x inputs) factor: seconds for 1-2k inputs, hours
+# and tens of GB for the 11008-input down_proj of a 7B model
+OBS_MAX_INPUTS = 4096
+
+
+def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int = OBS_MAX_INPUTS) -> dict:
+    """Adapt a default recipe to the model: drop default module overrides that name none of its
+    linears (user ones stay strict), and trade the default `obs` for SparseGPT with in-sweep block
+    masks when the layers are too wide for it (a method the user names is kept)."""
     overrides = recipe.get("module_sparsity")
     if overrides and recipe.get("module_sparsity_is_default"):
-        kept = {k: v for k, v in overrides.items() if any(k in n for n in linear_names)}
+        kept = {k: v for k, v in overrides.items() if any(k in n for n in linears)}
         recipe = {**recipe, "module_sparsity": kept or None}
+    widest = max((m.in_features for m in linears.values()), default=0)
+    if recipe["method"] == "obs" and recipe.get("method_is_default") and widest > obs_max_inputs:
+        warnings.warn(f"the default block recipe (gradual block OBS) does not scale to layers with {widest} "
+                      "inputs; using sparsegpt with block masks chosen in the sweep (pass --prune_method obs "
+                      "to insist)")
+        recipe = {**recipe, "method": "sparsegpt", "dense_target": False}
     return recipe
