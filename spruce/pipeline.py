@@ -136,7 +136,7 @@ def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:
     if unknown:
         raise SpruceError(f"unknown prune option(s) {sorted(unknown)}; use {', '.join(PRUNE_OPTIONS)}, tiers")
     recipe = resolve_recipe(p.pattern, method=p.method, **{k: v for k, v in options.items() if k != "tiers"})
-    recipe = fit_to_model(recipe, list(prunable_linears(model)))
+    recipe = fit_to_model(recipe, prunable_linears(model))
     samples = data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed)
     tiers = tuple(options["tiers"]) if options.get("tiers") else None
     return prune_model(model, recipe["method"], p.pattern, sparsity, samples=samples, device=run.device,
