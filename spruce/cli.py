@@ -358,13 +358,11 @@ def cmd_prune(args) -> None:
     from . import data
     from .evaluate import perplexity
     from .masks import write_sparsity_json
-    from .models import load_model, prunable_linears, save_model
+    from .models import load_model, save_model
     from .outdir import atomic_dir, check_output_dir
-    from .prune import prune_model
     from .prune.allocate import parse_overrides
-    from .prune.methods import NEEDS_CALIBRATION
     from .prune.patterns import parse_tiers, validate_pattern
-    from .prune.recipes import fit_to_model, resolve_recipe
+    from .prune.recipes import prune_with_recipe, resolve_recipe
 
     pattern = args.sparsity_type
     if pattern == "block":
@@ -376,7 +374,6 @@ def cmd_prune(args) -> None:
                             tile_score=args.tile_score, allocation=args.allocation,
                             module_sparsity=parse_overrides(args.module_sparsity) or None,
                             dense_target=args.dense_target)
-    method = recipe["method"]
     validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
@@ -390,16 +387,14 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    recipe = fit_to_model(recipe, prunable_linears(model))
-    samples = None
-    if (NEEDS_CALIBRATION[method] or recipe["allocation"] == "owl") and args.sparsity_ratio > 0:
+
+    def calibration():
         _check_context(model, args.seqlen, "--seqlen")
-        samples = data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
-    info = prune_model(model, method, pattern, args.sparsity_ratio, samples=samples,
-                       batch_size=args.calib_batch_size, selection=recipe["selection"],
-                       tile_score=recipe["tile_score"], tiers=tiers, allocation=recipe["allocation"],
-                       owl_m=args.owl_m, owl_lambda=args.owl_lambda, module_sparsity=recipe["module_sparsity"],
-                       dense_target=recipe["dense_target"])
+        return data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
+
+    info, recipe = prune_with_recipe(model, pattern, args.sparsity_ratio, recipe, calibration, tiers=tiers,
+                                     batch_size=args.calib_batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+    method = recipe["method"]
     info["recipe"] = {**{k: v for k, v in vars(args).items() if k != "command"}, **recipe,
                       "prune_method": method}
     print(f"pruned {args.model}: {method}, {info['pattern']}, measured sparsity "

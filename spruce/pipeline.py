@@ -123,25 +123,23 @@ def stage_baseline(run: Run) -> dict:
     return {"dense": result}
 
 
-PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target")
+PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target", "tiers")
 
 
 def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:
-    from .models import prunable_linears
-    from .prune import prune_model
-    from .prune.recipes import fit_to_model, resolve_recipe
+    from .prune.recipes import prune_with_recipe, resolve_recipe
 
     p, cfg = run.cfg.prune, run.cfg
-    unknown = set(options) - set(PRUNE_OPTIONS) - {"tiers"}
+    unknown = set(options) - set(PRUNE_OPTIONS)
     if unknown:
-        raise SpruceError(f"unknown prune option(s) {sorted(unknown)}; use {', '.join(PRUNE_OPTIONS)}, tiers")
+        raise SpruceError(f"unknown prune option(s) {sorted(unknown)}; use {', '.join(PRUNE_OPTIONS)}")
     recipe = resolve_recipe(p.pattern, method=p.method, **{k: v for k, v in options.items() if k != "tiers"})
-    recipe = fit_to_model(recipe, prunable_linears(model))
-    samples = data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed)
-    tiers = tuple(options["tiers"]) if options.get("tiers") else None
-    return prune_model(model, recipe["method"], p.pattern, sparsity, samples=samples, device=run.device,
-                       batch_size=p.batch_size, progress=run.progress, tiers=tiers,
-                       **{k: recipe[k] for k in PRUNE_OPTIONS})
+    info, _ = prune_with_recipe(
+        model, p.pattern, sparsity, recipe,
+        lambda: data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed),
+        tiers=tuple(options["tiers"]) if options.get("tiers") else None, device=run.device,
+        batch_size=p.batch_size, progress=run.progress)
+    return info
 
 
 def stage_prune(run: Run) -> dict:

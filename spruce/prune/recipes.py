@@ -61,3 +61,21 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int = OBS_MAX_INPU
                       "to insist)")
         recipe = {**recipe, "method": "sparsegpt", "dense_target": False}
     return recipe
+
+
+def prune_with_recipe(model, pattern: str, sparsity: float, recipe: dict, calibration, tiers=None,
+                      device=None, batch_size: int = 8, progress: bool = True, **engine_options) -> tuple[dict, dict]:
+    """Fit `recipe` to the model, draw calibration samples (`calibration()`) only when its method or
+    allocation needs them, and prune in place; return (the sparsity report, the recipe used)."""
+    from ..models import prunable_linears
+    from .engine import prune_model
+    from .methods import NEEDS_CALIBRATION
+
+    recipe = fit_to_model(recipe, prunable_linears(model))
+    needs_data = (NEEDS_CALIBRATION[recipe["method"]] or recipe["allocation"] == "owl") and sparsity > 0
+    info = prune_model(model, recipe["method"], pattern, sparsity, samples=calibration() if needs_data else None,
+                       device=device, batch_size=batch_size, progress=progress, tiers=tiers,
+                       selection=recipe["selection"], tile_score=recipe["tile_score"],
+                       allocation=recipe["allocation"], module_sparsity=recipe["module_sparsity"],
+                       dense_target=recipe["dense_target"], **engine_options)
+    return info, recipe
