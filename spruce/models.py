@@ -133,14 +133,15 @@ def _from_hub(loader, spec: str, **kwargs):
 
 
 def load_config(spec: str, trust_remote_code: bool = False):
+    """(config, what to pass to from_pretrained, whether it is a Hub id) for a model source."""
     from transformers import AutoConfig
 
     source, hub = resolve_source(spec)
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         if hub:
-            return _from_hub(AutoConfig.from_pretrained, source, **kwargs), source
-        return AutoConfig.from_pretrained(source, **kwargs), source
+            return _from_hub(AutoConfig.from_pretrained, source, **kwargs), source, hub
+        return AutoConfig.from_pretrained(source, **kwargs), source, hub
     except ValueError as e:
         raise SpruceError(f"cannot read the config of {spec}: {str(e).splitlines()[0]}") from None
 
@@ -151,8 +152,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config, source = load_config(spec, trust_remote_code)
-    hub = source == spec and _HUB_ID.match(spec) and not Path(spec).exists()
+    config, source, hub = load_config(spec, trust_remote_code)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not trust_remote_code:
         raise SpruceError(f"{spec} is a '{config.model_type}' model, not a causal language model; "
                           "spruce prunes decoder-only LMs such as Llama, Mistral, Qwen or Gemma")

@@ -56,6 +56,7 @@ def test_lora_recovers_and_merge_keeps_zero_set(capsys, pruned_dir, corpus_file,
     before, after = base_zero_sets(pruned_dir), zero_masks(merged)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert "perplexity: pruned" in out and "=== summary ===" in out
+    assert list((tmp_path / "lora" / "runs").glob("events.out.tfevents.*"))  # TensorBoard
 
 
 def test_plain_peft_merge_would_fill_the_zeros(pruned_dir, corpus_file, tmp_path, capsys):
