@@ -80,7 +80,7 @@ def run_finetune(a, say=print) -> dict:
         raise SpruceError("--do_eval with --train_file needs --validation_file")
     for spec in filter(None, (train_spec, eval_spec)):
         data.parse_corpus(spec)
-    if a.teacher_model and a.mode == "lora" and a.distill_alpha == 0:
+    if a.teacher_model and a.distill_alpha == 0:
         raise SpruceError("--teacher_model given with --distill_alpha 0; set --distill_alpha in (0, 1]")
 
     torch.manual_seed(a.seed)
