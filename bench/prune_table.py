@@ -25,6 +25,9 @@ from spruce import data  # noqa: E402
 from spruce.evaluate import perplexity  # noqa: E402
 from spruce.models import load_model, prunable_linears  # noqa: E402
 from spruce.prune import prune_model  # noqa: E402
+from spruce.prune.engine import Reconstruct  # noqa: E402
+
+REC = Reconstruct(epochs=4, lr=1e-4, target="dense")
 
 # name: (method, pattern, extra prune_model options, extra CLI flags)
 ROWS = {
@@ -57,6 +60,31 @@ ROWS = {
                             "--dense_target --module_sparsity k_proj=0,v_proj=0"),
     "obs-16x16-dense-mlp0.4": ("obs", "16x16", {"dense_target": True, "module_sparsity": {"mlp": 0.4}},
                                "--dense_target --module_sparsity mlp=0.4"),
+    "obs-16x16-attn0.4": ("obs", "16x16", {"module_sparsity": {"attn": 0.4}}, "--no-dense_target"),
+    "obs-16x16-attn0.4-seq": ("obs", "16x16", {"module_sparsity": {"attn": 0.4}, "sequential": True},
+                              "--no-dense_target --true_sequential"),
+    "obs-16x16-attn0.4-rec": ("obs", "16x16", {"module_sparsity": {"attn": 0.4}, "reconstruct": REC},
+                              "--no-dense_target --reconstruct_epochs 4"),
+    "obs-16x16-attn0.4-rec-local": ("obs", "16x16", {"module_sparsity": {"attn": 0.4},
+                                                     "reconstruct": Reconstruct(4, 1e-4, "local")},
+                                    "--no-dense_target --reconstruct_epochs 4 --reconstruct_target local"),
+    "obs-16x16-attn0.4-rec-lr3e-4": ("obs", "16x16", {"module_sparsity": {"attn": 0.4},
+                                                      "reconstruct": Reconstruct(4, 3e-4)},
+                                     "--no-dense_target --reconstruct_epochs 4 --reconstruct_lr 3e-4"),
+    "obs-16x16-attn0.4-seq-rec": ("obs", "16x16", {"module_sparsity": {"attn": 0.4}, "sequential": True,
+                                                   "reconstruct": REC},
+                                  "--no-dense_target --true_sequential --reconstruct_epochs 4"),
+    "obs-16x16-dense-attn0.4-rec": ("obs", "16x16", {"dense_target": True, "module_sparsity": {"attn": 0.4},
+                                                     "reconstruct": REC},
+                                    "--dense_target --reconstruct_epochs 4"),
+    "obs-16x16-attn0.3-rec": ("obs", "16x16", {"module_sparsity": {"attn": 0.3}, "reconstruct": REC},
+                              "--no-dense_target --module_sparsity attn=0.3 --reconstruct_epochs 4"),
+    "sparsegpt-16x16-attn0.4-rec": ("sparsegpt", "16x16", {"module_sparsity": {"attn": 0.4}, "reconstruct": REC},
+                                    "--module_sparsity attn=0.4 --reconstruct_epochs 4"),
+    "wanda-16x16-global-rec": ("wanda", "16x16", {"reconstruct": REC},
+                               "--block_selection global --reconstruct_epochs 4"),
+    "sparsegpt-2:4-rec": ("sparsegpt", "2:4", {"reconstruct": REC}, "--reconstruct_epochs 4"),
+    "sparsegpt-unstructured-row-rec": ("sparsegpt", "unstructured", {"reconstruct": REC}, "--reconstruct_epochs 4"),
     "wanda-hybrid:16x16": ("wanda", "hybrid:16x16", {}, ""),
     "sparsegpt-hybrid:16x16": ("sparsegpt", "hybrid:16x16", {}, ""),
 }
@@ -78,6 +106,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--out", help="also write one JSON object per row here")
+    p.add_argument("--save_best", metavar="DIR",
+                   help="save the lowest-perplexity 16x16 model of the table here (with sparsity.json)")
+    p.add_argument("--budget_s", type=float, help="start no row once the next one would end past this many seconds")
     args = p.parse_args()
 
     model, tok = load_model("smollm2-135m", args.device, "float32")
@@ -96,8 +127,13 @@ def main() -> None:
                            f"{f' --max_windows {args.max_windows}' if args.max_windows else ''}"}]
     print(f"dense perplexity {base['ppl']:.3f} ({base['windows']} windows of {base['seqlen']}) on {card}", flush=True)
     out = open(args.out, "w") if args.out else None
+    began, best, last_seconds = time.time(), float("inf"), 0.0
     for name in names:
         method, pattern, options, flags = ROWS[name]
+        if args.budget_s and time.time() - began + 1.2 * last_seconds > args.budget_s:
+            print(f"{name}: not run, the time budget ({args.budget_s:.0f} s) is spent", flush=True)
+            continue
+        row_start = time.time()
         for n, m in prunable_linears(model).items():
             m.weight.data.copy_(dense[n])
         t = time.time()
@@ -110,6 +146,14 @@ def main() -> None:
         results.append(row)
         print(f"{name}: ppl {row['ppl']:.2f} ({row['ratio']:.2f}x dense), sparsity {row['sparsity']:.4f}, "
               f"{seconds:.0f} s", flush=True)
+        if args.save_best and pattern == "16x16" and r["ppl"] < best:
+            best = r["ppl"]
+            from spruce.masks import write_sparsity_json
+            from spruce.models import save_model
+            save_model(model, tok, args.save_best)
+            write_sparsity_json(args.save_best, {**info, "row": name, "eval": r, "command": row["command"]})
+            print(f"  saved as the best 16x16 model so far to {args.save_best}", flush=True)
+        last_seconds = time.time() - row_start
         if out:
             out.write(json.dumps({**row, "card": card, "windows": r["windows"], "nsamples": args.nsamples,
                                   "date": time.strftime("%Y-%m-%d")}) + "\n")

@@ -123,7 +123,8 @@ def stage_baseline(run: Run) -> dict:
     return {"dense": result}
 
 
-PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target", "tiers")
+PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target", "sequential",
+                 "reconstruct_epochs", "reconstruct_lr", "reconstruct_target", "tiers")
 
 
 def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:

@@ -136,8 +136,9 @@ def test_shared_inputs_share_statistics(tiny_model):
     from spruce.prune.engine import capture_layer_inputs, gather_statistics
     layer = tiny_model.model.layers[0]
     batches = capture_layer_inputs(tiny_model, _samples(tiny_model.config.vocab_size), torch.device("cpu"), 2)
-    stats, dense_out = gather_statistics(layer, batches, ("sq_norm", "hessian"))
-    assert dense_out is None
+    stats, groups = gather_statistics(layer, batches, ("sq_norm", "hessian"))
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
     assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
     assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
@@ -161,14 +162,16 @@ def test_hessian_engine_on_cuda(tiny_model, method):
 
 
 def test_dense_target_statistics(tiny_model):
-    from spruce.prune.engine import _run_layer, capture_layer_inputs, gather_statistics
+    import copy
+
+    from spruce.prune.engine import capture_layer_inputs, gather_statistics
     layers = tiny_model.model.layers
     batches = capture_layer_inputs(tiny_model, _samples(tiny_model.config.vocab_size), torch.device("cpu"), 2)
-    stats, dense_out = gather_statistics(layers[0], batches, ("hessian",), dense_batches=batches)
+    ref = copy.deepcopy(layers[0])
+    stats, _ = gather_statistics(layers[0], batches, ("hessian",), (ref, batches))
     assert all(torch.count_nonzero(s["cross"]) == 0 for s in stats.values())  # same inputs: nothing to fix
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(dense_out, _run_layer(layers[0], batches)))
     shifted = [(h + 0.1, kw) for h, kw in batches]
-    stats, _ = gather_statistics(layers[0], shifted, ("hessian",), dense_batches=batches)
+    stats, _ = gather_statistics(layers[0], shifted, ("hessian",), (ref, batches))
     assert torch.count_nonzero(stats["mlp.down_proj"]["cross"]) > 0
 
 
@@ -206,3 +209,80 @@ def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model
     assert wide["method"] == "sparsegpt" and wide["dense_target"] is False
     chosen = resolve_recipe("16x16", method="obs")
     assert fit_to_model(chosen, linears, obs_max_inputs=64)["method"] == "obs"  # the user's choice stays
+
+
+def _layer_error(model, dense_model, samples, index):
+    """Relative squared error of decoder layer `index`'s outputs against the dense model's."""
+    outs = []
+    for m in (model, dense_model):
+        got = {}
+        handle = m.model.layers[index].register_forward_hook(lambda _m, _i, o: got.setdefault("y", o[0] if
+                                                                                            isinstance(o, tuple) else o))
+        with torch.no_grad():
+            m(samples)
+        handle.remove()
+        outs.append(got["y"])
+    return ((outs[0] - outs[1]).square().mean() / outs[1].square().mean()).item()
+
+
+def test_sequential_pruning_keeps_the_pattern_and_calibrates_later_groups_on_pruned_outputs(tiny_model):
+    import copy
+
+    from spruce.prune import engine
+    samples = _samples(tiny_model.config.vocab_size)
+    calls = []
+    real = engine.gather_statistics
+
+    def spy(layer, batches, needs, dense=None, only=None):
+        calls.append(only)
+        return real(layer, batches, needs, dense, only)
+
+    other = copy.deepcopy(tiny_model)
+    engine.gather_statistics = spy
+    try:
+        info = prune_model(tiny_model, "sparsegpt", "16x16", 0.5, samples=samples, sequential=True, progress=False)
+    finally:
+        engine.gather_statistics = real
+    per_layer = calls
+    layers = len(tiny_model.model.layers)
+    assert per_layer.count(None) == layers and len(per_layer) == 4 * layers   # 1 full pass + 3 group passes
+    assert {"self_attn.o_proj"} in per_layer and {"mlp.down_proj"} in per_layer
+    # inputs left dead by pruned block-rows upstream (a v_proj block-row gone zeroes 16 inputs of
+    # o_proj) are zeroed too, as SparseGPT does; they fall on whole tiles, so the pattern holds
+    assert info["sequential"] and 0.5 <= info["measured_sparsity"] < 0.52
+    assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(tiny_model).values())
+    prune_model(other, "sparsegpt", "16x16", 0.5, samples=samples, progress=False)
+    assert any(not torch.equal(a.weight, b.weight) for a, b in
+               zip(prunable_linears(tiny_model).values(), prunable_linears(other).values()))
+
+
+@pytest.mark.parametrize("target", ["dense", "local"])
+def test_reconstruction_lowers_the_layer_error_and_keeps_the_zeros(tiny_model, target):
+    import copy
+
+    from spruce.prune.engine import Reconstruct
+    samples = _samples(tiny_model.config.vocab_size)
+    dense_model = copy.deepcopy(tiny_model)
+    plain = copy.deepcopy(tiny_model)
+    prune_model(plain, "wanda", "16x16", 0.5, samples=samples, progress=False)
+    info = prune_model(tiny_model, "wanda", "16x16", 0.5, samples=samples, progress=False,
+                       reconstruct=Reconstruct(epochs=20, lr=1e-3, target=target))
+    assert info["reconstruct"] == {"epochs": 20, "lr": 1e-3, "target": target}
+    assert info["measured_sparsity"] == 0.5
+    for name, a in prunable_linears(tiny_model).items():
+        b = prunable_linears(plain)[name]
+        assert block_pattern_holds(a.weight, 16, 16) and (a.weight == 0).float().mean() == 0.5
+        assert not torch.equal(a.weight, b.weight)              # the kept weights moved
+        assert a.weight.dtype == b.weight.dtype and a.weight.requires_grad == b.weight.requires_grad
+        if ".layers.0." in name:                                # same inputs: the mask is the plain one
+            assert torch.equal(a.weight == 0, b.weight == 0)
+    last = len(tiny_model.model.layers) - 1
+    assert _layer_error(tiny_model, dense_model, samples, last) < 0.8 * _layer_error(plain, dense_model, samples, last)
+
+
+def test_reconstruction_options_are_checked(tiny_model):
+    from spruce.prune.engine import Reconstruct
+    with pytest.raises(SpruceError, match="target must be 'dense' or 'local'"):
+        Reconstruct(target="teacher")
+    with pytest.raises(SpruceError, match="layer reconstruction needs calibration samples"):
+        prune_model(tiny_model, "magnitude", "16x16", 0.5, reconstruct=Reconstruct(), progress=False)

@@ -11,8 +11,11 @@ layer's outlier ratio.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -69,21 +72,26 @@ def _layer_output(out):
 
 
 @torch.no_grad()
-def gather_statistics(layer, batches, needs: tuple[str, ...], dense_batches=None):
-    """Run `layer` over the batches; return ({linear name: {"sq_norm", "hessian", ...}}, dense outputs).
+def gather_statistics(layer, batches, needs: tuple[str, ...], dense=None, only=None):
+    """Run `layer` over the batches; return ({linear name: {"sq_norm", "hessian", ...}}, groups).
 
     Linears fed the same tensor in a forward call (q/k/v, gate/up) share one set of statistics:
     the hooks keep a reference to each input seen in the call, so identity means the same data.
-    With `dense_batches` (the same samples as they flow through the unpruned model) the layer,
-    still dense, is also run on those, and each linear gets "cross" = X^T X_dense - X^T X, the
-    term that lets the weight update aim at the dense model's outputs; the layer's dense outputs
-    are returned for the next layer (else None)."""
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    `groups` lists those sets of linears in the order the forward pass reaches them. With
+    `dense` = (dense copy of the layer, the same samples as they flow through the unpruned
+    model) each linear also gets "cross" = X^T X_dense - X^T X, the term that lets the weight
+    update aim at the dense model's outputs. `only`: gather for these linear names alone."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+               and (only is None or n in only)}
     stats: dict[str, dict[str, torch.Tensor]] = {}
     owner: dict[str, str] = {}
     seen: list[tuple[torch.Tensor, str]] = []
     dense_inputs: dict[str, torch.Tensor] = {}
-    mode = ["pruned"]
+
+    def record_dense(name):
+        def hook(_m, inputs, _out):
+            dense_inputs[name] = inputs[0]
+        return hook
 
     def make_hook(name):
         def hook(_m, inputs, _out):
@@ -94,35 +102,36 @@ def gather_statistics(layer, batches, needs: tuple[str, ...], dense_batches=None
             if owner[name] != name:
                 return
             x = x.reshape(-1, x.shape[-1]).float()
-            if mode[0] == "dense":
-                dense_inputs[name] = x
-                return
             acc = stats.setdefault(name, {})
             if "sq_norm" in needs:
                 acc["sq_norm"] = acc.get("sq_norm", 0) + (x * x).sum(0)
             if "hessian" in needs:
                 xtx = x.T @ x
                 acc["hessian"] = acc.get("hessian", 0) + xtx
-                if dense_batches is not None:
-                    acc["cross"] = acc.get("cross", 0) + x.T @ dense_inputs.pop(name) - xtx
+                if dense is not None:
+                    xd = dense_inputs.pop(name).reshape(-1, x.shape[-1]).float()
+                    acc["cross"] = acc.get("cross", 0) + x.T @ xd - xtx
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
-    dense_out = [] if dense_batches is not None else None
+    if dense is not None:
+        handles += [m.register_forward_hook(record_dense(n)) for n, m in dense[0].named_modules()
+                    if n in linears]
     try:
         for i, (hidden, kwargs) in enumerate(batches):
-            if dense_batches is not None:
-                mode[0] = "dense"
-                seen.clear()
-                dense_out.append((_layer_output(layer(dense_batches[i][0], **kwargs)), kwargs))
-                mode[0] = "pruned"
+            if dense is not None:
+                dense[0](dense[1][i][0], **kwargs)
             seen.clear()
             layer(hidden, **kwargs)
+            dense_inputs.clear()
     finally:
         seen.clear()
         for h in handles:
             h.remove()
-    return {n: stats[owner[n]] for n in linears}, dense_out
+    groups: dict[str, list[str]] = {}
+    for n in owner:
+        groups.setdefault(owner[n], []).append(n)
+    return {n: stats[owner[n]] for n in linears if n in owner}, list(groups.values())
 
 
 def _run_layer(layer, batches):
@@ -159,14 +168,18 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
                 batch_size: int = 8, progress: bool = True, selection: str = "global",
                 tile_score: str = "mean", tiers: tuple[float, float] | None = None,
                 allocation: str = "uniform", owl_m: float = alloc.OWL_M, owl_lambda: float = alloc.OWL_LAMBDA,
-                module_sparsity: dict[str, float] | None = None, dense_target: bool = False) -> dict:
+                module_sparsity: dict[str, float] | None = None, dense_target: bool = False,
+                sequential: bool = False, reconstruct: Reconstruct | None = None) -> dict:
     """Prune every decoder nn.Linear of `model` in place; return a report for sparsity.json.
 
     method: a name of METHODS; pattern: a pattern name (see patterns.py) with its `selection`,
     `tile_score` and hybrid `tiers`; allocation: uniform or owl (with owl_m, owl_lambda);
     module_sparsity: per-module overrides such as {"self_attn": 0.35}; dense_target: Hessian
     methods refit each layer toward the dense model's outputs on the same samples (the error of
-    earlier pruned layers is compensated too), at the cost of a second pass per layer."""
+    earlier pruned layers is compensated too), at the cost of a second pass per layer;
+    sequential: within a layer, prune the linears in forward order, each group calibrated on the
+    outputs of those already pruned; reconstruct: train each pruned layer's kept weights toward
+    the dense outputs (see Reconstruct)."""
     validate_method(method)
     if not 0 <= sparsity < 1:
         raise SpruceError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -179,14 +192,17 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
     linears = prunable_linears(model)
     check_divides(spec, {n: tuple(m.weight.shape) for n, m in linears.items()})
     needs = METHODS[method].needs
-    if sparsity > 0 and (needs or allocation == "owl") and samples is None:
-        raise SpruceError(f"method '{method}' with {allocation} allocation needs calibration samples")
+    reconstruct = reconstruct if reconstruct and reconstruct.epochs else None
+    data_needed = bool(needs) or allocation == "owl" or reconstruct is not None
+    if sparsity > 0 and data_needed and samples is None:
+        what = "layer reconstruction" if reconstruct else f"method '{method}' with {allocation} allocation"
+        raise SpruceError(f"{what} needs calibration samples")
     start = time.time()
     work = torch.device(device) if device else next(model.parameters()).device
     per_linear, ratios = {n: 0.0 for n in linears}, None
     if sparsity > 0:
         batches = capture_layer_inputs(model, samples, work, batch_size) if samples is not None \
-            and (needs or allocation == "owl") else None
+            and data_needed else None
         block_of = _block_index(model, linears)
         block_sparsity = None
         if allocation == "owl":
@@ -197,7 +213,8 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
             block_sparsity = alloc.owl_sparsities(ratios, sparsity, owl_lambda, sizes_per_block)
         per_linear = alloc.allocate({n: m.weight.numel() for n, m in linears.items()}, block_of, sparsity,
                                     block_sparsity, module_sparsity)
-        _prune_layers(model, method, spec, per_linear, batches, work, progress, dense_target)
+        _prune_layers(model, method, spec, per_linear, batches, work, progress, dense_target, sequential,
+                      reconstruct)
     return {
         "format": "spruce-sparsity/1",
         "method": method,
@@ -209,11 +226,14 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
         "owl": {"m": owl_m, "lambda": owl_lambda, "outlier_ratios": ratios} if allocation == "owl" else None,
         "module_sparsity": module_sparsity or None,
         "dense_target": dense_target,
+        "sequential": sequential,
+        "reconstruct": None if reconstruct is None else
+        {"epochs": reconstruct.epochs, "lr": reconstruct.lr, "target": reconstruct.target},
         "target_sparsity": sparsity,
         "measured_sparsity": overall_sparsity(model),
         "target_layers": per_linear,
         "layers": weight_sparsity(model),
-        "calibration": None if samples is None or not (needs or allocation == "owl") or sparsity == 0
+        "calibration": None if samples is None or not data_needed or sparsity == 0
         else {"nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])},
         "seconds": round(time.time() - start, 2),
     }
@@ -242,22 +262,127 @@ def _prune_weight(module, method: str, spec: Pattern, stats: dict, sparsity: flo
     w.copy_(new)
 
 
-def _prune_layers(model, method, spec, per_linear, batches, device, progress, dense_target=False):
+@dataclass(frozen=True)
+class Reconstruct:
+    """Layer reconstruction after pruning: `epochs` passes of Adam over the calibration batches on
+    the kept weights of the layer's linears (pruned weights held at zero), minimising the squared
+    error to the dense layer's outputs, relative to their energy. target "dense": the dense
+    model's outputs on its own inputs (also undoes the drift of earlier pruned layers); "local":
+    the dense layer's outputs on the pruned model's inputs."""
+    epochs: int = 4
+    lr: float = 1e-4
+    target: str = "dense"
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.lr <= 0:
+            raise SpruceError(f"reconstruction needs epochs >= 0 and lr > 0, got {self.epochs} and {self.lr}")
+        if self.target not in ("dense", "local"):
+            raise SpruceError(f"reconstruction target must be 'dense' or 'local', not '{self.target}'")
+
+
+def _float_kwargs(obj):
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_float_kwargs(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _float_kwargs(v) for k, v in obj.items()}
+    return obj
+
+
+def reconstruct_layer(layer, batches, targets, epochs: int, lr: float) -> tuple[float, float]:
+    """Train the kept weights of `layer`'s linears so that layer(batches) approaches `targets`
+    (see Reconstruct); return the relative error (first step, after the last). The layer trains in
+    float32 (bf16 autocast on CUDA) and returns to its dtype; pruned weights stay exactly zero."""
+    dtype = next(layer.parameters()).dtype
+    weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    masks = [w != 0 for w in weights]
+    grad_flags = [p.requires_grad for p in layer.parameters()]
+    layer.float()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    steps = epochs * len(batches)
+    opt = torch.optim.Adam(weights, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    device = weights[0].device
+    first = last = float("nan")
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                (hidden, kwargs), target = batches[step % len(batches)], targets[step % len(batches)]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = _layer_output(layer(hidden.float(), **_float_kwargs(kwargs)))
+                target = target.float()
+                loss = (out.float() - target).square().mean() / target.square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for w, m in zip(weights, masks):
+                    w.grad.mul_(m)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for w, m in zip(weights, masks):
+                        w.mul_(m)
+                first = loss.item() if step == 0 else first
+            if steps:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    (hidden, kwargs), target = batches[0], targets[0]
+                    out = _layer_output(layer(hidden.float(), **_float_kwargs(kwargs))).float()
+                    last = ((out - target.float()).square().mean() / target.float().square().mean()).item()
+    finally:
+        for w in weights:
+            w.grad = None
+        layer.to(dtype)
+        for p, flag in zip(layer.parameters(), grad_flags):
+            p.requires_grad_(flag)
+    return first, last
+
+
+def _prune_layers(model, method, spec, per_linear, batches, device, progress, dense_target=False,
+                  sequential=False, reconstruct: Reconstruct | None = None):
+    """Prune layer by layer. sequential: within a layer, the linears that share an input (q/k/v,
+    then o, then gate/up, then down) are pruned in forward order, each group calibrated on the
+    outputs of the groups already pruned. reconstruct: see Reconstruct."""
     layers = decoder_layers(model)
     full_names = {id(m): n for n, m in prunable_linears(model).items()}
     needs = METHODS[method].needs
-    dense = list(batches) if dense_target and "hessian" in needs else None
+    reconstruct = reconstruct if reconstruct and reconstruct.epochs and batches is not None else None
+    aim = dense_target and "hessian" in needs and batches is not None
+    dense = list(batches) if aim or (reconstruct and reconstruct.target == "dense") else None
     bar = tqdm(layers, desc=f"{method} {spec.name}", unit="layer", disable=not progress)
     for layer in bar:
         home = next(layer.parameters()).device
         layer.to(device)
-        stats, dense = gather_statistics(layer, batches, needs, dense) if needs else ({}, None)
-        for name, module in layer.named_modules():
-            if id(module) in full_names and per_linear[full_names[id(module)]] > 0:
-                _prune_weight(module, method, spec, stats.get(name, {}), per_linear[full_names[id(module)]])
+        ref = copy.deepcopy(layer) if dense is not None or reconstruct else None
+        dense_next = _run_layer(ref, dense) if dense is not None else None
+        targets = None
+        if reconstruct:
+            targets = [o for o, _ in (dense_next if reconstruct.target == "dense" else _run_layer(ref, batches))]
+        todo = {name for name, module in layer.named_modules()
+                if id(module) in full_names and per_linear[full_names[id(module)]] > 0}
+        if needs:
+            pair = (ref, dense) if aim else None
+            stats, groups = gather_statistics(layer, batches, needs, pair)
+            for i, group in enumerate(groups):
+                if sequential and i:
+                    stats, _ = gather_statistics(layer, batches, needs, pair, only=set(group))
+                for name in group:
+                    if name in todo:
+                        _prune_weight(layer.get_submodule(name), method, spec, stats[name],
+                                      per_linear[full_names[id(layer.get_submodule(name))]])
+        else:
+            for name in todo:
+                module = layer.get_submodule(name)
+                _prune_weight(module, method, spec, {}, per_linear[full_names[id(module)]])
+        if reconstruct:
+            first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr)
+            bar.set_postfix(rel_err=f"{first:.3g}->{last:.3g}")
         if batches is not None and layer is not layers[-1]:
             batches = _run_layer(layer, batches)
+        dense = dense_next
         layer.to(home)
-        del stats
+        del ref, targets
     if device.type == "cuda":
         torch.cuda.empty_cache()

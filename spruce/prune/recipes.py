@@ -24,7 +24,8 @@ DEFAULTS: dict[str, dict] = {
     "hybrid": {"method": "sparsegpt"},
 }
 BASE = {"method": "wanda", "selection": "global", "tile_score": "mean", "allocation": "uniform",
-        "module_sparsity": None, "dense_target": False}
+        "module_sparsity": None, "dense_target": False, "sequential": False, "reconstruct_epochs": 0,
+        "reconstruct_lr": 1e-4, "reconstruct_target": "dense"}
 
 
 def resolve_recipe(pattern: str, **given) -> dict:
@@ -68,14 +69,17 @@ def prune_with_recipe(model, pattern: str, sparsity: float, recipe: dict, calibr
     """Fit `recipe` to the model, draw calibration samples (`calibration()`) only when its method or
     allocation needs them, and prune in place; return (the sparsity report, the recipe used)."""
     from ..models import prunable_linears
-    from .engine import prune_model
+    from .engine import Reconstruct, prune_model
     from .methods import NEEDS_CALIBRATION
 
     recipe = fit_to_model(recipe, prunable_linears(model))
-    needs_data = (NEEDS_CALIBRATION[recipe["method"]] or recipe["allocation"] == "owl") and sparsity > 0
+    reconstruct = Reconstruct(recipe["reconstruct_epochs"], recipe["reconstruct_lr"], recipe["reconstruct_target"])
+    needs_data = (NEEDS_CALIBRATION[recipe["method"]] or recipe["allocation"] == "owl"
+                  or reconstruct.epochs > 0) and sparsity > 0
     info = prune_model(model, recipe["method"], pattern, sparsity, samples=calibration() if needs_data else None,
                        device=device, batch_size=batch_size, progress=progress, tiers=tiers,
                        selection=recipe["selection"], tile_score=recipe["tile_score"],
                        allocation=recipe["allocation"], module_sparsity=recipe["module_sparsity"],
-                       dense_target=recipe["dense_target"], **engine_options)
+                       dense_target=recipe["dense_target"], sequential=recipe["sequential"],
+                       reconstruct=reconstruct, **engine_options)
     return info, recipe
