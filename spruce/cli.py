@@ -49,6 +49,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODEL", help="model to load (see below)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or Hub id, if MODEL has none")
@@ -165,6 +175,17 @@ def build_parser() -> Parser:
     p.add_argument("--dense_target", action=argparse.BooleanOptionalAction, default=None,
                    help="sparsegpt / wanda+update / obs: refit each layer toward the dense model's outputs, "
                         "which also undoes the drift from earlier pruned layers (default: the pattern's recipe)")
+    p.add_argument("--true_sequential", dest="sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="Hessian and Wanda methods: within a layer prune q/k/v, then o, then gate/up, then down, "
+                        "each calibrated on the outputs of those already pruned (default: the pattern's recipe)")
+    p.add_argument("--reconstruct_epochs", type=_nonnegative_int, metavar="N",
+                   help="after pruning each layer, N passes of Adam over the calibration set train its kept "
+                        "weights toward the dense outputs; pruned weights stay zero; 0 turns it off "
+                        "(default: the pattern's recipe)")
+    p.add_argument("--reconstruct_lr", type=float, metavar="LR", help="learning rate of the reconstruction (default: 1e-4)")
+    p.add_argument("--reconstruct_target", choices=["dense", "local"],
+                   help="reconstruction target: the dense model's outputs on its own inputs (dense), or the dense "
+                        "layer's outputs on the pruned model's inputs (local) (default: dense)")
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
@@ -373,7 +394,9 @@ def cmd_prune(args) -> None:
     recipe = resolve_recipe(pattern, method=args.prune_method, selection=args.block_selection,
                             tile_score=args.tile_score, allocation=args.allocation,
                             module_sparsity=parse_overrides(args.module_sparsity) or None,
-                            dense_target=args.dense_target)
+                            dense_target=args.dense_target, sequential=args.sequential,
+                            reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
+                            reconstruct_target=args.reconstruct_target)
     validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
