@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from spruce.errors import SpruceError
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in) of the decoder linears
-LAYOUTS = ("grouped", "independent")
-GROUP_FEATURES = 64  # the "grouped" layout: 64 output features (4 block-rows of 16) share their columns
+LAYOUTS = ("grouped", "grouped128", "independent")
+# "grouped": 64 output features (4 block-rows of 16) share their block-columns; "grouped128": 128.
+LAYOUT_GROUP_FEATURES = {"grouped": 64, "grouped128": 128, "independent": 0}
+GROUP_FEATURES = 64
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,12 +38,12 @@ def random_block_mask(n: int, k: int, block: int, sparsity: float, layout: str =
     """A row-balanced random block mask [n // block, k // block] (True = kept block).
 
     Every block-row keeps the same number of block-columns. "independent": each block-row draws
-    its own; "grouped": the block-rows of each 64-feature group share one draw.
+    its own; "grouped" / "grouped128": the block-rows of each 64- / 128-feature group share one draw.
     """
     if layout not in LAYOUTS:
         raise SpruceError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     nbr, nbc = n // block, k // block
-    rows_per_draw = max(1, GROUP_FEATURES // block) if layout == "grouped" else 1
+    rows_per_draw = max(1, LAYOUT_GROUP_FEATURES[layout] // block)
     if nbr % rows_per_draw:
         rows_per_draw = 1
     keep = max(1, round((1.0 - sparsity) * nbc))
@@ -189,7 +191,9 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
         block_sparse_linear,
         launch_decode,
         launch_prefill,
+        pdl_enabled,
         tuned_configs,
+        tuning_times,
     )
 
     _require_cuda()
@@ -220,8 +224,8 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
         for b in blocks:
             for s in sparsities:
                 for layout in layouts:
-                    if layout == "grouped" and b >= GROUP_FEATURES:
-                        continue  # a 64-block is already a 64-feature group
+                    if 0 < LAYOUT_GROUP_FEATURES[layout] <= b:
+                        continue  # a block this wide is already such a group
                     mask = expand_block_mask(random_block_mask(n, k, b, s, layout, gen), b).to("cuda")
                     masked = weight * mask
                     sparse = BlockSparseWeight.from_dense(masked, b)
@@ -269,7 +273,8 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
         del dense, variants
         torch.cuda.empty_cache()
 
-    report = {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(), "rows": rows}
+    report = {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(),
+              "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "rows": rows}
     print(format_kernel_table(rows, ceilings))
     if json_path:
         _write_json(json_path, report)

@@ -289,8 +289,10 @@ def build_parser() -> Parser:
                    help="rows of x: <= 16 runs the decode kernel, more the prefill kernel")
     b.add_argument("--blocks", nargs="+", type=int, default=[16, 32], help="block sizes (16, 32, 64)")
     b.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75], help="fractions of zero blocks")
-    b.add_argument("--layouts", nargs="+", choices=["grouped", "independent"], default=["grouped", "independent"],
-                   help="grouped: 64-feature groups of block-rows share columns; independent: each its own")
+    b.add_argument("--layouts", nargs="+", choices=["grouped", "grouped128", "independent"],
+                   default=["grouped", "independent"],
+                   help="grouped / grouped128: 64- / 128-feature groups of block-rows share columns; "
+                        "independent: each its own")
     b.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
     b.add_argument("--json", help="write rows, ceilings and environment to this file")
@@ -302,7 +304,7 @@ def build_parser() -> Parser:
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero blocks in every decoder linear")
     b.add_argument("--block-size", type=int, default=16)
-    b.add_argument("--layout", choices=["grouped", "independent"], default="grouped")
+    b.add_argument("--layout", choices=["grouped", "grouped128", "independent"], default="grouped")
     b.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"],
                    help="graph: static cache + CUDA graph per step; eager: Hugging Face generate")
     b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")

@@ -166,6 +166,7 @@ def few_configs(monkeypatch):
     test_every_configuration runs the full lists."""
     monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:1])
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", bsr.DECODE_DOT_CONFIGS[:1])
+    monkeypatch.setattr(bsr, "GEMV_MULTI_CONFIGS", 1)
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
 
 
@@ -213,6 +214,30 @@ def test_kernels_match_float64(block, make, few_configs):
 def test_every_configuration():
     gen = torch.Generator().manual_seed(0)
     _check_shape(384, 1040, 16, "grouped", torch.float16, (1, 5, 16, 200), gen)
+
+
+@pytest.mark.gpu
+@gpu
+def test_split_decode_resets_its_counters_and_repeats():
+    """Split configurations sum partials through a workspace whose counters must be zero again
+    after every launch, or the next launch (and a replayed CUDA graph) would sum the wrong ones."""
+    gen = torch.Generator().manual_seed(3)
+    w = masked_weight(256, 1024, 16, 0.5, "grouped").to(torch.bfloat16)
+    sparse = BlockSparseWeight.from_dense(w, 16).to("cuda")
+    splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS if c[5] > 1]
+    assert splits
+    for m in (1, 16):
+        x = torch.randn(m, 1024, generator=gen).to("cuda", torch.bfloat16)
+        ref = F.linear(x.double(), w.double().cuda())
+        for cfg in splits:
+            if m > bsr.GEMV_MAX_TOKENS and not cfg[4]:
+                continue
+            for _ in range(3):
+                y = torch.full((m, 256), float("nan"), dtype=torch.bfloat16, device="cuda")
+                bsr.launch_decode(x, sparse, None, y, cfg)
+                assert rel_err(y, ref) <= 1e-2, cfg
+    for _, locks in bsr._workspaces.values():
+        assert int(locks.abs().sum()) == 0
 
 
 @pytest.mark.gpu

@@ -15,11 +15,17 @@ bandwidth; with a group of 64 or 128 it does as much arithmetic per byte as dens
 
 Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
 - decode, 1-16 tokens, memory bound: a program streams BLOCK_F rows of one group over its stored
-  block-columns, gathers the matching input segments by column index, and reduces (a dot product
-  for one token, `tl.dot` on a 16-token tile otherwise).
+  block-columns (or one of SPLIT ranges of them, partials summed by the last program to finish),
+  gathers the matching input segments by column index, and reduces (fp32 FMA per token, or
+  `tl.dot` on a 16-token tile). The next tile is loaded while the current one is reduced; on
+  Hopper the launch is a programmatic dependent launch that loads its first weight tile before
+  waiting for the previous kernel.
 - prefill, more tokens: a GEMM tile [BLOCK_M tokens, BLOCK_N features of one group] iterates over
   the group's stored block-columns with `tl.dot`, the input tile gathered by column index.
-Each launch shape picks its tile configuration by timing a few candidates once (`_launch_tuned`).
+Column-index gathers carry contiguity hints (runs of B from multiples of B), so the input is read
+with 16-byte loads and the prefill loop is software pipelined with cp.async like the weights.
+Each launch shape picks its tile configuration on first use by timing every candidate as CUDA-graph
+replays of back-to-back launches over weight copies larger than L2 (`_fastest`).
 """
 
 from __future__ import annotations
@@ -213,66 +219,105 @@ def _warn_no_triton() -> None:
 
 # ---------------------------------------------------------------- tile configurations and tuning
 
-# Decode: (BLOCK_F, BLOCK_K, num_warps, num_stages, USE_DOT); BLOCK_F is capped at the group's width.
-# Without tl.dot (up to 8 tokens, fp32 FMA per token) the loop is not software pipelined, so the
-# bytes in flight come from many programs with large tiles.
-DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False), (4, 2048, 4, 1, False), (8, 1024, 4, 1, False),
-                       (8, 2048, 8, 1, False), (16, 1024, 8, 1, False), (16, 512, 4, 1, False)]
-# With a 16-token tl.dot (BLOCK_F >= 16) and pipelined loads, for 2-16 tokens.
-DECODE_DOT_CONFIGS = [(16, 256, 4, 4, True), (16, 512, 4, 3, True), (32, 256, 4, 4, True), (16, 1024, 8, 3, True),
-                      (64, 256, 4, 3, True)]
+# Decode: (BLOCK_F, BLOCK_K, num_warps, num_stages, USE_DOT, SPLIT); BLOCK_F is capped at the group's
+# width. SPLIT > 1 cuts each group's stored columns into SPLIT ranges, one program each, so that a
+# 4096-row weight still spreads over enough programs; the last program of a feature tile to finish
+# sums the fp32 partials. The loop loads the next tile's weights and column indices before it
+# reduces the current one, so one tile per program is always in flight.
+# USE_DOT False: fp32 FMA per token (1-8 tokens), the weight tile converted once and reused.
+DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False, 1), (8, 512, 4, 1, False, 1), (8, 1024, 4, 1, False, 2),
+                       (16, 512, 4, 1, False, 4), (16, 256, 4, 1, False, 8)]
+# USE_DOT True: a 16-token tl.dot (BLOCK_F >= 16), 2-16 tokens.
+DECODE_DOT_CONFIGS = [(16, 256, 4, 3, True, 1), (16, 512, 4, 2, True, 2), (32, 256, 4, 3, True, 2),
+                      (16, 256, 4, 3, True, 4), (16, 128, 4, 3, True, 8)]
 GEMV_MAX_TOKENS = 8
+GEMV_MULTI_CONFIGS = 2  # for 2-8 tokens only the first FMA configurations are candidates
+DECODE_SPLIT_ROWS = 16  # partial rows per split in the fp32 workspace (= DECODE_MAX_TOKENS)
 # Prefill: (BLOCK_M, BLOCK_K, num_warps, num_stages, SWAP). The group's width is the tile's N;
-# SWAP puts the weight tile first (a 64-feature x 256-token wgmma instead of 256 x 64).
-PREFILL_CONFIGS = [(256, 64, 8, 3, False), (128, 64, 8, 3, False), (256, 64, 4, 3, True), (256, 64, 8, 3, True),
-                   (128, 64, 4, 4, True)]
+# SWAP puts the weight tile first (a 64- or 128-feature x 256-token wgmma instead of 256 x 64).
+PREFILL_CONFIGS = [(256, 64, 8, 3, True), (256, 64, 8, 4, True), (128, 64, 4, 4, True), (128, 128, 8, 3, True),
+                   (256, 64, 8, 3, False), (128, 64, 8, 3, False)]
+PREFILL_MAX_ACC = 256 * 128  # accumulator elements of one program (8 warps: 128 fp32 registers a thread)
+
+TUNE_CALLS = 32  # back-to-back launches per timed graph replay
+TUNE_REPLAYS = 3
 
 _tuned: dict[tuple, tuple] = {}
+_tune_ms: dict[tuple, dict] = {}
+_workspaces: dict[tuple, tuple] = {}
+_pdl: dict[int, bool] = {}
 
 
-def _launch_tuned(key: tuple, candidates: list[tuple], launch) -> None:
-    """Launch with the fastest candidate for this key, timing each once on first use.
+def _launch_tuned(key: tuple, candidates: list[tuple], launch, weight: BlockSparseWeight) -> None:
+    """Launch with the fastest candidate for this key, found on first use by `_fastest`.
 
-    Each timed launch starts with L2 flushed, as a layer's weight is never in cache during
-    generation. While a CUDA graph is being captured nothing can be timed: an untuned key
-    then takes the first candidate without remembering it.
+    While a CUDA graph is being captured nothing can be timed: an untuned key then takes the first
+    candidate (always one without split partials) without remembering it.
     """
     cfg = _tuned.get(key)
     if cfg is None:
         if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
-            launch(candidates[0])
+            launch(candidates[0], weight)
             return
-        cfg = _fastest(candidates, launch)
+        try:
+            cfg, times = _fastest(candidates, launch, weight)
+        except Exception:
+            if not any(_pdl.values()):
+                raise
+            disable_pdl()  # a driver or capture that refuses programmatic dependent launch
+            cfg, times = _fastest(candidates, launch, weight)
         _tuned[key] = cfg
-    launch(cfg)
+        _tune_ms[key] = times
+    launch(cfg, weight)
 
 
-def _fastest(candidates: list[tuple], launch) -> tuple:
-    device = torch.cuda.current_device()
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
-    best, best_ms, failure = None, float("inf"), None
+def _rotation(weight: BlockSparseWeight) -> list[BlockSparseWeight]:
+    """Copies of the weight that together exceed L2 three times, as each layer reads from HBM."""
+    l2 = torch.cuda.get_device_properties(weight.values.device).L2_cache_size
+    count = max(2, min(48, -(-3 * l2 // max(weight.nbytes, 1))))
+    return [weight] + [weight.clone() for _ in range(count - 1)]
+
+
+def _fastest(candidates: list[tuple], launch, weight: BlockSparseWeight) -> tuple[tuple, dict]:
+    """Time every candidate as the bench does and return the fastest with all times (us per call).
+
+    Each candidate is captured as a CUDA graph of TUNE_CALLS back-to-back launches cycling through
+    copies of the weight larger than L2, and the graph is replayed: launch gaps and one-off noise
+    do not count, every launch reads its weight from device memory.
+    """
+    copies = _rotation(weight)
+    calls = max(TUNE_CALLS, len(copies))
+    best, best_us, failure, times = None, float("inf"), None, {}
     for cfg in candidates:
         try:
-            launch(cfg)  # compile
+            for c in copies:  # compile, and warm every copy
+                launch(cfg, c)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(calls):
+                    launch(cfg, copies[i % len(copies)])
+            graph.replay()
+            torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - a tile that does not fit this card's shared memory
             failure = exc
             continue
-        times = []
-        for _ in range(5):
-            flush.zero_()
+        spans = []
+        for _ in range(TUNE_REPLAYS):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            launch(cfg)
+            graph.replay()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = sorted(times)[len(times) // 2]
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+            spans.append(start.elapsed_time(end) * 1e3 / calls)
+        del graph
+        us = min(spans)
+        times[str(cfg)] = round(us, 2)
+        if us < best_us:
+            best, best_us = cfg, us
     if best is None:
         raise failure
-    return best
+    return best, times
 
 
 def tuned_configs() -> dict:
@@ -280,14 +325,22 @@ def tuned_configs() -> dict:
     return {"/".join(map(str, key)): cfg for key, cfg in _tuned.items()}
 
 
+def tuning_times() -> dict:
+    """Microseconds per call of every candidate timed so far, by launch shape."""
+    return {"/".join(map(str, key)): times for key, times in _tune_ms.items()}
+
+
 def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
-    configs = (DECODE_GEMV_CONFIGS if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS if m > 1 else [])
+    """Decode configurations for m tokens; the first never uses split partials."""
+    gemv = DECODE_GEMV_CONFIGS if m == 1 else DECODE_GEMV_CONFIGS[:GEMV_MULTI_CONFIGS]
+    configs = (gemv if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS if m > 1 else [])
+    configs = sorted(configs, key=lambda c: c[5] > 1)  # stable: split-free ones first
     return list(dict.fromkeys((min(c[0], w.group_features), *c[1:]) for c in configs))
 
 
 def prefill_candidates(w: BlockSparseWeight) -> list[tuple]:
-    # 256-token tiles only with groups of at most 64 features, to keep the accumulator in registers.
-    return [c for c in PREFILL_CONFIGS if c[0] * w.group_features <= 256 * 64]
+    return [c for c in PREFILL_CONFIGS if c[0] * w.group_features <= PREFILL_MAX_ACC
+            and (c[2] == 8 or c[0] * w.group_features <= 256 * 64)]
 
 
 def _common_args(w: BlockSparseWeight, bias, y):
@@ -296,25 +349,63 @@ def _common_args(w: BlockSparseWeight, bias, y):
     return flags, (bias if bias is not None else y), max(w.uniform_count, 0)
 
 
+def _workspace(device: torch.device, n: int, split: int, block_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial sums [split, 16, n] and per-feature-tile arrival counters (zero between launches)."""
+    key = (str(device), n, split, block_f)
+    ws = _workspaces.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise SpruceError("a split decode configuration needs its workspace made before graph capture")
+        ws = (torch.empty(split * DECODE_SPLIT_ROWS * n, dtype=torch.float32, device=device),
+              torch.zeros(n // block_f, dtype=torch.int32, device=device))
+        _workspaces[key] = ws
+    return ws
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether decode launches use programmatic dependent launch (Hopper and newer, SPRUCE_PDL != 0).
+
+    With it a decode launch starts while the previous kernel finishes and loads its first weight
+    tile (weights never depend on earlier kernels) before it waits for that kernel's output.
+    """
+    import os
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _pdl:
+        _pdl[index] = (os.environ.get("SPRUCE_PDL", "1") != "0"
+                       and torch.cuda.get_device_capability(index)[0] >= 9)
+    return _pdl[index]
+
+
+def disable_pdl() -> None:
+    for index in range(torch.cuda.device_count()):
+        _pdl[index] = False
+
+
 def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
     """y[M, N] = x[M, K] W^T (+ bias) for M <= 16; `cfg` forces one configuration."""
     m = x.shape[0]
+    n = w.shape[0]
     kernel = _kernels().decode
     flags, bias_arg, count = _common_args(w, bias, y)
 
-    def launch(c):
-        block_f, block_k, warps, stages, use_dot = c
+    def launch(c, weight):
+        block_f, block_k, warps, stages, use_dot, split = c
+        pdl = x.device.type == "cuda" and pdl_enabled(x.device)
         block_m = DECODE_MAX_TOKENS if use_dot else 1 << (m - 1).bit_length()
-        kernel[(w.shape[0] // block_f,)](
-            x, w.values, w.cols, w.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0), **flags,
-            BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_K=max(block_k, w.block), USE_DOT=use_dot,
-            num_warps=warps, num_stages=stages,
+        part, lock = _workspace(x.device, n, split, block_f) if split > 1 else (y, y)
+        kernel[(n // block_f, split)](
+            x, weight.values, weight.cols, weight.group_ptr, bias_arg, y, part, lock, m, n, count,
+            x.stride(0), y.stride(0), **flags, BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_K=block_k,
+            USE_DOT=use_dot, SPLIT=split, PDL=pdl, num_warps=warps, num_stages=stages,
+            **({"launch_pdl": True} if pdl else {}),
         )
 
     if cfg is not None:
-        launch(cfg)
+        launch(cfg, w)
         return
-    _launch_tuned(("decode", *w.shape, w.block, w.group_features, m, str(x.dtype)), decode_candidates(w, m), launch)
+    key = ("decode", *w.shape, w.block, w.group_features, m, str(x.dtype))
+    _launch_tuned(key, decode_candidates(w, m), launch, w)
 
 
 def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
@@ -323,19 +414,20 @@ def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | N
     kernel = _kernels().prefill
     flags, bias_arg, count = _common_args(w, bias, y)
 
-    def launch(c):
+    def launch(c, weight):
         block_m, block_k, warps, stages, swap = c
-        kernel[(triton_cdiv(m, block_m), w.shape[0] // w.group_features)](
-            x, w.values, w.cols, w.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0), **flags,
-            BLOCK_M=block_m, BLOCK_K=max(block_k, w.block), SWAP=swap, num_warps=warps, num_stages=stages,
+        kernel[(triton_cdiv(m, block_m), weight.shape[0] // weight.group_features)](
+            x, weight.values, weight.cols, weight.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0),
+            **flags, BLOCK_M=block_m, BLOCK_K=max(block_k, weight.block), SWAP=swap, num_warps=warps,
+            num_stages=stages,
         )
 
     if cfg is not None:
-        launch(cfg)
+        launch(cfg, w)
         return
     m_bucket = 1 << (m - 1).bit_length()
     key = ("prefill", *w.shape, w.block, w.group_features, m_bucket, str(x.dtype))
-    _launch_tuned(key, prefill_candidates(w), launch)
+    _launch_tuned(key, prefill_candidates(w), launch, w)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -353,11 +445,18 @@ def _kernels():
 
     # M and count vary call to call: no specialisation on their values, one binary serves all.
     @triton.jit(do_not_specialize=["M", "count"])
-    def decode(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, stride_xm, stride_ym,
+    def decode(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr, M, N, count,
+               stride_xm, stride_ym,
                HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr, UNIFORM: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
-        # One program: BLOCK_F consecutive output features, all inside one group.
-        f0 = tl.program_id(0) * BLOCK_F
+               BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+               SPLIT: tl.constexpr, PDL: tl.constexpr):
+        # One program: BLOCK_F consecutive output features, all inside one group, over one of the
+        # SPLIT ranges of the group's stored columns.
+        pid_f = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        f0 = pid_f * BLOCK_F
         g = f0 // GB
         if UNIFORM:  # no load: the weight stream starts without waiting on one
             start = g * count
@@ -365,33 +464,70 @@ def _kernels():
         else:
             start = tl.load(gptr_ptr + g)
             width = (tl.load(gptr_ptr + g + 1) - start) * B
+        per = tl.cdiv(tl.cdiv(width, BLOCK_K), SPLIT) * BLOCK_K
+        lo = pid_s * per
+        hi = lo + per
+        if hi > width:  # noqa: PLR1730 - a plain branch, which the interpreter also runs
+            hi = width
         offs_f = tl.arange(0, BLOCK_F)
         offs_t = tl.arange(0, BLOCK_K)
-        w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((f0 - g * GB + offs_f) * B)[:, None]
         offs_m = tl.arange(0, BLOCK_M)
+        w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((f0 - g * GB + offs_f) * B)[:, None]
+        # The first tile's weights and column indices: nothing an earlier kernel writes.
+        t = lo + offs_t
+        inside = t < hi
+        # Runs of B consecutive offsets start at multiples of B: the hints let the compiler issue
+        # 16-byte loads (and cp.async pipelining) for the gathered input as for the weights.
+        w_off = tl.max_contiguous(tl.multiple_of((t // B) * (GB * B) + t % B, B), B)
+        w = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
+        xk = tl.load(cols_ptr + start + t // B, mask=inside, other=0) * B + t % B
+        xk = tl.max_contiguous(tl.multiple_of(xk, B), B)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        for t0 in range(0, width, BLOCK_K):
-            t = t0 + offs_t
-            inside = t < width
-            entry = t // B
-            w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
-            xk = tl.load(cols_ptr + start + entry, mask=inside, other=0) * B + t % B
+        for t0 in range(lo, hi, BLOCK_K):
             if USE_DOT:
                 xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
                              mask=(offs_m[:, None] < M) & inside[None, :], other=0.0)
+            # the next tile, in flight while this one is reduced
+            t = t0 + BLOCK_K + offs_t
+            inside = t < hi
+            w_off = tl.max_contiguous(tl.multiple_of((t // B) * (GB * B) + t % B, B), B)
+            w_next = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
+            xk_next = tl.load(cols_ptr + start + t // B, mask=inside, other=0) * B + t % B
+            xk_next = tl.max_contiguous(tl.multiple_of(xk_next, B), B)
+            if USE_DOT:
                 acc = tl.dot(xv, tl.trans(w), acc)
             else:  # the weight tile is converted once and reused for every token
                 wf = w.to(tl.float32)
                 for m in tl.static_range(BLOCK_M):
-                    # rows past M reread row M-1 (valid memory); their sums are never stored
-                    xv = tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + xk, mask=inside, other=0.0)
+                    # rows past M reread row M-1 (valid memory); their sums are never stored.
+                    # Masked weight entries are zero, so x needs no mask (index 0 is valid).
+                    xv = tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + xk)
                     part = tl.sum(wf * xv.to(tl.float32)[None, :], axis=1)
                     acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+            w = w_next
+            xk = xk_next
         offs_n = f0 + offs_f
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=offs_m[:, None] < M)
+        in_m = offs_m[:, None] < M
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m)
+        else:
+            parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(parts + pid_s * (BLOCK_M * N), acc, mask=in_m)
+            tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+            arrived = tl.atomic_add(lock_ptr + pid_f, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:  # the last of this feature tile's programs sums the partials
+                total = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+                for s in tl.static_range(SPLIT):
+                    total += tl.load(parts + s * (BLOCK_M * N), mask=in_m, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(lock_ptr + pid_f, 0)  # ready for the next launch
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=in_m)
 
     @triton.jit(do_not_specialize=["M", "count"])
     def prefill(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, stride_xm, stride_ym,
@@ -420,8 +556,11 @@ def _kernels():
             t = t0 + offs_t
             inside = t < width
             entry = t // B
-            w = tl.load(w_rows + (entry * (GB * B) + t % B)[None, :], mask=inside[None, :], other=0.0)
+            # runs of B consecutive offsets start at multiples of B: 16-byte loads, cp.async pipelining
+            w_off = tl.max_contiguous(tl.multiple_of(entry * (GB * B) + t % B, B), B)
+            w = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
             xk = tl.load(cols_ptr + start + entry, mask=inside, other=0) * B + t % B
+            xk = tl.max_contiguous(tl.multiple_of(xk, B), B)
             xv = tl.load(x_rows + xk[None, :], mask=in_m[:, None] & inside[None, :], other=0.0)
             if SWAP:
                 acc = tl.dot(w, tl.trans(xv), acc)
