@@ -217,6 +217,10 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
                      "TFLOP_per_s": flops / us / 1e6, "floor_us": floor_us, "pct_of_floor": floor_us / us,
                      **extra})
 
+    def report():
+        return {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(),
+                "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "rows": rows}
+
     for n, k in shapes:
         weight = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch_dtype)
         dense = [weight] + [weight.clone() for _ in range(_copies_for(weight.numel() * esize) - 1)]
@@ -272,12 +276,13 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
                     speedup=dense_us / us, sparsity=0.5, rel_err=err)
         del dense, variants
         torch.cuda.empty_cache()
+        print(format_kernel_table([r for r in rows if r["shape"] == f"{n}x{k}"], ceilings), flush=True)
+        if json_path:  # after every shape, so that an interrupted run keeps what it measured
+            _write_json(json_path, report(), quiet=True)
 
-    report = {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(),
-              "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "rows": rows}
     print(format_kernel_table(rows, ceilings))
     if json_path:
-        _write_json(json_path, report)
+        _write_json(json_path, report())
     return rows
 
 
@@ -296,11 +301,12 @@ def format_kernel_table(rows: list[dict], ceilings: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, report: dict) -> None:
+def _write_json(path: str, report: dict, quiet: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- generation
@@ -347,9 +353,19 @@ class StaticGreedy:
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.next_token = self._step()
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.next_token = self._step()
+        except Exception:
+            from spruce.kernels.bsr import disable_pdl, pdl_enabled
+
+            if not pdl_enabled(self.device):
+                raise
+            disable_pdl()  # capture without programmatic dependent launches
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.next_token = self._step()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
