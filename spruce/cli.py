@@ -239,7 +239,13 @@ def build_parser() -> Parser:
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides epochs when > 0")
     g.add_argument("--per_device_train_batch_size", type=_positive_int, default=1, help="blocks per micro-batch (default: 1)")
     g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8, help="blocks per eval pass (default: 8)")
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int,
+                   help="micro-batches per step (default: 1, or what --global_batch_size needs)")
+    g.add_argument("--global_batch_size", type=_positive_int, metavar="N",
+                   help="blocks per optimizer step over all processes = per-device batch x accumulation x "
+                        "processes; sets --gradient_accumulation_steps (must divide exactly)")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: far less memory, about a third more compute")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default: 0)")
@@ -265,6 +271,16 @@ def build_parser() -> Parser:
     g.add_argument("--early_stopping_patience", type=_positive_int, help="stop after N evaluations without a new best")
     g.add_argument("--resume_from_checkpoint", metavar="PATH", help="a checkpoint folder, or 'latest' in --output_dir")
     g.add_argument("--merge", action="store_true", help="also write OUTPUT_DIR/merged: adapter merged, zero set kept")
+    g = p.add_argument_group("several GPUs (launch with torchrun or accelerate launch; see the README)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per "
+                        "decoder layer) instead of a full copy per process (DDP, the default)")
+    g.add_argument("--fsdp_transformer_layer_cls_to_wrap", metavar="CLASS",
+                   help="module class that becomes one FSDP unit (default: the model's decoder layer, e.g. "
+                        "LlamaDecoderLayer)")
+    g.add_argument("--device_map", metavar="MAP",
+                   help="evaluation only (--do_eval without --do_train): shard one model over the GPUs of this "
+                        "process, e.g. auto or balanced")
 
     p = _sub(sub, "merge", "merge a LoRA adapter into a pruned model, keeping its zeros",
              "Merge a peft adapter into its pruned base model and save a plain Hugging Face folder\n"
@@ -448,6 +464,8 @@ def cmd_finetune(args) -> None:
 
     if args.bf16:
         args.dtype = "bfloat16"
+    if os.environ.get("RANK", "0") != "0":  # several processes: warnings once, from rank 0
+        warnings.filterwarnings("ignore")
     run_finetune(args)
 
 
@@ -544,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         COMMANDS[args.command](args)
     except SpruceError as e:
-        print(f"spruce {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # several processes: rank 0 alone says it
+            print(f"spruce {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"spruce {args.command}: interrupted", file=sys.stderr)

@@ -4,6 +4,10 @@ A checkpoint folder holds the trainable tensors (safetensors), the optimizer and
 states, every RNG state and a JSON state; it is written to a temporary sibling and renamed into
 place, so a kill mid-write leaves no folder named `checkpoint-N`. Everything is read back with
 `weights_only=True`.
+
+In a run of several processes every process takes part in gathering the (possibly sharded)
+tensors and optimizer state, rank 0 alone writes, and the optimizer state is keyed by parameter
+names; such a checkpoint resumes with any number of processes, a single one included.
 """
 
 from __future__ import annotations
@@ -35,14 +39,39 @@ def rng_state() -> dict:
     return state
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> Path:
-    with atomic_dir(folder) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, parallel=None) -> Path:
+    if parallel is None:
+        tensors, opt_state = trainable_state(model), optimizer.state_dict()
+    else:  # collective: every process gathers, rank 0 writes
+        tensors = parallel.full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+        opt_state = parallel.optimizer_state(model, optimizer)
+    if parallel is None or parallel.is_main:
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            torch.save(opt_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    if parallel is not None:
+        parallel.barrier()
     return folder
+
+
+def _by_name(opt_state: dict, names: list[str]) -> dict:
+    """A torch optimizer state (parameters numbered in order) keyed by parameter names instead."""
+    if not all(isinstance(k, int) for k in opt_state["state"]):
+        return opt_state
+    return {"state": {names[i]: v for i, v in opt_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
+
+
+def _by_number(opt_state: dict, names: list[str]) -> dict:
+    """The inverse of _by_name, for resuming a multi-process checkpoint in one process."""
+    if all(isinstance(k, int) for k in opt_state["state"]):
+        return opt_state
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in opt_state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt_state["param_groups"]]}
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -64,7 +93,7 @@ def prune_checkpoints(root: Path, limit: int | None, keep: Path | None = None) -
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, parallel=None) -> dict:
     """Restore model, optimizer, scheduler and RNG states in place; return the JSON state."""
     folder = Path(folder)
     missing = [f for f in FILES if not (folder / f).is_file()]
@@ -85,10 +114,20 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     if set(tensors) != expected:
         raise SpruceError(f"checkpoint {folder} was written for another model or training mode "
                           f"({len(tensors)} trainable tensors, this run has {len(expected)})")
+    from .parallel import local_part, local_view
+
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(opt_state)
+            local_view(params[name]).copy_(local_part(params[name], value))
+    names = [n for n, p in params.items() if p.requires_grad]
+    try:
+        if parallel is None:
+            optimizer.load_state_dict(_by_number(opt_state, names))
+        else:
+            parallel.load_optimizer_state(model, optimizer, _by_name(opt_state, names))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise SpruceError(f"checkpoint {folder} holds an optimizer state that does not fit this run "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     scheduler.load_state_dict(sched_state)
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_tuple(rng["python"]))

@@ -8,6 +8,10 @@ masked to the kept weights, so merging keeps the sparsity exactly), `full` (ever
 trains, every pruned weight stays exactly zero). `--teacher_model` adds distillation from the
 dense model. Writes the adapter (or model) into --output_dir the way run_clm + peft do, plus
 metrics.jsonl, TensorBoard events, curves.png, summary.json and, with --merge, merged/.
+
+Under torchrun or accelerate launch the same command trains with DDP, or FSDP2 with --fsdp (see
+parallel.py); rank 0 alone writes. --device_map shards one model over the GPUs of a single
+process for evaluation.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..report import MetricsLog, write_config
 from .checkpoint import list_checkpoints
 from .lora import attach_lora, merge_keep_sparsity
 from .monitor import plot_curves
+from .parallel import Parallel, launch_env
 from .train import TrainArgs, eval_loss, train
 
 MODES = ("lora", "masked-lora", "full")
@@ -64,12 +69,62 @@ def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
+def grad_accum_steps(global_batch: int | None, per_device: int, grad_accum: int | None, world: int) -> int:
+    """Micro-batches per step so that global batch = per-device batch x accumulation x processes."""
+    if global_batch is None:
+        return grad_accum or 1
+    unit = per_device * world
+    if global_batch % unit:
+        raise SpruceError(f"--global_batch_size {global_batch} is not a multiple of --per_device_train_batch_size "
+                          f"{per_device} x {world} process{'es' if world > 1 else ''} = {unit}; use a multiple of {unit}")
+    steps = global_batch // unit
+    if grad_accum and grad_accum != steps:
+        raise SpruceError(f"--global_batch_size {global_batch} needs --gradient_accumulation_steps {steps} with "
+                          f"{world} process{'es' if world > 1 else ''} of batch {per_device}, not {grad_accum}; "
+                          "give one of the two")
+    return steps
+
+
+class _NoLog:
+    def write(self, row: dict) -> None:
+        pass
+
+
+def _load_device_map(a, tokenizer_source):
+    """One model sharded over the visible GPUs (accelerate's big-model loading), for evaluation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import load_config, resolve_dtype
+
+    _, source, _ = load_config(a.model_name_or_path, a.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, device_map=a.device_map, dtype=resolve_dtype(a.dtype),
+                                                 trust_remote_code=a.trust_remote_code).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_source or source)
+    except (OSError, ValueError, TypeError):
+        raise SpruceError(f"no tokenizer found in {tokenizer_source or source}; pass --tokenizer_name") from None
+    return model, tok
+
+
 def run_finetune(a, say=print) -> dict:
     """Entry function: `a` carries the run_clm-style flags (see spruce.cli)."""
     if not (a.do_train or a.do_eval):
         raise SpruceError("nothing to do: pass --do_train and/or --do_eval")
     if a.mode not in MODES:
         raise SpruceError(f"unknown --mode '{a.mode}'; use one of {', '.join(MODES)}")
+    device_map = getattr(a, "device_map", None)
+    fsdp = getattr(a, "fsdp", False)
+    if device_map and a.do_train:
+        raise SpruceError("--device_map shards one model over the GPUs of one process for evaluation; to train "
+                          "on several GPUs launch with torchrun or accelerate launch (see the README)")
+    world = launch_env()[1]
+    grad_accum = grad_accum_steps(getattr(a, "global_batch_size", None), a.per_device_train_batch_size,
+                                  a.gradient_accumulation_steps, world)
+    parallel = None if device_map else \
+        Parallel.from_env(a.device, fsdp, getattr(a, "fsdp_transformer_layer_cls_to_wrap", None))
+    main = parallel is None or parallel.is_main
+    if not main:
+        say = lambda *_: None  # noqa: E731
     output_dir = Path(a.output_dir)
     resume = _resume_path(output_dir, a.resume_from_checkpoint)
     if resume is None:
@@ -82,13 +137,22 @@ def run_finetune(a, say=print) -> dict:
         data.parse_corpus(spec)
     if a.teacher_model and a.distill_alpha == 0:
         raise SpruceError("--teacher_model given with --distill_alpha 0; set --distill_alpha in (0, 1]")
+    if parallel is not None:
+        parallel.barrier()  # every process has checked the output folder before rank 0 writes into it
 
     torch.manual_seed(a.seed)
     tokenizer_source = a.tokenizer_name
     if not tokenizer_source and a.config_name and Path(a.model_name_or_path).is_dir() \
             and not (Path(a.model_name_or_path) / "tokenizer_config.json").exists():
         tokenizer_source = a.config_name  # the reference passes the dense model here
-    model, tok = load_model(a.model_name_or_path, a.device, a.dtype, a.trust_remote_code, tokenizer_source)
+    # FSDP loads on the CPU and moves only each process's shard to its GPU
+    load_device = a.device if parallel is None else ("cpu" if parallel.kind == "fsdp" else parallel.device)
+    if device_map:
+        model, tok = _load_device_map(a, tokenizer_source)
+    else:
+        model, tok = load_model(a.model_name_or_path, load_device, a.dtype, a.trust_remote_code, tokenizer_source)
+    if parallel is not None:
+        parallel.check_wrapping(model)  # before anything is written
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and a.block_size > limit:
         raise SpruceError(f"--block_size {a.block_size} is longer than the model's context ({limit} tokens); lower it")
@@ -99,53 +163,76 @@ def run_finetune(a, say=print) -> dict:
     eval_blocks = data.training_blocks(eval_spec, tok, a.block_size, eval_split, a.max_eval_samples, a.seed,
                                        limit_flag="max_eval_samples") if a.do_eval else None
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(output_dir / "metrics.jsonl")
-    write_config(output_dir, {k: v for k, v in vars(a).items() if k != "command"})
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(output_dir / "metrics.jsonl")
+        write_config(output_dir, {k: v for k, v in vars(a).items() if k != "command"})
+    else:
+        log = _NoLog()
     summary: dict = {"model": a.model_name_or_path, "mode": a.mode, "dataset": train_spec,
                      "block_size": a.block_size, "sparsity_before": overall_sparsity(model)}
+    if parallel is not None:
+        summary["processes"] = {"world_size": parallel.world, "kind": parallel.kind}
     bf16 = a.dtype == "bfloat16"
+    if getattr(a, "gradient_checkpointing", False) and a.do_train:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    before = zero_masks(model) if a.do_train else None
+    if a.do_train and a.mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        masks = {f"{name}.weight": mask for name, mask in before.items()}
+        student = model
+    elif a.do_train:
+        student = attach_lora(model, a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_target_modules,
+                              masked=a.mode == "masked-lora")
+        masks = None
+    else:
+        student, masks = model, None
+    masks = _param_masks(student, masks)
+    if parallel is not None:
+        student = parallel.wrap(student)
     if eval_blocks is not None:
-        loss = eval_loss(model, eval_blocks, a.per_device_eval_batch_size, bf16)
+        loss = eval_loss(student, eval_blocks, a.per_device_eval_batch_size, bf16, parallel)
         summary["eval_before"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
         log.write({"event": "eval", "step": 0, "stage": "before", **summary["eval_before"]})
         say(f"before training: eval loss {loss:.4f} | perplexity {summary['eval_before']['eval_ppl']:.2f} "
             f"({eval_blocks.shape[0]} blocks of {a.block_size} tokens)")
     if not a.do_train:
-        _finish(output_dir, summary, log, None, say)
+        if main:
+            _finish(output_dir, summary, log, None, say)
+        _close(parallel)
         return summary
 
-    before = zero_masks(model)
-    if a.mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        masks = {f"{name}.weight": mask for name, mask in before.items()}
-        student = model
-    else:
-        student = attach_lora(model, a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_target_modules,
-                              masked=a.mode == "masked-lora")
-        masks = None
     teacher = None
     if a.teacher_model:
-        teacher, _ = load_model(a.teacher_model, a.device, a.dtype, a.trust_remote_code)
+        teacher, _ = load_model(a.teacher_model, a.device if parallel is None else parallel.device, a.dtype,
+                                a.trust_remote_code)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps
+    per_step = a.per_device_train_batch_size * grad_accum * world
     steps = a.max_steps if a.max_steps and a.max_steps > 0 else \
         max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
     args = TrainArgs(
         steps=steps, lr=a.learning_rate, batch_size=a.per_device_train_batch_size,
-        grad_accum=a.gradient_accumulation_steps, eval_batch_size=a.per_device_eval_batch_size,
+        grad_accum=grad_accum, eval_batch_size=a.per_device_eval_batch_size,
         warmup_steps=a.warmup_steps, scheduler=a.lr_scheduler_type, weight_decay=a.weight_decay,
         logging_steps=a.logging_steps, eval_steps=(a.eval_steps or steps) if a.do_eval else None,
         save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         load_best_model_at_end=a.load_best_model_at_end, early_stopping_patience=a.early_stopping_patience,
         seed=a.seed, bf16=bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
         distill_temperature=a.distill_temperature)
+    procs = f" ({world} processes x {a.per_device_train_batch_size} x {grad_accum}, {parallel.kind})" \
+        if parallel is not None else ""
     say(f"training {a.mode} on {train_spec}: {train_blocks.shape[0]} blocks of {a.block_size} tokens, "
-        f"{steps} steps of {per_step} blocks ({steps * per_step / train_blocks.shape[0]:.2f} epochs)")
-    result = train(student, train_blocks, args, eval_blocks, output_dir, masks=_param_masks(student, masks),
-                   teacher=teacher, resume_from=resume, on_event=log.write, say=say)
+        f"{steps} steps of {per_step} blocks{procs} ({steps * per_step / train_blocks.shape[0]:.2f} epochs)")
+    result = train(student, train_blocks, args, eval_blocks, output_dir, masks=masks,
+                   teacher=teacher, resume_from=resume, on_event=log.write, say=say, parallel=parallel)
+    if parallel is not None:
+        student = _gather_for_rank0(a, student, parallel, tokenizer_source)
+        if not main:
+            _close(parallel)
+            return summary
     summary.update({"steps": result.steps, "train_seconds": round(result.seconds, 1),
                     "final_train_loss": result.final_train_loss, "best_checkpoint": result.best_checkpoint,
                     "stopped_early": result.stopped_early})
@@ -173,7 +260,36 @@ def run_finetune(a, say=print) -> dict:
             log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
     plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {train_spec}")
     _finish(output_dir, summary, log, result, say)
+    _close(parallel)
     return summary
+
+
+def _gather_for_rank0(a, student, parallel: Parallel, tokenizer_source):
+    """The trained model, whole, on rank 0 (None elsewhere). DDP keeps a full copy per process;
+    under FSDP every process gathers the trained tensors and rank 0 puts them into a freshly
+    loaded copy of the base model (with the same adapter), on its own device."""
+    if parallel.kind == "ddp":
+        return parallel.unwrap(student) if parallel.is_main else None
+    trained = parallel.full_tensors({n: p for n, p in student.named_parameters() if p.requires_grad})
+    if not parallel.is_main:
+        return None
+    model, _ = load_model(a.model_name_or_path, "cpu", a.dtype, a.trust_remote_code, tokenizer_source)
+    if a.mode != "full":
+        model = attach_lora(model, a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_target_modules,
+                            masked=a.mode == "masked-lora")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].copy_(value)
+    del student
+    if parallel.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model.to(parallel.device)
+
+
+def _close(parallel) -> None:
+    if parallel is not None:
+        parallel.close()
 
 
 def _param_masks(model, masks):

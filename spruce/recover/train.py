@@ -5,6 +5,14 @@
 
 Data order is a seeded permutation per epoch, so a run resumed from a checkpoint sees the same
 batches, optimizer and scheduler states and RNG states as one that never stopped.
+
+Several processes (torchrun, accelerate launch): `Parallel` wraps the model with DDP (through
+accelerate) or FSDP2 (torch's fully_shard, one unit per decoder layer). Every optimizer step
+takes one global batch of batch_size x grad_accum x world_size blocks from the same seeded order,
+rank r reading its slice of each micro-batch, so the data a step sees does not depend on how
+many processes share it and a resumed run continues exactly. Masks are applied to each process's
+shard of the weights and gradients, so pruned weights stay exactly zero under FSDP too. Only
+rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import SpruceError
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .monitor import Monitor, TensorBoard
+from .parallel import Parallel, local_part, local_view
 
 
 @dataclass
@@ -81,9 +90,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def batch_indices(step: int, micro: int, n: int, batch_size: int, grad_accum: int, seed: int) -> torch.Tensor:
-    """Indices of the blocks in micro-batch `micro` of optimizer step `step` (seeded per epoch)."""
-    first = (step * grad_accum + micro) * batch_size
+def batch_indices(step: int, micro: int, n: int, batch_size: int, grad_accum: int, seed: int,
+                  rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Indices of the blocks in micro-batch `micro` of optimizer step `step` (seeded per epoch).
+    With `world` processes the global micro-batch holds batch_size x world blocks; rank r reads
+    its slice, so the blocks a step sees do not depend on the number of processes."""
+    first = ((step * grad_accum + micro) * world + rank) * batch_size
     return torch.stack([epoch_order(n, seed, i // n)[i % n] for i in range(first, first + batch_size)])
 
 
@@ -101,57 +113,85 @@ def _loss(model, ids, teacher, args: TrainArgs):
 
 
 @torch.no_grad()
-def eval_loss(model, blocks: torch.Tensor, batch_size: int, bf16: bool = False) -> float:
-    """Mean next-token loss over `blocks` (every block weighs the same)."""
+def eval_loss(model, blocks: torch.Tensor, batch_size: int, bf16: bool = False,
+              parallel: Parallel | None = None) -> float:
+    """Mean next-token loss over `blocks` (every block weighs the same). With `parallel` each
+    process evaluates every world-th block (all run the same number of forward passes, which
+    FSDP needs; padding blocks weigh nothing) and the sums are added up."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, weights = 0.0, torch.ones(blocks.shape[0])
+    if parallel is not None:
+        n, world = blocks.shape[0], parallel.world
+        index = torch.arange(parallel.rank, math.ceil(n / world) * world, world)
+        weights = (index < n).float()
+        blocks = blocks[index.clamp(max=n - 1)]
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i:i + batch_size].to(device)
+        w = weights[i:i + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            total += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * ids.shape[0]
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        if parallel is None or bool((w == 1).all()):
+            total += out.loss.item() * ids.shape[0]
+        else:  # padding blocks: the per-block loss, weighed
+            logits = out.logits[:, :-1].float()
+            per_block = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+            total += float((per_block.cpu() * w).sum())
     model.train(was_training)
-    return total / blocks.shape[0]
+    if parallel is None:
+        return total / blocks.shape[0]
+    sums = parallel.all_sum(torch.tensor([total, float(weights.sum())], dtype=torch.float64))
+    return float(sums[0] / sums[1])
 
 
 def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tensor | None = None,
           output_dir: Path | None = None, masks: dict[str, torch.Tensor] | None = None, teacher=None,
           resume_from: Path | None = None, on_event: Callable[[dict], None] | None = None,
-          say: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+          say: Callable[[str], None] = print, progress: bool = True,
+          parallel: Parallel | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad.
 
     `masks` maps parameter names to bool tensors, True where a weight is pruned: those weights get
     no gradient and are set back to exactly zero after every step (masked full fine-tuning).
+    With `parallel`, `model` is the wrapped model (DDP or FSDP2) of one of several processes.
     """
     device = next(model.parameters()).device
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    core = parallel.unwrap(model) if parallel else model
+    rank, world = (parallel.rank, parallel.world) if parallel else (0, 1)
+    main = rank == 0
+    named = {n: p for n, p in core.named_parameters() if p.requires_grad}
     if not named:
         raise SpruceError("nothing to train: no parameter requires grad")
-    masks = {n: m.to(device) for n, m in (masks or {}).items() if n in named}
-    fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in named.values())
+    # on FSDP each process masks its own rows of every weight and gradient
+    masks = {n: local_part(named[n], m) for n, m in (masks or {}).items() if n in named}
+    sharded = any(local_view(p) is not p for p in named.values())
+    fused = device.type == "cuda" and not sharded and \
+        all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in named.values())
     optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.steps, args.warmup_steps, args.scheduler))
     ckpt_root = output_dir / "checkpoints" if output_dir else None
-    board = TensorBoard(output_dir / "runs") if output_dir else None
+    board = TensorBoard(output_dir / "runs") if output_dir and main else None
     monitor, step, best_ckpt = Monitor(), 0, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, core, optimizer, scheduler, parallel)
         step, monitor = state["step"], Monitor.from_state(state["monitor"])
         best_ckpt = state.get("best_checkpoint")
         say(f"resumed from {resume_from} at step {step}")
-    emit = on_event or (lambda row: None)
+    emit = (on_event or (lambda row: None)) if main else (lambda row: None)
+    if not main:
+        say = lambda *_: None  # noqa: E731
 
     def tell(line: str) -> None:
         with tqdm.external_write_mode():  # print above the progress bar, not through it
             say(line)
 
     n = blocks.shape[0]
-    tokens_per_step = args.batch_size * args.grad_accum * blocks.shape[1]
+    tokens_per_step = args.batch_size * args.grad_accum * world * blocks.shape[1]
 
     def evaluate() -> dict:
-        loss = eval_loss(model, eval_blocks, args.eval_batch_size, args.bf16)
+        loss = eval_loss(model, eval_blocks, args.eval_batch_size, args.bf16, parallel)
         row = {"event": "eval", "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
         previous = monitor.best
         improved, notes = monitor.on_eval(row)
@@ -176,35 +216,51 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
         if is_best:
             best_ckpt = str(folder)
         state = {"step": step, "monitor": monitor.state(), "best_checkpoint": best_ckpt, "args": asdict(args)}
-        save_checkpoint(folder, model, optimizer, scheduler, state)
-        prune_checkpoints(ckpt_root, args.save_total_limit, Path(best_ckpt) if best_ckpt else None)
+        if parallel is not None:
+            state["world_size"] = world
+        save_checkpoint(folder, core, optimizer, scheduler, state, parallel)
+        if main:
+            prune_checkpoints(ckpt_root, args.save_total_limit, Path(best_ckpt) if best_ckpt else None)
         emit({"event": "checkpoint", "step": step, "path": str(folder)})
 
     model.train()
     start, window, stopped_early, last_loss = time.time(), [], False, None
     first_step = step
-    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
     while step < args.steps:
-        for micro in range(args.grad_accum):
-            ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed)].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = _loss(model, ids, teacher, args) / args.grad_accum
-            loss.backward()
-            window.append(loss.item() * args.grad_accum)
+        if parallel is None:
+            for micro in range(args.grad_accum):
+                ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed)].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    loss = _loss(model, ids, teacher, args) / args.grad_accum
+                loss.backward()
+                window.append(loss.item() * args.grad_accum)
+        else:
+            losses = torch.zeros(args.grad_accum, dtype=torch.float64)
+            for micro in range(args.grad_accum):
+                ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed,
+                                           rank, world)].to(device)
+                with parallel.sync_gradients(model, micro == args.grad_accum - 1):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                        loss = _loss(model, ids, teacher, args) / args.grad_accum
+                    loss.backward()
+                losses[micro] = loss.item() * args.grad_accum
+            # the mean over all processes: the same log, and the same NaN verdict, everywhere
+            window.extend((parallel.all_sum(losses) / world).tolist())
         if not math.isfinite(window[-1]):
             last = list_checkpoints(ckpt_root) if ckpt_root else []
             raise SpruceError(f"the loss became {window[-1]} at step {step + 1}; training stopped "
                               f"(last good checkpoint: {last[-1] if last else 'none'}); lower --learning_rate")
         for name, mask in masks.items():
             if named[name].grad is not None:
-                named[name].grad.masked_fill_(mask, 0)
+                local_view(named[name].grad).masked_fill_(mask, 0)
         torch.nn.utils.clip_grad_norm_(named.values(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, mask in masks.items():
-                named[name].masked_fill_(mask, 0)
+                local_view(named[name]).masked_fill_(mask, 0)
         step += 1
         bar.update(1)
         if step % args.logging_steps == 0 or step == args.steps:
@@ -243,7 +299,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
 
         with torch.no_grad():
             for name, value in load_file(str(Path(best_ckpt) / "trainable.safetensors")).items():
-                named[name].copy_(value)
+                local_view(named[name]).copy_(local_part(named[name], value))
         tell(f"loaded the best model from {best_ckpt}")
     model.eval()
     return TrainResult(step, time.time() - start, last_loss, monitor, best_ckpt, stopped_early)
