@@ -220,7 +220,10 @@ def build_parser() -> Parser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains with bf16 weights and autocast (default: float32)")
-    g.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16 (the fast path on GPUs)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision, the fast path on GPUs: LoRA modes load the frozen base in bf16 "
+                        "(as --dtype bfloat16); full mode keeps float32 master weights under bf16 autocast, so "
+                        "small late updates are not rounded away")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the Hub to run")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", metavar="CORPUS", help="sotu, moby, wikitext, c4, or a mix a+b")
@@ -462,8 +465,10 @@ def cmd_prune(args) -> None:
 def cmd_finetune(args) -> None:
     from .recover.finetune import run_finetune
 
-    if args.bf16:
-        args.dtype = "bfloat16"
+    if args.bf16 and args.mode == "full":
+        args.autocast_bf16 = True       # mixed precision: float32 master weights, bf16 matmuls
+    elif args.bf16:
+        args.dtype = "bfloat16"         # LoRA: the frozen base in bf16, the adapter in float32
     if os.environ.get("RANK", "0") != "0":  # several processes: warnings once, from rank 0
         warnings.filterwarnings("ignore")
     run_finetune(args)

@@ -91,6 +91,23 @@ def test_masked_full_finetuning_and_distillation_keep_zeros(capsys, pruned_dir, 
         assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
 
 
+def test_bf16_full_finetuning_keeps_float32_master_weights(capsys, pruned_dir, corpus_file, tmp_path):
+    # an update far below half a bf16 step of the weight still lands: the weights train in float32
+    out = tmp_path / "mixed"
+    code, _, _ = finetune(capsys, pruned_dir, corpus_file, out, "--mode", "full", "--bf16", "--max_steps", "2",
+                         "--learning_rate", "1e-6", "--lr_scheduler_type", "constant")
+    assert code == 0
+    trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base, _ = load_model(str(pruned_dir))
+    w0, w1 = base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight
+    assert trained.config.dtype in (torch.float32, "float32")
+    kept = w0 != 0
+    moved = (w1 != w0) & kept
+    half_ulp = w0.abs().to(torch.bfloat16).float().mul(2 ** -8)
+    assert moved.any() and (w1 - w0).abs()[moved].max() < half_ulp[moved].max()
+    assert torch.equal(w1 == 0, w0 == 0)
+
+
 def _train_losses(folder):
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}

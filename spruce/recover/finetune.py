@@ -173,7 +173,7 @@ def run_finetune(a, say=print) -> dict:
                      "block_size": a.block_size, "sparsity_before": overall_sparsity(model)}
     if parallel is not None:
         summary["processes"] = {"world_size": parallel.world, "kind": parallel.kind}
-    bf16 = a.dtype == "bfloat16"
+    bf16 = a.dtype == "bfloat16" or getattr(a, "autocast_bf16", False)
     if getattr(a, "gradient_checkpointing", False) and a.do_train:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -206,7 +206,8 @@ def run_finetune(a, say=print) -> dict:
 
     teacher = None
     if a.teacher_model:
-        teacher, _ = load_model(a.teacher_model, a.device if parallel is None else parallel.device, a.dtype,
+        teacher, _ = load_model(a.teacher_model, a.device if parallel is None else parallel.device,
+                                "bfloat16" if bf16 else a.dtype,
                                 a.trust_remote_code)
         for p in teacher.parameters():
             p.requires_grad_(False)
