@@ -15,8 +15,8 @@ quality not at all. Parts:
              weights and autocast, fused AdamW, sequence 1024, with and without gradient
              checkpointing: tokens/s and peak memory, timed after warm-up steps.
   masked     masked full fine-tuning of every weight with gradient checkpointing; pruned weights
-             stay zero. bf16 weights, gradients and AdamW states (spruce's --bf16 path: no fp32
-             master copy), so 7B needs about 7e9 x (2 + 2 + 4) bytes + masks.
+             stay zero. bf16 weights, gradients and AdamW states (spruce's --dtype bfloat16 path: no
+             fp32 master copy), so 7B needs about 7e9 x (2 + 2 + 4) bytes + masks.
   reference  the reference recipe's configuration, measured in the same run: Hugging Face Trainer
              + peft LoRA r=8 q_proj,v_proj, per-device batch 1, fp16 mixed precision (fp32 weights),
              sequence 1024 (bench_train.reference_trainer, after one short warm-up run).
