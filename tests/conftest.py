@@ -77,3 +77,18 @@ def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text((CORPUS + "\n") * 40)
     return path
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    """A tiny Llama pruned to 50% in 16x16 blocks, saved as a HF folder."""
+    from spruce.prune import prune_model
+
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=1)
+    samples = torch.randint(0, len(tok), (4, 64), generator=torch.Generator().manual_seed(0))
+    prune_model(model, "wanda", "16x16", 0.5, samples=samples, progress=False)
+    folder = tmp_path_factory.mktemp("pruned")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -19,25 +19,11 @@ from transformers import AutoModelForCausalLM
 from spruce.cli import main
 from spruce.masks import zero_masks
 from spruce.models import load_model
-from spruce.prune import prune_model
 from spruce.recover.finetune import grad_accum_steps
 from spruce.recover.parallel import check_fsdp_wrapping
 from spruce.errors import SpruceError
-from tests.conftest import build_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    model = build_model(len(tok), seed=1)
-    samples = torch.randint(0, len(tok), (4, 64), generator=torch.Generator().manual_seed(0))
-    prune_model(model, "wanda", "16x16", 0.5, samples=samples, progress=False)
-    folder = tmp_path_factory.mktemp("pruned")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def common(pruned_dir, corpus_file, out, *extra):
