@@ -240,7 +240,12 @@ def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
         return blocks[0][:want]
     gen = torch.Generator().manual_seed(seed)
     chosen = []
-    for b, c in zip(blocks, _mix_counts([p for p, _ in streams], want)):
-        idx = torch.randperm(b.shape[0], generator=gen)[: min(c, b.shape[0])]
+    for (part, _), b, c in zip(streams, blocks, _mix_counts([p for p, _ in streams], want)):
+        n = b.shape[0]
+        if c > n:   # keep the weights: a part shorter than its share repeats, in fresh orders
+            warnings.warn(f"{part.name} has {n} blocks of {block_size} tokens but its weight asks for {c}; "
+                          f"its blocks repeat (about {c / n:.1f} times each)")
+        idx = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-c // n))])[:c] if c else \
+            torch.empty(0, dtype=torch.long)
         chosen.append(b[idx])
     return torch.cat(chosen)

@@ -65,6 +65,16 @@ def test_mix_takes_blocks_by_weight(tokenizer, corpus_file, tmp_path):
                                for _ in range(200)))
     blocks = data.training_blocks(f"{corpus_file}:0.5+{other}:0.5", tokenizer, 32, max_samples=20)
     assert blocks.shape == (20, 32)
+    # the short part keeps its share by repeating its blocks, with a warning; the long part is sampled
+    parts = [data.cut_blocks(data.tokenize(tokenizer, data.documents(str(f), "train")), 32)
+             for f in (corpus_file, other)]
+    assert parts[0].shape[0] < parts[1].shape[0]
+    with pytest.warns(UserWarning, match="its blocks repeat"):
+        mixed = data.training_blocks(f"{corpus_file}:0.5+{other}:0.5", tokenizer, 32)
+    total = parts[0].shape[0] + parts[1].shape[0]
+    first = total - total // 2                                      # the weights hold: half and half
+    assert mixed.shape[0] == total and first > parts[0].shape[0]
+    assert {tuple(r) for r in mixed[:first].tolist()} == {tuple(r) for r in parts[0].tolist()}  # all, repeated
 
 
 def test_jsonl_and_empty_files(tmp_path):
