@@ -95,7 +95,9 @@ class RecoverConfig:
     save_steps: int | None = None
     teacher: bool = False         # distil from the dense model (the run's `model`)
     distill_alpha: float = 0.5
+    distill_temperature: float = 2.0  # softmax temperature of the KL term
     dtype: str | None = None      # training dtype; None = the run's dtype
+    bf16: bool = False            # bf16 mixed precision (full mode keeps float32 master weights)
 
     def __post_init__(self):
         _require(self.mode in ("lora", "masked-lora", "full"),
@@ -106,6 +108,8 @@ class RecoverConfig:
         _require(self.learning_rate > 0, f"recover.learning_rate must be positive, got {self.learning_rate}")
         _require(self.max_steps is None or self.max_steps > 0, "recover.max_steps must be positive")
         _require(0 <= self.lora_dropout < 1, f"recover.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _require(self.distill_temperature > 0,
+                 f"recover.distill_temperature must be positive, got {self.distill_temperature}")
 
 
 @dataclass

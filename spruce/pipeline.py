@@ -196,7 +196,8 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         shutil.rmtree(out_dir)  # outputs of other inputs: never resume or mix with them
     ns = Namespace(
         model_name_or_path=str(model_dir), config_name=None, tokenizer_name=None, device=cfg.device,
-        dtype=r.dtype or cfg.dtype, trust_remote_code=False, dataset_name=r.corpus or cfg.data.corpus,
+        dtype="bfloat16" if r.bf16 and r.mode != "full" else r.dtype or cfg.dtype,
+        autocast_bf16=r.bf16 and r.mode == "full", trust_remote_code=False, dataset_name=r.corpus or cfg.data.corpus,
         dataset_config_name=None, mix_weights=None, train_file=None, validation_file=None,
         block_size=r.block_size, max_train_samples=r.max_train_samples, max_eval_samples=r.max_eval_samples,
         do_train=True, do_eval=True, mode=r.mode, num_train_epochs=r.num_train_epochs,
@@ -205,7 +206,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         weight_decay=0.0, warmup_steps=r.warmup_steps, lr_scheduler_type=r.lr_scheduler_type, seed=cfg.seed,
         lora_r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
         lora_target_modules=r.lora_target_modules, teacher_model=cfg.model if r.teacher else None,
-        distill_alpha=r.distill_alpha, distill_temperature=2.0, output_dir=str(out_dir),
+        distill_alpha=r.distill_alpha, distill_temperature=r.distill_temperature, output_dir=str(out_dir),
         overwrite_output_dir=True, logging_steps=20, eval_steps=r.eval_steps, save_steps=r.save_steps,
         save_total_limit=2, load_best_model_at_end=False, early_stopping_patience=None,
         resume_from_checkpoint="latest" if resume else None,

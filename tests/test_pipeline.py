@@ -67,6 +67,23 @@ def test_demo_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, tmp
     assert sum("skipped" in line for line in again) == 3
 
 
+def test_distill_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, tmp_path):
+    # the shipped GPU recipe, shrunk: default 16x16 prune (obs + reconstruction), then masked full
+    # fine-tuning distilled from the dense model under bf16 mixed precision
+    out = tmp_path / "run"
+    cfg = load_recipe(recipes_dir() / "smollm2-block16-distill.yaml",
+                      tiny_overrides(tiny_model_dir, corpus_file, out, "recover.max_steps=6", "recover.eval_steps=3"))
+    assert cfg.prune.method is None and cfg.recover.bf16 and cfg.recover.distill_temperature == 1.0
+    results = run_recipe(cfg, say=quiet([]), progress=False)
+    info = yaml.safe_load((out / "pruned" / "sparsity.json").read_text())
+    assert info["method"] == "obs" and info["reconstruct"]["lr"] == 3e-4
+    assert results["recover"]["zero_set_unchanged"] is True
+    merged = AutoModelForCausalLM.from_pretrained(out / "recover" / "merged")
+    assert merged.dtype == torch.float32                    # float32 master weights, bf16 autocast
+    table = results["report"]["results"]
+    assert table["recovered"]["ppl"] < table["pruned"]["ppl"]
+
+
 def test_interrupted_run_resumes_with_the_missing_stages(tiny_model_dir, corpus_file, tmp_path):
     out = tmp_path / "run"
     cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
