@@ -13,6 +13,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -28,6 +29,10 @@ LAYOUTS = ("grouped", "grouped128", "independent")
 LAYOUT_GROUP_FEATURES = {"grouped": 64, "grouped128": 128, "independent": 0}
 GROUP_FEATURES = 64
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Programmatic dependent launch in the benches: "on" / "off" for every sparse launch, "both" to time
+# the sparse cases with it on and again with it off (same tuned tiles). Unset: as SPRUCE_PDL says.
+PDL_CHOICES = ("on", "off", "both")
+BASELINES = ("v4",)
 
 
 # ---------------------------------------------------------------- patterns for benchmarks and tests
@@ -152,6 +157,39 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+def _pdl_choice(pdl: str | None) -> str | None:
+    """The bench's PDL setting: the argument, else SPRUCE_BENCH_PDL, else None (SPRUCE_PDL decides)."""
+    pdl = pdl or os.environ.get("SPRUCE_BENCH_PDL") or None
+    if pdl is not None and pdl not in PDL_CHOICES:
+        raise SpruceError(f"pdl must be one of {PDL_CHOICES}, got {pdl!r}")
+    return pdl
+
+
+def _baseline_choice(baseline: str | None) -> str | None:
+    baseline = baseline or os.environ.get("SPRUCE_BENCH_BASELINE") or None
+    if baseline is not None and baseline not in BASELINES:
+        raise SpruceError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    return baseline
+
+
+def v4_config(weight, m: int) -> tuple:
+    """The configuration the v4 tuner chose in run 4 (H200) at the Llama-2-7B shapes with grouped
+    layouts: keyed without density, it was tuned on the 50% weights and reused for 75%."""
+    if m == 1:
+        return (4, 1024, 4, 1, False, 1)
+    if m <= 16:
+        return (min(32, weight.group_features), 256, 4, 3, True, 2)
+    if weight.block == 32 and weight.group_features == 128:
+        return (128, 64, 8, 3, False)
+    return (256, 64, 8, 3, True)
+
+
+def _forced(launch, cfg, m: int, n: int, dtype):
+    """fn(x, weight) running one fixed configuration into a reused output."""
+    y = torch.empty(m, n, dtype=dtype, device="cuda")
+    return lambda x, w: launch(x, w, None, y, cfg)
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -176,7 +214,8 @@ def _parse_shapes(shapes) -> list[tuple[int, int]]:
 
 def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 32), sparsities=(0.5, 0.75),
                   layouts=LAYOUTS, dtype: str = "bfloat16", semi_structured: bool = True,
-                  json_path: str | None = None, seed: int = 0) -> list[dict]:
+                  json_path: str | None = None, seed: int = 0, pdl: str | None = None,
+                  baseline: str | None = None) -> list[dict]:
     """Time y = x W^T, dense cuBLAS against block-sparse, for every shape, token count and pattern.
 
     shapes: (out, in) pairs or "OUTxIN" strings. tokens: rows of x (<= 16 runs the decode kernel,
@@ -184,19 +223,30 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
     blocks. layouts: "grouped" (64-feature groups of block-rows share their columns) and/or
     "independent" (each block-row its own). dtype: "bfloat16" or "float16". semi_structured: also
     time torch's 2:4 path. json_path: where to write rows and environment. Every sparse output is
-    checked against float64 math on the masked weight (rel_err). Returns the rows.
+    checked against float64 math on the masked weight (rel_err). Every sparse row names the tuned
+    configuration it ran (config). pdl (else the environment's SPRUCE_BENCH_PDL): "on" / "off"
+    sets programmatic dependent launch for all sparse launches; "both" times the decode rows again
+    with it off, same configuration (us_pdl_off); unset, SPRUCE_PDL decides. baseline (else
+    SPRUCE_BENCH_BASELINE): "v4" also times, where it differs from the tuned one, the configuration
+    v4 ran in run 4 (`v4_config`; us_v4). Returns the rows.
     """
     from spruce.kernels.bsr import (
         BlockSparseWeight,
         block_sparse_linear,
+        chosen_config,
         launch_decode,
         launch_prefill,
         pdl_enabled,
+        set_pdl,
         tuned_configs,
         tuning_times,
     )
 
     _require_cuda()
+    pdl = _pdl_choice(pdl)
+    baseline = _baseline_choice(baseline)
+    if pdl is not None:
+        set_pdl(pdl != "off")
     if dtype not in DTYPES:
         raise SpruceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -219,7 +269,8 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
 
     def report():
         return {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(),
-                "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "rows": rows}
+                "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "pdl_setting": pdl,
+                "baseline": baseline, "rows": rows}
 
     for n, k in shapes:
         weight = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch_dtype)
@@ -256,12 +307,25 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
             for name, b, s, layout, masked, copies in variants:
                 x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
                 y = torch.full((m, n), float("nan"), dtype=torch_dtype, device="cuda")
-                (launch_decode if m <= 16 else launch_prefill)(x, copies[0], None, y)
+                kind, launch = ("decode", launch_decode) if m <= 16 else ("prefill", launch_prefill)
+                launch(x, copies[0], None, y)
                 err = _rel_err(y, F.linear(x.double(), masked.double()))
                 us = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
                 sp = copies[0]
+                cfg = chosen_config(kind, sp, m, torch_dtype)
+                extra = {"config": str(cfg)}
+                if pdl == "both" and kind == "decode":  # the same tiles without PDL
+                    set_pdl(False)
+                    extra["us_pdl_off"] = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
+                    set_pdl(True)
+                if baseline == "v4" and layout != "independent" and cfg is not None:
+                    v4 = v4_config(sp, m)
+                    extra["v4_config"] = str(v4)
+                    extra["us_v4"] = us if v4 == cfg else graph_time_us(
+                        _rotating_calls(_forced(launch, v4, m, n, torch_dtype), copies, xs))
                 row(n, k, m, name, us, sp.nbytes + io_bytes, 2 * m * n * k * sp.stored_fraction,
-                    speedup=dense_us / us, block=b, sparsity=s, layout=layout, group=sp.group, rel_err=err)
+                    speedup=dense_us / us, block=b, sparsity=s, layout=layout, group=sp.group, rel_err=err,
+                    **extra)
             if semi_copies is not None:
                 try:
                     x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
@@ -280,6 +344,8 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
         if json_path:  # after every shape, so that an interrupted run keeps what it measured
             _write_json(json_path, report(), quiet=True)
 
+    if pdl is not None:
+        set_pdl(None)
     print(format_kernel_table(rows, ceilings))
     if json_path:
         _write_json(json_path, report())
@@ -287,17 +353,29 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
 
 
 def format_kernel_table(rows: list[dict], ceilings: dict) -> str:
+    """The rows as a table; "v4 us" / "no-PDL us" columns appear when some row has them, and the
+    last column is the tuned configuration (decode: features, inputs per tile, warps, stages,
+    tl.dot, split; prefill: tokens, K step, warps, stages, swapped)."""
+    v4 = any("us_v4" in r for r in rows)
+    off = any("us_pdl_off" in r for r in rows)
     lines = [(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 matmul {ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s"),
              (f"{'shape':>11} {'tokens':>6} {'kernel':<28} {'us':>9} {'x dense':>8} {'GB/s':>7} "
-              f"{'TFLOP/s':>8} {'%floor':>6} {'rel err':>8}")]
+              f"{'TFLOP/s':>8} {'%floor':>6} {'rel err':>8}" + (f" {'v4 us':>7}" if v4 else "")
+              + (f" {'no-PDL':>7}" if off else "") + "  config")]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['shape']:>11} {r['tokens']:>6} {r['kernel']:<28} failed: {r['error'][:80]}")
             continue
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        lines.append(f"{r['shape']:>11} {r['tokens']:>6} {r['kernel']:<28} {r['us']:9.1f} {r['speedup']:8.2f} "
-                     f"{r['GB_per_s']:7.0f} {r['TFLOP_per_s']:8.1f} {r['pct_of_floor']:6.0%} {err:>8}")
+        line = (f"{r['shape']:>11} {r['tokens']:>6} {r['kernel']:<28} {r['us']:9.1f} {r['speedup']:8.2f} "
+                f"{r['GB_per_s']:7.0f} {r['TFLOP_per_s']:8.1f} {r['pct_of_floor']:6.0%} {err:>8}")
+        if v4:
+            same = "us_v4" in r and r.get("v4_config") == r.get("config")
+            line += f" {'=' if same else (format(r['us_v4'], '7.1f') if 'us_v4' in r else ''):>7}"
+        if off:
+            line += f" {format(r['us_pdl_off'], '7.1f') if 'us_pdl_off' in r else '':>7}"
+        lines.append((line + (f"  {r['config']}" if r.get("config") not in (None, "None") else "")).rstrip())
     return "\n".join(lines)
 
 
@@ -415,10 +493,61 @@ def _decoder_linears(model):
             if name.rsplit(".", 1)[-1] in DECODER_LINEARS and isinstance(module, torch.nn.Linear)]
 
 
+def _linear_configs(model, batch: int, prompt_tokens: int, dtype) -> list[dict]:
+    """Per distinct sparse linear (shape, density bucket): the tuned decode configuration for `batch`
+    tokens and prefill configuration for the prompt, the tuner's us per call for each, and how many
+    layers share them."""
+    from spruce.kernels import BlockSparseLinear
+    from spruce.kernels.bsr import (
+        chosen_config,
+        density_bucket,
+        tuning_key,
+        tuning_times,
+    )
+
+    times = tuning_times()
+    out = {}
+    for module in model.modules():
+        if not isinstance(module, BlockSparseLinear):
+            continue
+        w = module.sparse_weight
+        name = f"{w.shape[0]}x{w.shape[1]} b{w.block} g{w.group_features} {density_bucket(w)}"
+        if name in out:
+            out[name]["layers"] += 1
+            continue
+        entry = {"linear": name, "layers": 1}
+        for kind, m in (("decode", batch), ("prefill", batch * prompt_tokens)):
+            key = tuning_key(kind, w, m, dtype)
+            cfg = chosen_config(kind, w, m, dtype)
+            entry[kind] = str(cfg) if cfg is not None else None
+            entry[f"{kind}_tuned_us"] = times.get("/".join(map(str, key)), {}).get(str(cfg))
+        out[name] = entry
+    return list(out.values())
+
+
+def format_linear_configs(rows: list[dict]) -> str:
+    """One line per batch and sparse linear: the configurations the generation runs used."""
+    lines = [("kernel configurations (decode: features, inputs per tile, warps, stages, tl.dot, split; "
+              "prefill: tokens, K step, warps, stages, swapped; us per call as the tuner timed it)")]
+    seen = set()
+    for r in rows:
+        for c in r.get("configs", ()):
+            line = (f"  batch {r['batch']:>2} {c['linear']:<26} x{c['layers']:<3} decode {c['decode']} "
+                    f"{_us(c['decode_tuned_us'])}  prefill {c['prefill']} {_us(c['prefill_tuned_us'])}")
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def _us(value) -> str:
+    return f"{value:.1f} us" if isinstance(value, (int, float)) else "(not tuned)"
+
+
 def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int = 128, sparsity: float = 0.5,
                    block_size: int = 16, layout: str = "grouped", modes=("graph", "eager"),
                    semi_structured: bool = True, num_layers: int = 32, json_path: str | None = None,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, pdl: str | None = None) -> list[dict]:
     """Greedy generation tokens/s of a random Llama-2-7B-shaped bf16 model: dense, block-sparse, 2:4.
 
     Every decoder linear gets `sparsity` zero blocks of `block_size` in `layout` ("grouped" or
@@ -427,13 +556,21 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     modes: "graph" (static cache, the one-token step replayed as a CUDA graph) and/or "eager"
     (Hugging Face `generate` with its default cache). semi_structured: also run torch's 2:4 on the
     same layers (pruned 2:4 by magnitude). num_layers: decoder layers (32 is Llama-2-7B).
-    json_path: where to write rows and environment. Returns the rows.
+    json_path: where to write rows and environment. pdl (else the environment's SPRUCE_BENCH_PDL):
+    "on" / "off" sets programmatic dependent launch for the sparse kernels, "both" runs the sparse
+    model with it on and then off (same tuned configurations); unset, SPRUCE_PDL decides. Each
+    sparse row records whether PDL was on (after capture, which turns it off if it fails), the
+    tuned configuration of every sparse linear shape (configs) and the sum of the tuner's times
+    over the step's sparse linears (linears_tuned_ms). Returns the rows.
     """
     from transformers import LlamaForCausalLM
 
     from spruce.kernels import densify, sparsify
+    from spruce.kernels.bsr import pdl_enabled, set_pdl
 
     _require_cuda()
+    pdl = _pdl_choice(pdl)
+    pdl_states = {None: [None], "on": [True], "off": [False], "both": [True, False]}[pdl]
     unknown = set(modes) - {"graph", "eager"}
     if unknown:
         raise SpruceError(f"modes must be 'graph' and/or 'eager', got {sorted(unknown)}")
@@ -459,9 +596,10 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     prompts = {b: torch.randint(0, 32000, (b, prompt_tokens), generator=gen).to("cuda") for b in batch_sizes}
     rows, outputs = [], {}
 
-    def run(kind: str, weight_bytes: int):
+    def run(kind: str, weight_bytes: int, sparse: bool = False):
         for b in batch_sizes:
             for mode in modes:
+                extra = {}
                 try:
                     generate = _generator(model, mode, b, prompt_tokens, new_tokens)
                     generate(prompts[b])  # warm-up: kernel tuning, graph capture
@@ -470,15 +608,22 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
                     tokens = generate(prompts[b])
                     torch.cuda.synchronize()
                     seconds = time.perf_counter() - start
+                    if sparse:
+                        extra["pdl"] = pdl_enabled(torch.device("cuda"))
+                        extra["configs"] = _linear_configs(model, b, prompt_tokens, torch.bfloat16)
+                        extra["linears_tuned_ms"] = sum(
+                            c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
+                            if c["decode_tuned_us"] is not None) / 1e3
                 except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
-                    rows.append({"kind": kind, "batch": b, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+                    rows.append({"kind": kind, "batch": b, "mode": mode, **extra,
+                                 "error": f"{type(exc).__name__}: {exc}"})
                     continue
-                outputs[kind, b, mode] = tokens.cpu()
+                outputs[kind, b, mode, extra.get("pdl")] = tokens.cpu()
                 per_token_ms = seconds / new_tokens * 1e3
                 rows.append({"kind": kind, "batch": b, "mode": mode, "seconds": seconds,
                              "tokens_per_s": b * new_tokens / seconds, "ms_per_step": per_token_ms,
                              "weight_bytes": weight_bytes,
-                             "weight_read_floor_ms": weight_bytes / ceilings["copy_bytes_per_s"] * 1e3})
+                             "weight_read_floor_ms": weight_bytes / ceilings["copy_bytes_per_s"] * 1e3, **extra})
 
     def model_bytes():
         total = 0
@@ -489,7 +634,14 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
 
     run("dense", model_bytes())
     report = sparsify(model, block_size=block_size, min_sparsity=min(sparsity, 0.3))
-    run(f"bsr b{block_size} {sparsity:.0%} {layout}", model_bytes())
+    try:
+        for state in pdl_states:
+            if state is not None:
+                set_pdl(state)
+            run(f"bsr b{block_size} {sparsity:.0%} {layout}", model_bytes(), sparse=True)
+    finally:
+        if pdl is not None:
+            set_pdl(None)
     densify(model)
     if semi_structured:
         from torch.sparse import to_sparse_semi_structured
@@ -507,13 +659,16 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
                      and d["mode"] == r["mode"] and "error" not in d), None)
         if base is not None and "error" not in r:
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
-            dense_out = outputs.get(("dense", r["batch"], r["mode"]))
+            dense_out = outputs.get(("dense", r["batch"], r["mode"], None))
             if r["kind"].startswith("bsr") and dense_out is not None:
-                new = outputs[r["kind"], r["batch"], r["mode"]][:, prompt_tokens:]
+                new = outputs[r["kind"], r["batch"], r["mode"], r.get("pdl")][:, prompt_tokens:]
                 r["tokens_equal_to_dense"] = (new == dense_out[:, prompt_tokens:]).float().mean().item()
     summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsify_report": str(report),
-               "rows": rows}
+               "pdl_setting": pdl, "rows": rows}
+    configs = format_linear_configs(rows)
+    if configs:
+        print(configs)
     print(format_generate_table(rows))
     if json_path:
         _write_json(json_path, summary)
@@ -521,14 +676,18 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
 
 
 def format_generate_table(rows: list[dict]) -> str:
-    lines = [(f"{'kind':<24} {'batch':>5} {'mode':<6} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
-              f"{'floor ms':>8} {'same new':>8}")]
+    """The rows as a table. pdl: whether the sparse kernels ran with programmatic dependent launch;
+    lin ms: the tuner's times summed over one step's sparse linears (what the kernels alone take)."""
+    lines = [(f"{'kind':<24} {'pdl':<3} {'batch':>5} {'mode':<6} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
+              f"{'floor ms':>8} {'lin ms':>7} {'same new':>8}")]
     for r in rows:
+        pdl = {True: "on", False: "off"}.get(r.get("pdl"), "")
         if "error" in r:
-            lines.append(f"{r['kind']:<24} {r['batch']:>5} {r['mode']:<6} failed: {r['error'][:90]}")
+            lines.append(f"{r['kind']:<24} {pdl:<3} {r['batch']:>5} {r['mode']:<6} failed: {r['error'][:90]}")
             continue
         same = f"{r['tokens_equal_to_dense']:.0%}" if "tokens_equal_to_dense" in r else ""
-        lines.append(f"{r['kind']:<24} {r['batch']:>5} {r['mode']:<6} {r['tokens_per_s']:9.1f} "
+        lin = f"{r['linears_tuned_ms']:.2f}" if r.get("linears_tuned_ms") else ""
+        lines.append(f"{r['kind']:<24} {pdl:<3} {r['batch']:>5} {r['mode']:<6} {r['tokens_per_s']:9.1f} "
                      f"{r.get('speedup', float('nan')):8.2f} {r['ms_per_step']:8.2f} "
-                     f"{r['weight_read_floor_ms']:8.2f} {same:>8}")
+                     f"{r['weight_read_floor_ms']:8.2f} {lin:>7} {same:>8}".rstrip())
     return "\n".join(lines)

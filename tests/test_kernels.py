@@ -78,6 +78,94 @@ def test_from_dense_refuses_what_the_block_does_not_cut(shape, block):
         BlockSparseWeight.from_dense(torch.ones(shape), block)
 
 
+# ---------------------------------------------------------------- tuning keys and candidates (CPU)
+
+
+def test_tuning_key_separates_densities():
+    half = BlockSparseWeight.from_dense(masked_weight(256, 512, 16, 0.5, "grouped"), 16)
+    near = BlockSparseWeight.from_dense(masked_weight(256, 512, 16, 0.47, "grouped"), 16)  # 17 of 32 kept
+    quarter = BlockSparseWeight.from_dense(masked_weight(256, 512, 16, 0.75, "grouped"), 16)
+    assert (bsr.density_bucket(half), bsr.density_bucket(near), bsr.density_bucket(quarter)) == ("d0.5", "d0.5", "d0.25")
+    key = bsr.tuning_key("decode", half, 8, torch.bfloat16)
+    assert key == ("decode", 256, 512, 16, 64, "d0.5", 8, "torch.bfloat16")
+    assert bsr.tuning_key("decode", near, 8, torch.bfloat16) == key
+    assert bsr.tuning_key("decode", quarter, 8, torch.bfloat16) != key
+    assert bsr.tuning_key("prefill", half, 300, torch.bfloat16)[-2] == 512  # prefill tokens: next power of two
+    sparse = BlockSparseWeight.from_dense(masked_weight(256, 512, 16, 0.97, "grouped"), 16)  # 1 of 32 kept
+    assert bsr.density_bucket(sparse) == "d0.125"  # never rounds to zero
+
+
+@pytest.mark.parametrize("layout,width", [("grouped", 64), ("grouped128", 128), ("independent", 16)])
+def test_decode_candidates(layout, width):
+    w = BlockSparseWeight.from_dense(masked_weight(256, 512, 16, 0.5, layout), 16)
+    assert w.group_features == width
+    for m in (1, 2, 8, 9, 16):
+        configs = bsr.decode_candidates(w, m)
+        assert len(configs) == len(set(configs)) and configs[0][5] == 1  # split-free first, for graph capture
+        assert all(c[0] <= width and width % c[0] == 0 for c in configs)
+        assert all(c[4] for c in configs) == (m > bsr.GEMV_MAX_TOKENS)
+        if m > 1 and width >= 64:  # past the v4 winner (32 features, split 2): wider tiles and splits 1-4
+            dot = {c for c in configs if c[4]}
+            assert {(64, 256, 8, 3, True, 1), (32, 256, 4, 3, True, 1), (32, 256, 4, 3, True, 4)} <= dot
+            assert {c[1] for c in dot if c[0] == 32} == {128, 256, 512}
+
+
+def test_bench_tables_show_configs_pdl_and_baseline(monkeypatch):
+    from spruce import bench
+
+    ceilings = {"copy_bytes_per_s": 4.17e12, "matmul_flop_per_s": 7.78e14}
+    base = {"shape": "4096x4096", "tokens": 8, "speedup": 1.0, "GB_per_s": 1.0, "TFLOP_per_s": 1.0,
+            "pct_of_floor": 0.5}
+    rows = [{**base, "kernel": "dense cuBLAS", "us": 13.0},
+            {**base, "kernel": "bsr b16 75% grouped", "us": 7.0, "rel_err": 1.6e-3, "config": "(64, 256, 8, 3, True, 2)",
+             "v4_config": "(32, 256, 4, 3, True, 2)", "us_v4": 7.9, "us_pdl_off": 7.6},
+            {**base, "kernel": "bsr b16 50% grouped", "us": 11.0, "rel_err": 1.6e-3, "config": "(32, 256, 4, 3, True, 2)",
+             "v4_config": "(32, 256, 4, 3, True, 2)", "us_v4": 11.0}]
+    table = bench.format_kernel_table(rows, ceilings).splitlines()
+    assert "v4 us" in table[1] and "no-PDL" in table[1]
+    assert table[3].endswith("7.9     7.6  (64, 256, 8, 3, True, 2)")
+    assert " = " in table[4] and table[4].endswith("(32, 256, 4, 3, True, 2)")
+    assert "v4 us" not in bench.format_kernel_table(rows[:1], ceilings)
+
+    configs = [{"linear": "4096x4096 b16 g64 d0.5", "layers": 128, "decode": "(4, 1024, 4, 1, False, 1)",
+                "decode_tuned_us": 6.5, "prefill": "(256, 64, 8, 3, True)", "prefill_tuned_us": None}]
+    gen = {"batch": 1, "mode": "graph", "tokens_per_s": 170.0, "speedup": 1.2, "ms_per_step": 5.8,
+           "weight_read_floor_ms": 1.7}
+    rows = [{**gen, "kind": "dense"},
+            {**gen, "kind": "bsr b16 50% grouped", "pdl": True, "configs": configs, "linears_tuned_ms": 0.83},
+            {**gen, "kind": "bsr b16 50% grouped", "pdl": False, "configs": configs, "linears_tuned_ms": 0.83}]
+    table = bench.format_generate_table(rows).splitlines()
+    assert "pdl" in table[0] and " on " in table[2] and " off " in table[3] and "0.83" in table[3]
+    listed = bench.format_linear_configs(rows).splitlines()
+    assert len(listed) == 2 and "x128" in listed[1] and "6.5 us" in listed[1] and "(not tuned)" in listed[1]
+
+    monkeypatch.setenv("SPRUCE_BENCH_PDL", "both")
+    assert bench._pdl_choice(None) == "both" and bench._pdl_choice("off") == "off"
+    monkeypatch.setenv("SPRUCE_BENCH_PDL", "sometimes")
+    with pytest.raises(SpruceError, match="pdl must be one of"):
+        bench._pdl_choice(None)
+    monkeypatch.delenv("SPRUCE_BENCH_PDL")
+    assert bench._pdl_choice(None) is None
+
+
+def test_generate_bench_lists_each_linear_configuration(monkeypatch):
+    from spruce import bench
+
+    model = tiny_llama()
+    sparsify(model)
+    weights = {m.sparse_weight.shape: m.sparse_weight for m in model.modules() if isinstance(m, BlockSparseLinear)}
+    w = weights[(64, 64)]
+    key = bsr.tuning_key("decode", w, 2, torch.bfloat16)
+    monkeypatch.setitem(bsr._tuned, key, (16, 256, 4, 3, True, 1))
+    monkeypatch.setitem(bsr._tune_ms, key, {"(16, 256, 4, 3, True, 1)": 3.25})
+    configs = {c["linear"].split()[0]: c for c in bench._linear_configs(model, 2, 9, torch.bfloat16)}
+    assert set(configs) == {"64x64", "128x64", "64x128"}
+    square = configs["64x64"]
+    assert square["layers"] == 8  # q, k, v, o of 2 layers
+    assert square["decode"] == "(16, 256, 4, 3, True, 1)" and square["decode_tuned_us"] == 3.25
+    assert square["prefill"] is None and configs["128x64"]["decode"] is None
+
+
 # ---------------------------------------------------------------- model swapping (CPU)
 
 
@@ -238,6 +326,23 @@ def test_split_decode_resets_its_counters_and_repeats():
                 assert rel_err(y, ref) <= 1e-2, cfg
     for _, locks in bsr._workspaces.values():
         assert int(locks.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_pdl_off_gives_the_same_output(few_configs):
+    gen = torch.Generator().manual_seed(4)
+    w = masked_weight(256, 512, 16, 0.5, "grouped").to(torch.bfloat16)
+    sparse = BlockSparseWeight.from_dense(w, 16).to("cuda")
+    x = torch.randn(5, 512, generator=gen).to("cuda", torch.bfloat16)
+    try:
+        outs = []
+        for state in (True, False):
+            bsr.set_pdl(state)
+            outs.append(bsr.block_sparse_linear(x, sparse))
+    finally:
+        bsr.set_pdl(None)
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.gpu

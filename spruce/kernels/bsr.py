@@ -24,8 +24,9 @@ Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
   the group's stored block-columns with `tl.dot`, the input tile gathered by column index.
 Column-index gathers carry contiguity hints (runs of B from multiples of B), so the input is read
 with 16-byte loads and the prefill loop is software pipelined with cp.async like the weights.
-Each launch shape picks its tile configuration on first use by timing every candidate as CUDA-graph
-replays of back-to-back launches over weight copies larger than L2 (`_fastest`).
+Each launch shape (weight shape, block, group width, density in eighths, tokens, dtype) picks its
+tile configuration on first use by timing every candidate as CUDA-graph replays of back-to-back
+launches over weight copies larger than L2 (`_fastest`).
 """
 
 from __future__ import annotations
@@ -227,9 +228,15 @@ def _warn_no_triton() -> None:
 # USE_DOT False: fp32 FMA per token (1-8 tokens), the weight tile converted once and reused.
 DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False, 1), (8, 512, 4, 1, False, 1), (8, 1024, 4, 1, False, 2),
                        (16, 512, 4, 1, False, 4), (16, 256, 4, 1, False, 8)]
-# USE_DOT True: a 16-token tl.dot (BLOCK_F >= 16), 2-16 tokens.
+# USE_DOT True: a 16-token tl.dot (BLOCK_F >= 16), 2-16 tokens. The first five are the v4 list, whose
+# widest tile (32 features, split 2) won every 8-16 token shape; the rest extend it around that
+# winner: 32 features with split 1 and 4, K tiles of 128 and 512, 8 warps, and 64-feature tiles.
 DECODE_DOT_CONFIGS = [(16, 256, 4, 3, True, 1), (16, 512, 4, 2, True, 2), (32, 256, 4, 3, True, 2),
-                      (16, 256, 4, 3, True, 4), (16, 128, 4, 3, True, 8)]
+                      (16, 256, 4, 3, True, 4), (16, 128, 4, 3, True, 8),
+                      (32, 256, 4, 3, True, 1), (32, 256, 4, 3, True, 4), (32, 128, 4, 4, True, 2),
+                      (32, 512, 8, 2, True, 2), (32, 256, 8, 3, True, 2),
+                      (64, 256, 8, 3, True, 1), (64, 256, 8, 3, True, 2), (64, 128, 4, 3, True, 2),
+                      (64, 128, 4, 3, True, 4)]
 GEMV_MAX_TOKENS = 8
 GEMV_MULTI_CONFIGS = 2  # for 2-8 tokens only the first FMA configurations are candidates
 DECODE_SPLIT_ROWS = 16  # partial rows per split in the fp32 workspace (= DECODE_MAX_TOKENS)
@@ -239,6 +246,10 @@ PREFILL_CONFIGS = [(256, 64, 8, 3, True), (256, 64, 8, 4, True), (128, 64, 4, 4,
                    (256, 64, 8, 3, False), (128, 64, 8, 3, False)]
 PREFILL_MAX_ACC = 256 * 128  # accumulator elements of one program (8 warps: 128 fp32 registers a thread)
 
+# The tuning key holds the stored fraction in eighths (rounded, at least 1/8): 75%-zero weights get
+# their own configurations instead of those tuned on 50% ones, while layers of nearly equal density
+# share one tuning.
+DENSITY_STEPS = 8
 TUNE_CALLS = 32  # back-to-back launches per timed graph replay
 TUNE_REPLAYS = 3
 
@@ -330,6 +341,24 @@ def tuning_times() -> dict:
     return {"/".join(map(str, key)): times for key, times in _tune_ms.items()}
 
 
+def density_bucket(w: BlockSparseWeight) -> str:
+    """The weight's stored fraction rounded to DENSITY_STEPS-ths (at least one), as in tuning keys: "d0.25"."""
+    steps = max(1, round(w.stored_fraction * DENSITY_STEPS))
+    return f"d{steps / DENSITY_STEPS:g}"
+
+
+def tuning_key(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple:
+    """The launch shape one tuned configuration serves: kernel, weight shape, block, group width,
+    density bucket, tokens (prefill: the next power of two) and dtype."""
+    tokens = m if kind == "decode" else 1 << (m - 1).bit_length()
+    return (kind, *w.shape, w.block, w.group_features, density_bucket(w), tokens, str(dtype))
+
+
+def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple | None:
+    """The configuration tuned for this launch shape, None before its first launch."""
+    return _tuned.get(tuning_key(kind, w, m, dtype))
+
+
 def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
     """Decode configurations for m tokens; the first never uses split partials."""
     gemv = DECODE_GEMV_CONFIGS if m == 1 else DECODE_GEMV_CONFIGS[:GEMV_MULTI_CONFIGS]
@@ -382,6 +411,17 @@ def disable_pdl() -> None:
         _pdl[index] = False
 
 
+def set_pdl(enabled: bool | None) -> None:
+    """Turn programmatic dependent launch on or off for later decode launches (on takes effect only
+    on Hopper and newer); None goes back to the default, SPRUCE_PDL. Tuned configurations are kept,
+    so a comparison of the two states runs the same tiles."""
+    _pdl.clear()
+    if enabled is None:
+        return
+    for index in range(torch.cuda.device_count()):
+        _pdl[index] = enabled and torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
     """y[M, N] = x[M, K] W^T (+ bias) for M <= 16; `cfg` forces one configuration."""
     m = x.shape[0]
@@ -404,8 +444,7 @@ def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
     if cfg is not None:
         launch(cfg, w)
         return
-    key = ("decode", *w.shape, w.block, w.group_features, m, str(x.dtype))
-    _launch_tuned(key, decode_candidates(w, m), launch, w)
+    _launch_tuned(tuning_key("decode", w, m, x.dtype), decode_candidates(w, m), launch, w)
 
 
 def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
@@ -425,9 +464,7 @@ def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | N
     if cfg is not None:
         launch(cfg, w)
         return
-    m_bucket = 1 << (m - 1).bit_length()
-    key = ("prefill", *w.shape, w.block, w.group_features, m_bucket, str(x.dtype))
-    _launch_tuned(key, prefill_candidates(w), launch, w)
+    _launch_tuned(tuning_key("prefill", w, m, x.dtype), prefill_candidates(w), launch, w)
 
 
 def triton_cdiv(a: int, b: int) -> int:
