@@ -356,26 +356,22 @@ def _prune_layers(model, method, spec, per_linear, batches, device, progress, de
         home = next(layer.parameters()).device
         layer.to(device)
         ref = copy.deepcopy(layer) if dense is not None or reconstruct else None
-        dense_next = _run_layer(ref, dense) if dense is not None else None
+        dense_next = _run_layer(ref, dense) if dense is not None and (reconstruct or layer is not layers[-1]) \
+            else None
         targets = None
         if reconstruct:
             targets = [o for o, _ in (dense_next if reconstruct.target == "dense" else _run_layer(ref, batches))]
         todo = {name for name, module in layer.named_modules()
                 if id(module) in full_names and per_linear[full_names[id(module)]] > 0}
-        if needs:
-            pair = (ref, dense) if aim else None
-            stats, groups = gather_statistics(layer, batches, needs, pair)
-            for i, group in enumerate(groups):
-                if sequential and i:
-                    stats, _ = gather_statistics(layer, batches, needs, pair, only=set(group))
-                for name in group:
-                    if name in todo:
-                        _prune_weight(layer.get_submodule(name), method, spec, stats[name],
-                                      per_linear[full_names[id(layer.get_submodule(name))]])
-        else:
-            for name in todo:
-                module = layer.get_submodule(name)
-                _prune_weight(module, method, spec, {}, per_linear[full_names[id(module)]])
+        pair = (ref, dense) if aim else None
+        stats, groups = gather_statistics(layer, batches, needs, pair) if needs else ({}, [sorted(todo)])
+        for i, group in enumerate(groups):
+            if sequential and needs and i:
+                stats, _ = gather_statistics(layer, batches, needs, pair, only=set(group))
+            for name in group:
+                if name in todo:
+                    module = layer.get_submodule(name)
+                    _prune_weight(module, method, spec, stats.get(name, {}), per_linear[full_names[id(module)]])
         if reconstruct:
             first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr)
             bar.set_postfix(rel_err=f"{first:.3g}->{last:.3g}")
