@@ -153,10 +153,12 @@ def test_obs_refuses_unstructured(tiny_model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["sparsegpt", "obs"])
+@pytest.mark.parametrize("method", ["sparsegpt", "obs", "obs+reconstruct"])
 def test_hessian_engine_on_cuda(tiny_model, method):
-    prune_model(tiny_model, method, "16x16", 0.5, samples=_samples(tiny_model.config.vocab_size),
-                device="cuda", progress=False)
+    from spruce.prune.engine import Reconstruct
+    rec = Reconstruct(epochs=2, lr=3e-4) if method.endswith("+reconstruct") else None
+    prune_model(tiny_model, method.split("+")[0], "16x16", 0.5, samples=_samples(tiny_model.config.vocab_size),
+                device="cuda", progress=False, reconstruct=rec, sequential=rec is not None)
     assert all(block_pattern_holds(m.weight, 16, 16) and m.weight.device.type == "cpu"
                for m in prunable_linears(tiny_model).values())
 
