@@ -17,6 +17,7 @@ rank 0 logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -228,25 +229,19 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
     first_step = step
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
     while step < args.steps:
-        if parallel is None:
-            for micro in range(args.grad_accum):
-                ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed)].to(device)
+        losses = []
+        for micro in range(args.grad_accum):
+            ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed,
+                                       rank, world)].to(device)
+            last_micro = micro == args.grad_accum - 1
+            with parallel.sync_gradients(model, last_micro) if parallel else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     loss = _loss(model, ids, teacher, args) / args.grad_accum
                 loss.backward()
-                window.append(loss.item() * args.grad_accum)
-        else:
-            losses = torch.zeros(args.grad_accum, dtype=torch.float64)
-            for micro in range(args.grad_accum):
-                ids = blocks[batch_indices(step, micro, n, args.batch_size, args.grad_accum, args.seed,
-                                           rank, world)].to(device)
-                with parallel.sync_gradients(model, micro == args.grad_accum - 1):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                        loss = _loss(model, ids, teacher, args) / args.grad_accum
-                    loss.backward()
-                losses[micro] = loss.item() * args.grad_accum
-            # the mean over all processes: the same log, and the same NaN verdict, everywhere
-            window.extend((parallel.all_sum(losses) / world).tolist())
+            losses.append(loss.item() * args.grad_accum)
+        if parallel is not None:  # the mean over all processes: the same log and NaN verdict everywhere
+            losses = (parallel.all_sum(torch.tensor(losses, dtype=torch.float64)) / world).tolist()
+        window.extend(losses)
         if not math.isfinite(window[-1]):
             last = list_checkpoints(ckpt_root) if ckpt_root else []
             raise SpruceError(f"the loss became {window[-1]} at step {step + 1}; training stopped "
