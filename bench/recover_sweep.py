@@ -51,6 +51,7 @@ COMMON = {"dataset_name": "sotu", "do_train": None, "do_eval": None, "block_size
           "load_best_model_at_end": None, "bf16": None, "merge": None, "overwrite_output_dir": None}
 KL = {"distill_alpha": "1", "distill_temperature": "1"}   # pure KL to the dense teacher's distribution
 COSINE = {"lr_scheduler_type": "cosine", "warmup_steps": 20}
+HIDDEN = {"distill_hidden_weight": "1"}   # plus the per-layer hidden-state error to the teacher
 
 
 @dataclass
@@ -71,6 +72,22 @@ RECIPES = {
     "kl-full-lr3e-4": Recipe(
         "masked full FT, pure KL to the dense teacher (T=1), lr 3e-4 cosine, 3 epochs of sotu",
         {**COMMON, "mode": "full", "num_train_epochs": EPOCHS, "learning_rate": "3e-4", **COSINE, **KL}, True, 1.0),
+    "kl-full-lr1e-3": Recipe(
+        "masked full FT, pure KL to the dense teacher (T=1), lr 1e-3 cosine, 3 epochs of sotu",
+        {**COMMON, "mode": "full", "num_train_epochs": EPOCHS, "learning_rate": "1e-3", **COSINE, **KL}, True, 1.0),
+    "klh-full-lr3e-4": Recipe(
+        "masked full FT, pure KL (T=1) + hidden states of every layer (weight 1), lr 3e-4 cosine, 3 epochs",
+        {**COMMON, "mode": "full", "num_train_epochs": EPOCHS, "learning_rate": "3e-4", **COSINE, **KL, **HIDDEN},
+        True, 1.05),
+    "klh-full-lr1e-3": Recipe(
+        "masked full FT, pure KL (T=1) + hidden states of every layer (weight 1), lr 1e-3 cosine, 3 epochs",
+        {**COMMON, "mode": "full", "num_train_epochs": EPOCHS, "learning_rate": "1e-3", **COSINE, **KL, **HIDDEN},
+        True, 1.05),
+    "kl-full-b4-lr3e-4": Recipe(
+        "masked full FT, pure KL (T=1), lr 3e-4 cosine, batch 4 (4x the steps), 3 epochs of sotu",
+        {**COMMON, "mode": "full", "num_train_epochs": EPOCHS, "learning_rate": "3e-4", **COSINE, **KL,
+         "per_device_train_batch_size": 4, "warmup_steps": 80, "eval_steps": math.ceil(SOTU_TRAIN_BLOCKS / 4 / 2)},
+        True, 1.6),
     "kl-full-lr1e-4": Recipe(
         "masked full FT, pure KL to the dense teacher (T=1), lr 1e-4 cosine, 3 epochs of sotu",
         {**COMMON, "mode": "full", "num_train_epochs": EPOCHS, "learning_rate": "1e-4", **COSINE, **KL}, True, 1.0),

@@ -266,6 +266,9 @@ def build_parser() -> Parser:
     g.add_argument("--teacher_model", metavar="MODEL", help="dense teacher for distillation (KL on logits)")
     g.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term, rest is LM loss (default: 0.5)")
     g.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature for KL (default: 2)")
+    g.add_argument("--distill_hidden_weight", type=float, default=0.0, metavar="W",
+                   help="add W x the per-layer squared error between student and teacher hidden states, "
+                        "each layer divided by the teacher's variance (default: 0, off)")
     g = p.add_argument_group("monitoring and output")
     g.add_argument("--output_dir", required=True, help="adapter (or model), checkpoints, logs and summary go here")
     g.add_argument("--overwrite_output_dir", action="store_true", help="reuse a non-empty --output_dir")

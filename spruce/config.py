@@ -96,6 +96,7 @@ class RecoverConfig:
     teacher: bool = False         # distil from the dense model (the run's `model`)
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0  # softmax temperature of the KL term
+    distill_hidden: float = 0.0   # weight of the per-layer hidden-state term (needs teacher)
     dtype: str | None = None      # training dtype; None = the run's dtype
     bf16: bool = False            # bf16 mixed precision (full mode keeps float32 master weights)
 
@@ -110,6 +111,7 @@ class RecoverConfig:
         _require(0 <= self.lora_dropout < 1, f"recover.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _require(self.distill_temperature > 0,
                  f"recover.distill_temperature must be positive, got {self.distill_temperature}")
+        _require(self.distill_hidden >= 0, f"recover.distill_hidden must be >= 0, got {self.distill_hidden}")
 
 
 @dataclass

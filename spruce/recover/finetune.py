@@ -134,8 +134,14 @@ def run_finetune(a, say=print) -> dict:
         raise SpruceError("--do_eval with --train_file needs --validation_file")
     for spec in filter(None, (train_spec, eval_spec)):
         data.parse_corpus(spec)
-    if a.teacher_model and a.distill_alpha == 0:
-        raise SpruceError("--teacher_model given with --distill_alpha 0; set --distill_alpha in (0, 1]")
+    hidden = getattr(a, "distill_hidden_weight", 0.0) or 0.0
+    if hidden < 0:
+        raise SpruceError(f"--distill_hidden_weight must be >= 0, got {hidden}")
+    if hidden and not a.teacher_model:
+        raise SpruceError("--distill_hidden_weight needs --teacher_model (the dense model to match)")
+    if a.teacher_model and a.distill_alpha == 0 and not hidden:
+        raise SpruceError("--teacher_model given with --distill_alpha 0 and no --distill_hidden_weight; "
+                          "set --distill_alpha in (0, 1]")
     if parallel is not None:
         parallel.barrier()  # every process has checked the output folder before rank 0 writes into it
 
@@ -221,7 +227,7 @@ def run_finetune(a, say=print) -> dict:
         save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         load_best_model_at_end=a.load_best_model_at_end, early_stopping_patience=a.early_stopping_patience,
         seed=a.seed, bf16=bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
-        distill_temperature=a.distill_temperature)
+        distill_temperature=a.distill_temperature, distill_hidden=hidden if teacher is not None else 0.0)
     procs = f" ({world} processes x {a.per_device_train_batch_size} x {grad_accum}, {parallel.kind})" \
         if parallel is not None else ""
     say(f"training {a.mode} on {train_spec}: {train_blocks.shape[0]} blocks of {a.block_size} tokens, "

@@ -56,6 +56,7 @@ class TrainArgs:
     bf16: bool = False                # autocast matmuls to bfloat16
     distill_alpha: float = 0.0        # weight of the KL-to-teacher term (needs a teacher)
     distill_temperature: float = 2.0
+    distill_hidden: float = 0.0       # weight of the hidden-state term (needs a teacher)
 
     def __post_init__(self):
         if self.steps <= 0:
@@ -64,6 +65,8 @@ class TrainArgs:
             raise SpruceError(f"unknown lr scheduler '{self.scheduler}'; use linear, cosine or constant")
         if not 0 <= self.distill_alpha <= 1:
             raise SpruceError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_hidden < 0:
+            raise SpruceError(f"the hidden-state distillation weight must be >= 0, got {self.distill_hidden}")
 
 
 @dataclass
@@ -100,17 +103,35 @@ def batch_indices(step: int, micro: int, n: int, batch_size: int, grad_accum: in
     return torch.stack([epoch_order(n, seed, i // n)[i % n] for i in range(first, first + batch_size)])
 
 
+def hidden_state_loss(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Mean over decoder layers of the squared error between the student's and the teacher's
+    outputs, each divided by the variance of the teacher's: every layer weighs the same whatever
+    the scale of its residual stream. `student` and `teacher` are the models' `hidden_states`
+    (the embeddings first, which carry no error and are skipped)."""
+    terms = []
+    for s, t in zip(student[1:], teacher[1:]):
+        t = t.float()
+        terms.append(F.mse_loss(s.float(), t) / t.var().clamp_min(1e-6))
+    return torch.stack(terms).mean()
+
+
 def _loss(model, ids, teacher, args: TrainArgs):
-    out = model(input_ids=ids, labels=ids, use_cache=False)
-    if teacher is None or args.distill_alpha == 0:
+    hidden = teacher is not None and args.distill_hidden > 0
+    out = model(input_ids=ids, labels=ids, use_cache=False, output_hidden_states=hidden)
+    if teacher is None or (args.distill_alpha == 0 and not hidden):
         return out.loss
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
-    t = args.distill_temperature
-    kl = F.kl_div(F.log_softmax(out.logits.float() / t, -1).flatten(0, 1),
-                  F.log_softmax(t_logits.float() / t, -1).flatten(0, 1),
-                  log_target=True, reduction="batchmean") * t * t
-    return args.distill_alpha * kl + (1 - args.distill_alpha) * out.loss
+        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    loss = out.loss
+    if args.distill_alpha > 0:
+        t = args.distill_temperature
+        kl = F.kl_div(F.log_softmax(out.logits.float() / t, -1).flatten(0, 1),
+                      F.log_softmax(t_out.logits.float() / t, -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean") * t * t
+        loss = args.distill_alpha * kl + (1 - args.distill_alpha) * out.loss
+    if hidden:
+        loss = loss + args.distill_hidden * hidden_state_loss(out.hidden_states, t_out.hidden_states)
+    return loss
 
 
 @torch.no_grad()
