@@ -76,12 +76,14 @@ def test_distill_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, 
     assert cfg.prune.method is None and cfg.recover.bf16 and cfg.recover.distill_temperature == 1.0
     results = run_recipe(cfg, say=quiet([]), progress=False)
     info = yaml.safe_load((out / "pruned" / "sparsity.json").read_text())
-    assert info["method"] == "obs" and info["reconstruct"]["lr"] == 3e-4
+    assert info["method"] == "obs" and info["reconstruct"]["lr"] == 3e-3 and info["reconstruct"]["epochs"] == 12
     assert results["recover"]["zero_set_unchanged"] is True
     merged = AutoModelForCausalLM.from_pretrained(out / "recover" / "merged")
     assert merged.dtype == torch.float32                    # float32 master weights, bf16 autocast
     table = results["report"]["results"]
-    assert table["recovered"]["ppl"] < table["pruned"]["ppl"]
+    # pure KL pulls the student toward the teacher (a random tiny teacher is near uniform)
+    dense = table["dense"]["ppl"]
+    assert abs(table["recovered"]["ppl"] - dense) < abs(table["pruned"]["ppl"] - dense)
 
 
 def test_interrupted_run_resumes_with_the_missing_stages(tiny_model_dir, corpus_file, tmp_path):

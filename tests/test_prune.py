@@ -188,7 +188,7 @@ def test_default_recipes_per_pattern():
     from spruce.prune.recipes import fit_to_model, resolve_recipe
     block = resolve_recipe("16x16")
     assert block["method"] == "obs" and not block["dense_target"] and block["module_sparsity"] == {"attn": 0.4}
-    assert block["reconstruct_epochs"] == 4 and block["reconstruct_lr"] == 3e-4
+    assert block["reconstruct_epochs"] == 12 and block["reconstruct_lr"] == 3e-3
     assert resolve_recipe("2:4")["reconstruct_epochs"] == 4
     # naming a method opts out of the pattern's default recipe: the reference command stays the reference
     named = resolve_recipe("16x16", method="wanda")
@@ -202,7 +202,7 @@ def test_default_recipes_per_pattern():
     gpt2_like = {"h.0.mlp.c_fc": torch.nn.Linear(64, 256)}
     assert fit_to_model(block, gpt2_like)["module_sparsity"] is None
     user = resolve_recipe("16x16", module_sparsity={"attn": 0.3})
-    assert user["method"] == "obs" and user["reconstruct_epochs"] == 4   # a flag changes one thing only
+    assert user["method"] == "obs" and user["reconstruct_epochs"] == 12   # a flag changes one thing only
     assert fit_to_model(user, gpt2_like)["module_sparsity"] == {"attn": 0.3}
 
 
@@ -215,7 +215,10 @@ def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model
     assert fit_to_model(default, linears)["method"] == "obs"  # 64-128 inputs: obs is cheap
     with pytest.warns(UserWarning, match="does not scale"):
         wide = fit_to_model(default, linears, obs_max_inputs=64)
-    assert wide["method"] == "sparsegpt" and wide["dense_target"] is False and wide["reconstruct_epochs"] == 4
+    assert wide["method"] == "sparsegpt" and wide["dense_target"] is False
+    assert (wide["reconstruct_epochs"], wide["reconstruct_lr"]) == (4, 3e-4)  # the rate measured at that size
+    mine = fit_to_model(resolve_recipe("16x16", reconstruct_lr=1e-3), linears, obs_max_inputs=64)
+    assert (mine["reconstruct_epochs"], mine["reconstruct_lr"]) == (12, 1e-3)  # a user's choice stays
     chosen = resolve_recipe("16x16", method="obs")
     assert fit_to_model(chosen, linears, obs_max_inputs=64)["method"] == "obs"  # the user's choice stays
 
