@@ -568,6 +568,17 @@ def _quiet_libraries() -> None:
     warnings.showwarning = lambda message, *a, **k: print(f"spruce: warning: {message}", file=sys.stderr)
 
 
+# what to lower when the GPU runs out of memory, in each command's own flags
+OOM_ADVICE = {
+    "eval": "lower --batch_size or --seqlen, or use --dtype bfloat16",
+    "prune": "lower --calib_batch_size, --nsamples or --seqlen, or use --dtype bfloat16",
+    "finetune": "lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the batch) "
+                "or --block_size, or add --gradient_checkpointing or --bf16",
+    "run": "lower prune.batch_size or recover.batch_size, or set dtype: bfloat16",
+    "demo": "run it with --device cpu",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -584,8 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if isinstance(e, torch.cuda.OutOfMemoryError):
-            print(f"spruce {args.command}: error: the GPU ran out of memory; lower --batch_size / "
-                  "--calib_batch_size / --seqlen, or use --dtype bfloat16", file=sys.stderr)
+            print(f"spruce {args.command}: error: the GPU ran out of memory; "
+                  f"{OOM_ADVICE.get(args.command, OOM_ADVICE['eval'])}", file=sys.stderr)
             return 2
         raise
     return 0

@@ -13,7 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import bar
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     model.eval()
     nll_sum, count = 0.0, 0
     start = time.time()
-    with tqdm(total=windows.shape[0], desc=desc, unit="win", disable=not progress) as bar:
+    with bar(total=windows.shape[0], desc=desc, unit="win", show=progress) as bar:
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i:i + batch_size].to(device)
             logits = model(ids, use_cache=False).logits[:, :-1].float()

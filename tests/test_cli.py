@@ -139,3 +139,30 @@ def test_zero_shot_without_lm_eval_says_how_to_get_it(capsys, tiny_model_dir, co
                              "--seqlen", "64", "--max_windows", "2", "--tasks", "boolq,rte")
     assert code == 2 and "pip install lm-eval" in err and len(err.strip().splitlines()) == 1
     assert out == ""  # refused before any work
+
+
+@pytest.mark.parametrize("command,flag", [("finetune", "--per_device_train_batch_size"),
+                                          ("prune", "--calib_batch_size"), ("eval", "--batch_size")])
+def test_out_of_gpu_memory_names_the_commands_own_flags(command, flag, capsys, monkeypatch, tmp_path):
+    import torch
+
+    import spruce.cli as cli
+
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(cli.COMMANDS, command, out_of_memory)
+    argv = {"finetune": ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--do_train"],
+            "prune": ["prune", "--model", "m"], "eval": ["eval", "--model", "m"]}[command]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "ran out of memory" in err and flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_tqdm_disable_hides_every_bar(monkeypatch):
+    from spruce.progress import bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not bar(range(3), show=True).disable
+    assert bar(range(3), show=False).disable
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar(range(3), show=True).disable
