@@ -13,7 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from .progress import bar
+from .progress import progress_bar
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     model.eval()
     nll_sum, count = 0.0, 0
     start = time.time()
-    with bar(total=windows.shape[0], desc=desc, unit="win", show=progress) as bar:
+    with progress_bar(total=windows.shape[0], desc=desc, unit="win", show=progress) as bar:
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i:i + batch_size].to(device)
             logits = model(ids, use_cache=False).logits[:, :-1].float()

@@ -15,6 +15,6 @@ def env_disabled() -> bool:
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def bar(iterable=None, *, show: bool = True, **kwargs) -> tqdm:
+def progress_bar(iterable=None, *, show: bool = True, **kwargs) -> tqdm:
     """A tqdm bar over `iterable` (or a manual one), hidden when `show` is False or TQDM_DISABLE is set."""
     return tqdm(iterable, disable=not show or env_disabled(), **kwargs)

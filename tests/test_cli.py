@@ -159,7 +159,7 @@ def test_out_of_gpu_memory_names_the_commands_own_flags(command, flag, capsys, m
 
 
 def test_tqdm_disable_hides_every_bar(monkeypatch):
-    from spruce.progress import bar
+    from spruce.progress import progress_bar as bar
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert not bar(range(3), show=True).disable

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from ..progress import bar
+from ..progress import progress_bar
 
 from ..errors import SpruceError
 from ..masks import overall_sparsity, weight_sparsity
@@ -142,7 +142,7 @@ def _run_layer(layer, batches):
 def owl_outlier_ratios(model, batches, device, m: float, progress: bool) -> list[float]:
     """One dense pass over the decoder layers: each layer's share of Wanda-score outliers."""
     ratios = []
-    for layer in bar(decoder_layers(model), show=progress, desc="owl outlier ratios", unit="layer"):
+    for layer in progress_bar(decoder_layers(model), show=progress, desc="owl outlier ratios", unit="layer"):
         home = next(layer.parameters()).device
         layer.to(device)
         stats, _ = gather_statistics(layer, batches, ("sq_norm",))
@@ -351,7 +351,7 @@ def _prune_layers(model, method, spec, per_linear, batches, device, progress, de
     reconstruct = reconstruct if reconstruct and reconstruct.epochs and batches is not None else None
     aim = dense_target and "hessian" in needs and batches is not None
     dense = list(batches) if aim or (reconstruct and reconstruct.target == "dense") else None
-    bar = bar(layers, show=progress, desc=f"{method} {spec.name}", unit="layer")
+    bar = progress_bar(layers, show=progress, desc=f"{method} {spec.name}", unit="layer")
     for layer in bar:
         home = next(layer.parameters()).device
         layer.to(device)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import SpruceError
-from ..progress import bar
+from ..progress import progress_bar
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .monitor import Monitor, TensorBoard
 from .parallel import Parallel, local_part, local_view
@@ -249,7 +249,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
     model.train()
     start, window, stopped_early, last_loss = time.time(), [], False, None
     first_step = step
-    bar = bar(total=args.steps, initial=step, desc="training", unit="step", show=progress and main)
+    bar = progress_bar(total=args.steps, initial=step, desc="training", unit="step", show=progress and main)
     while step < args.steps:
         losses = []
         for micro in range(args.grad_accum):
