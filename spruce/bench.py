@@ -398,7 +398,7 @@ class StaticGreedy:
     the captured step writes at the right place on every replay; positions are passed explicitly.
     """
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, compile_backend: str | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -409,6 +409,13 @@ class StaticGreedy:
         self.use_graph = self.device.type == "cuda"
         self.graph = None
         self.next_token = None
+        # compile: torch.compile fuses what lies between the linears (norms, rotary embedding,
+        # residual adds, the MLP's activation) before the step is captured; block-sparse layers
+        # enter the compiled graph as one opaque op each (spruce::block_sparse_linear)
+        self.step = self._step
+        if compile_backend is not None:
+            torch._dynamo.reset()
+            self.step = torch.compile(self._step, backend=compile_backend)
 
     def _step(self) -> torch.Tensor:
         logits = self.model(input_ids=self.token, past_key_values=self.cache, position_ids=self.position,
@@ -429,12 +436,12 @@ class StaticGreedy:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture (kernel tuning, cuBLAS handles)
             for _ in range(2):
-                self._step()
+                self.step()
         torch.cuda.current_stream().wait_stream(side)
         try:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.next_token = self._step()
+                self.next_token = self.step()
         except Exception:
             from spruce.kernels.bsr import disable_pdl, pdl_enabled
 
@@ -443,7 +450,7 @@ class StaticGreedy:
             disable_pdl()  # capture without programmatic dependent launches
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.next_token = self._step()
+                self.next_token = self.step()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -458,17 +465,21 @@ class StaticGreedy:
                 self.graph.replay()
                 token = self.next_token.clone()
             else:
-                token = self._step()
+                token = self.step()
             out.append(token)
             self.position += 1
         return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
 
 
+GENERATE_MODES = ("graph", "compile", "eager")
+
+
 def _generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
     """A function of the prompt ids that generates `new_tokens` greedily in the given mode."""
-    if mode == "graph":
-        return functools.partial(StaticGreedy(model, batch, prompt_tokens + new_tokens).generate,
-                                 new_tokens=new_tokens)
+    if mode in ("graph", "compile"):
+        greedy = StaticGreedy(model, batch, prompt_tokens + new_tokens,
+                              compile_backend="inductor" if mode == "compile" else None)
+        return functools.partial(greedy.generate, new_tokens=new_tokens)
 
     def hf_generate(ids):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -553,7 +564,8 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     Every decoder linear gets `sparsity` zero blocks of `block_size` in `layout` ("grouped" or
     "independent", see `random_block_mask`); the dense model is the same masked model run by cuBLAS.
     batch_sizes: prompts per batch. new_tokens / prompt_tokens: generated and prompt lengths.
-    modes: "graph" (static cache, the one-token step replayed as a CUDA graph) and/or "eager"
+    modes: any of "graph" (static cache, the one-token step replayed as a CUDA graph), "compile"
+    (the same, the step compiled with torch.compile's inductor before capture) and "eager"
     (Hugging Face `generate` with its default cache). semi_structured: also run torch's 2:4 on the
     same layers (pruned 2:4 by magnitude). num_layers: decoder layers (32 is Llama-2-7B).
     json_path: where to write rows and environment. pdl (else the environment's SPRUCE_BENCH_PDL):
@@ -571,9 +583,9 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     _require_cuda()
     pdl = _pdl_choice(pdl)
     pdl_states = {None: [None], "on": [True], "off": [False], "both": [True, False]}[pdl]
-    unknown = set(modes) - {"graph", "eager"}
+    unknown = set(modes) - set(GENERATE_MODES)
     if unknown:
-        raise SpruceError(f"modes must be 'graph' and/or 'eager', got {sorted(unknown)}")
+        raise SpruceError(f"modes must be among {', '.join(GENERATE_MODES)}, got {sorted(unknown)}")
     if not 0.0 < sparsity < 1.0:
         raise SpruceError(f"sparsity must be between 0 and 1, got {sparsity}")
     torch.manual_seed(seed)

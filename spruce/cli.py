@@ -331,8 +331,9 @@ def build_parser() -> Parser:
     b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero blocks in every decoder linear")
     b.add_argument("--block-size", type=int, default=16)
     b.add_argument("--layout", choices=["grouped", "grouped128", "independent"], default="grouped")
-    b.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"],
-                   help="graph: static cache + CUDA graph per step; eager: Hugging Face generate")
+    b.add_argument("--modes", nargs="+", choices=["graph", "compile", "eager"], default=["graph", "eager"],
+                   help="graph: static cache + CUDA graph per step; compile: the same step compiled with "
+                        "torch.compile (inductor) first; eager: Hugging Face generate (default: graph eager)")
     b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
     b.add_argument("--num-layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
     b.add_argument("--json", help="write rows, ceilings and environment to this file")

@@ -221,6 +221,28 @@ def test_static_greedy_matches_generate():
     assert torch.equal(runner.generate(ids, 7), expected)  # the cache is reused from the start
 
 
+def test_compiled_model_keeps_every_block_sparse_layer_in_one_graph():
+    # torch.compile sees each block-sparse layer as one custom op: no graph break, same numbers
+    model = tiny_llama(seed=1)
+    sparsify(model)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(ids).logits, expected, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_static_greedy_compiled_step_matches_generate():
+    model = tiny_llama(seed=2)
+    ids = torch.randint(0, 96, (2, 5))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    sparsify(model)
+    runner = StaticGreedy(model, batch=2, max_len=11, compile_backend="aot_eager")
+    assert torch.equal(runner.generate(ids, 6), expected)
+    torch._dynamo.reset()
+
+
 def test_layer_the_block_does_not_divide_is_kept_and_listed():
     model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 64), nn.Linear(64, 64))
     with torch.no_grad():
@@ -369,3 +391,21 @@ def test_float32_on_gpu_is_refused_with_a_message():
         model[0].weight.mul_(expand_block_mask(random_block_mask(64, 64, 16, 0.5), 16).cuda())
     with pytest.raises(SpruceError, match="bfloat16"):
         sparsify(model)
+
+
+@pytest.mark.gpu
+@gpu
+def test_compiled_graph_step_on_gpu_matches_the_plain_graph_step(few_configs):
+    # inductor fuses the rest of the step; the Triton kernels run inside the captured graph
+    model = tiny_llama(seed=3).to("cuda", torch.bfloat16)
+    sparsify(model)
+    ids = torch.randint(0, 96, (2, 6), device="cuda")
+    with torch.no_grad():
+        eager = model(ids).logits.double()
+        assert rel_err(torch.compile(model)(ids).logits, eager) <= 2e-2
+    torch._dynamo.reset()
+    plain = StaticGreedy(model, batch=2, max_len=14).generate(ids, 8)
+    compiled = StaticGreedy(model, batch=2, max_len=14, compile_backend="inductor").generate(ids, 8)
+    torch._dynamo.reset()
+    assert compiled.shape == plain.shape
+    assert torch.equal(compiled[:, :8], plain[:, :8])  # the prompt, the prefill's token, one compiled step

@@ -211,6 +211,22 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     return y.reshape(*lead, n)
 
 
+# The same computation as a torch custom op, for code that torch.compile traces: the op is opaque
+# to the compiler (it runs the Triton kernels or the reference as above), and its fake version
+# gives the output's shape, so a compiled graph keeps every block-sparse layer without a break.
+@torch.library.custom_op("spruce::block_sparse_linear", mutates_args=())
+def block_sparse_linear_op(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, group_ptr: torch.Tensor,
+                           bias: torch.Tensor | None, n: int, k: int, block: int, group: int,
+                           nonzero_blocks: int, uniform_count: int) -> torch.Tensor:
+    weight = BlockSparseWeight(values, cols, group_ptr, (n, k), block, group, nonzero_blocks, uniform_count)
+    return block_sparse_linear(x, weight, bias)
+
+
+@block_sparse_linear_op.register_fake
+def _(x, values, cols, group_ptr, bias, n, k, block, group, nonzero_blocks, uniform_count):
+    return x.new_empty(*x.shape[:-1], n)
+
+
 @functools.cache
 def _warn_no_triton() -> None:
     import warnings

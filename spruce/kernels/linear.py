@@ -18,6 +18,7 @@ from spruce.kernels.bsr import (
     KERNEL_DTYPES,
     BlockSparseWeight,
     block_sparse_linear,
+    block_sparse_linear_op,
 )
 
 # Below this fraction of zero blocks a layer saves too few bytes to pay for the indexed loads.
@@ -66,6 +67,10 @@ class BlockSparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op in the compiled graph, no graph break
+            return block_sparse_linear_op(x, self.values, self.cols, self.group_ptr, self.bias, self.out_features,
+                                          self.in_features, self.block_size, self.group, self.nonzero_blocks,
+                                          self.uniform_count)
         return block_sparse_linear(x, self.sparse_weight, self.bias)
 
     def extra_repr(self) -> str:
