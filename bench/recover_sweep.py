@@ -6,10 +6,13 @@ the results is the one that ran) followed by `spruce eval` of the merged model o
 seqlen 1024, all 146 windows. The zero set of every merged model is compared with the pruned
 model's, bit for bit, from the safetensors files.
 
-Recipes run in the order given (by default best expected first). A recipe starts only when the
-budget left covers its estimated time: training tokens / tokens/s measured on the previous
-recipe (scaled by its relative cost per token) plus the fixed costs measured there. The JSON is
-rewritten after every step, so it is complete whenever the script stops; the table prints last.
+Recipes run in the order given (by default best expected first); `NAME@flag=value@...` runs a
+recipe with some of its finetune flags changed (`kl-full-lr3e-3@learning_rate=2e-3`), and
+`--parallel N` runs N recipes side by side (each then logs to OUT/NAME.log). A recipe starts only
+when the budget left covers its estimated time: training tokens / tokens/s measured on the
+previous recipe (scaled by its relative cost per token, and by N) plus the fixed costs measured
+there. The JSON is rewritten after every step, so it is complete whenever the script stops; the
+table prints last.
 
 With --speed, bench/bench_train.py (HF Trainer + peft at batch 1 against spruce's loop, LoRA on
 the real pruned model, same blocks) runs first and its rows go into the same JSON.
@@ -28,7 +31,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -177,6 +182,9 @@ class Sweep:
     def __init__(self, a):
         self.a = a
         self.start = time.monotonic()
+        self.lock = threading.RLock()  # recipes side by side update one record list and one JSON
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = False
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.json_path = Path(a.json) if a.json else self.out / "recover_sweep.json"
@@ -200,14 +208,19 @@ class Sweep:
         tmp.write_text(json.dumps(self.result, indent=2, default=str) + "\n")
         os.replace(tmp, self.json_path)
 
-    def run(self, argv: list[str], title: str, timeout: float) -> dict:
+    def run(self, argv: list[str], title: str, timeout: float, log_path: Path | None = None) -> dict:
         """Run a command with its output appended to the log; never longer than `timeout` seconds."""
-        with open(self.log_path, "a") as log:
+        log_path = log_path or self.log_path
+        with open(log_path, "a") as log:
             log.write(f"\n===== {title}: {shlex.join(argv)}\n")
             log.flush()
             started = time.monotonic()
-            # same process group as this script, so that whatever stops the script stops the command too
-            proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            with self.lock:
+                if self.stopping:
+                    return {"rc": -1, "timed_out": False, "seconds": 0.0, "log_tail": "not started: the sweep stopped"}
+                # same process group as this script, so that whatever stops the script stops the command too
+                proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                self.procs.add(proc)
             try:
                 rc = proc.wait(timeout=max(1.0, timeout))
                 timed_out = False
@@ -218,13 +231,16 @@ class Sweep:
                 proc.kill()
                 proc.wait()
                 raise
+            finally:
+                with self.lock:
+                    self.procs.discard(proc)
             seconds = time.monotonic() - started
             log.write(f"===== {title}: exit {rc}{' (timed out)' if timed_out else ''} after {seconds:.1f} s\n")
         return {"rc": rc, "timed_out": timed_out, "seconds": round(seconds, 1), "log_tail": "" if rc == 0 else
-                self.log_tail(title)}
+                self.log_tail(title, log_path)}
 
-    def log_tail(self, title: str, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace")
+    def log_tail(self, title: str, log_path: Path, lines: int = 15) -> str:
+        text = log_path.read_text(errors="replace")
         part = text[text.rfind(f"===== {title}: "):]
         return "\n".join(part.splitlines()[-lines:])
 
@@ -246,13 +262,13 @@ class Sweep:
         say(f"[prune] {'done' if ok else 'FAILED'} in {run['seconds']:.0f} s")
         return ok
 
-    def test_eval(self, model: str, json_path: Path, title: str) -> dict:
+    def test_eval(self, model: str, json_path: Path, title: str, log_path: Path | None = None) -> dict:
         args = ["eval", "--model", model, "--dataset", self.a.eval_dataset, "--split", "test", "--seqlen", str(self.a.eval_seqlen),
                 "--batch_size", "8", "--json", str(json_path)]
         if self.a.eval_windows:
             args += ["--max_windows", str(self.a.eval_windows)]
         argv, command = self.spruce(*args)
-        run = self.run(argv, title, min(self.left(), 300))
+        run = self.run(argv, title, min(self.left(), 300), log_path)
         record = {"eval_command": command, "eval_seconds": run["seconds"]}
         if run["rc"] == 0 and json_path.is_file():
             got = json.loads(json_path.read_text())
@@ -292,66 +308,119 @@ class Sweep:
         self.result["speed"] = record
         self.write()
 
-    def recipes(self, names: list[str]) -> None:
+    def recipes(self, specs: list[str]) -> None:
+        """Run the recipes (`NAME[@flag=value...]`), `--parallel` of them at a time on one device."""
         base_masks = zero_sets(self.a.pruned)
         pattern = block_pattern(self.a.pruned)
-        measured = None  # (seconds per token at cost 1.0, fixed seconds) from the last finished recipe
-        for name in names:
-            recipe = RECIPES[name]
-            flags = apply_overrides(recipe.flags, self.a.set or [])
-            steps, tokens = planned_steps_tokens(flags, recipe.train_blocks)
-            folder = self.out / name
-            args = finetune_args(recipe, flags, self.a.pruned, self.a.dense, folder)
-            argv, command = self.spruce(*args)
-            if measured:
-                estimate = measured[0] * recipe.cost * tokens + measured[1]
+        self.measured = None  # (seconds per token at cost 1.0, fixed seconds) from the last finished recipe
+        jobs = [self.plan(spec) for spec in specs]
+        if self.a.parallel <= 1:
+            for job in jobs:
+                self.run_recipe(job, base_masks, pattern)
+            return
+        pool = ThreadPoolExecutor(max_workers=self.a.parallel)  # each job waits on its subprocesses
+        try:
+            for future in [pool.submit(self.run_recipe, job, base_masks, pattern) for job in jobs]:
+                future.result()
+        except BaseException:  # interrupted: stop every running command, start no new one, keep the table
+            self.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in list(self.procs):
+                proc.kill()
+
+    def plan(self, spec: str) -> dict:
+        name, overrides = parse_spec(spec)
+        recipe = RECIPES[name]
+        flags = apply_overrides(apply_overrides(recipe.flags, self.a.set or []), overrides)
+        label = spec_label(spec)
+        steps, tokens = planned_steps_tokens(flags, recipe.train_blocks)
+        folder = self.out / label
+        args = finetune_args(recipe, flags, self.a.pruned, self.a.dense, folder)
+        argv, command = self.spruce(*args)
+        record = {"name": label, "recipe": name, "what": recipe.what, "command": command, "planned_steps": steps,
+                  "planned_tokens": tokens, "status": "planned"}
+        with self.lock:
+            self.result["recipes"].append(record)
+            self.write()
+        log = self.log_path if self.a.parallel <= 1 else self.out / f"{label}.log"
+        return {"label": label, "recipe": recipe, "flags": flags, "args": args, "argv": argv, "command": command,
+                "steps": steps, "tokens": tokens, "folder": folder, "record": record, "log": log}
+
+    def run_recipe(self, job: dict, base_masks: dict, pattern) -> None:
+        label, recipe, record, folder = job["label"], job["recipe"], job["record"], job["folder"]
+        tokens, log = job["tokens"], job["log"]
+        with self.lock:
+            if self.measured:
+                estimate = self.measured[0] * recipe.cost * tokens + self.measured[1]
             else:
                 estimate = self.a.assumed_overhead_s + recipe.cost * tokens / self.a.assumed_tok_s
-            record = {"name": name, "what": recipe.what, "command": command, "planned_steps": steps,
-                      "planned_tokens": tokens, "estimated_s": round(estimate, 1)}
-            self.result["recipes"].append(record)
-            problem = parse_problem(args)
+            estimate *= max(1, self.a.parallel)  # recipes side by side share the device
+            record["estimated_s"] = round(estimate, 1)
+            problem = parse_problem(job["args"])
+            left = self.left()
             if problem:
                 record.update(status="invalid", reason=problem)
-                say(f"[{name}] not run, its command does not parse: {problem}")
-                self.write()
-                continue
-            left = self.left()
-            if left < 1.1 * estimate:
+            elif left < 1.1 * estimate:
                 record.update(status="skipped", reason=f"estimated {estimate:.0f} s (+10%) > {left:.0f} s left")
-                say(f"[{name}] skipped: {record['reason']}")
-                self.write()
-                continue
-            say(f"[{name}] {recipe.what}\n[{name}] {command}\n[{name}] {steps} steps, {tokens / 1e6:.2f}M tokens, "
-                f"estimated {estimate:.0f} s, {left:.0f} s left")
-            record["status"] = "running"
+            else:
+                record["status"] = "running"
             self.write()
-            run = self.run(argv, name, left - 5)
+        if record["status"] == "invalid":
+            say(f"[{label}] not run, its command does not parse: {problem}")
+            return
+        if record["status"] == "skipped":
+            say(f"[{label}] skipped: {record['reason']}")
+            return
+        say(f"[{label}] {recipe.what}\n[{label}] {job['command']}\n[{label}] {job['steps']} steps, "
+            f"{tokens / 1e6:.2f}M tokens, estimated {estimate:.0f} s, {left:.0f} s left")
+        run = self.run(job["argv"], label, left - 5, log)
+        with self.lock:
             record.update(status="ok" if run["rc"] == 0 else ("timed out" if run["timed_out"] else "failed"),
                           seconds=run["seconds"])
             if run["rc"] != 0:
                 record["error"] = run["log_tail"]
-                say(f"[{name}] {record['status'].upper()} after {run['seconds']:.0f} s:\n{run['log_tail']}")
                 self.write()
-                continue
-            record.update(training_record(folder))
+        if run["rc"] != 0:
+            say(f"[{label}] {record['status'].upper()} after {run['seconds']:.0f} s:\n{run['log_tail']}")
+            return
+        found = training_record(folder)
+        found.update(zero_set_check(base_masks, pattern, folder / "merged"))
+        if not self.a.keep_checkpoints:
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        with self.lock:
+            record.update(found)
             if record.get("steps"):
-                record["tokens"] = record["steps"] * tokens_per_step(flags)
-            merged = folder / "merged"
-            record.update(zero_set_check(base_masks, pattern, merged))
-            if not self.a.keep_checkpoints:
-                shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+                record["tokens"] = record["steps"] * tokens_per_step(job["flags"])
             self.write()
-            record.update(self.test_eval(str(merged), folder / "test_eval.json", f"eval {name}"))
+        evaluated = self.test_eval(str(folder / "merged"), folder / "test_eval.json", f"eval {label}", log)
+        with self.lock:
+            record.update(evaluated)
             self.write()
             train_s = record.get("train_seconds") or run["seconds"]
             done_tokens = record.get("tokens") or tokens
             fixed = run["seconds"] - train_s + record["eval_seconds"]
-            measured = (train_s / done_tokens / recipe.cost, fixed)
-            say(f"[{name}] test perplexity {record.get('test_ppl', float('nan')):,.2f} "
-                f"({record.get('x_dense', float('nan')):.2f}x dense) | {record.get('tokens_per_s') or 0:,.0f} tok/s | "
-                f"{run['seconds']:.0f} s + eval {record['eval_seconds']:.0f} s | zero set kept: "
-                f"{record.get('zero_set_equal')}")
+            self.measured = (train_s / done_tokens / recipe.cost / max(1, self.a.parallel), fixed)
+        say(f"[{label}] test perplexity {record.get('test_ppl', float('nan')):,.2f} "
+            f"({record.get('x_dense', float('nan')):.2f}x dense) | {record.get('tokens_per_s') or 0:,.0f} tok/s | "
+            f"{run['seconds']:.0f} s + eval {record['eval_seconds']:.0f} s | zero set kept: "
+            f"{record.get('zero_set_equal')}")
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """`NAME@flag=value@flag=value` -> (NAME, ['flag=value', ...]): a recipe with its own overrides."""
+    name, *overrides = spec.split("@")
+    return name.strip(), [o.strip() for o in overrides if o.strip()]
+
+
+def spec_label(spec: str) -> str:
+    """A folder-safe name for a recipe spec: kl-full-lr1e-3@learning_rate=2e-3 -> kl-full-lr1e-3_learning_rate-2e-3."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", spec.replace("@", "_")).strip("-")
 
 
 def say(line: str) -> None:
@@ -481,7 +550,12 @@ def main():
     p.add_argument("--json", help="results JSON (default: OUT/recover_sweep.json)")
     p.add_argument("--log", help="all command output in one file (default: OUT/recover_sweep.log)")
     p.add_argument("--budget_s", type=float, default=540, help="wall-clock budget of the whole script (default: 540)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma list, run in this order (default: all)")
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="comma list, run in this order (default: all); NAME@flag=value@... gives one recipe its own "
+                        "finetune flags, e.g. kl-full-lr3e-3@learning_rate=2e-3")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run N recipes side by side on the device (a small model leaves most of a large GPU "
+                        "idle; each needs its own memory) (default: 1)")
     p.add_argument("--set", action="append", metavar="FLAG=VALUE",
                    help="override a finetune flag in every recipe (repeatable; FLAG= drops it), e.g. max_steps=2")
     p.add_argument("--prune_args", default=PRUNE_ARGS, help=f"spruce prune flags if --pruned is missing "
@@ -504,9 +578,14 @@ def main():
     p.add_argument("--speed_timeout_s", type=float, default=240, help="speed: time limit (default: 240)")
     a = p.parse_args()
     names = [n.strip() for n in a.recipes.split(",") if n.strip() and n.strip() != "none"]
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names if parse_spec(n)[0] not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    if a.parallel < 1:
+        p.error(f"--parallel must be at least 1, got {a.parallel}")
+    labels = [spec_label(n) for n in names]
+    if len(set(labels)) != len(labels):
+        p.error("the same recipe is named twice; give each its own @flag=value")
 
     sweep = Sweep(a)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` still gets the JSON and the table

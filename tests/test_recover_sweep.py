@@ -78,15 +78,32 @@ def test_zero_set_check_sees_one_filled_zero(tmp_path, tiny_model_dir):
     assert sweep.zero_set_check(base, (16, 16), other_dir)["zero_set_equal"] is False
 
 
+def test_a_recipe_spec_carries_its_own_flags_and_a_folder_name():
+    assert sweep.parse_spec("kl-full-lr3e-3@learning_rate=2e-3@per_device_train_batch_size=8") == \
+        ("kl-full-lr3e-3", ["learning_rate=2e-3", "per_device_train_batch_size=8"])
+    assert sweep.parse_spec("kl-full-lr3e-3") == ("kl-full-lr3e-3", [])
+    assert sweep.spec_label("kl-full-lr3e-3@learning_rate=2e-3") == "kl-full-lr3e-3_learning_rate-2e-3"
+    flags = sweep.apply_overrides(sweep.RECIPES["kl-full-lr3e-3"].flags, ["learning_rate=2e-3"])
+    assert flags["learning_rate"] == "2e-3" and flags["distill_alpha"] == "1"
+
+
+def test_the_same_recipe_twice_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "recover_sweep.py"), "--pruned", str(tmp_path / "p"),
+                           "--out", str(tmp_path / "o"), "--recipes", "kl-full-lr3e-3,kl-full-lr3e-3"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "named twice" in done.stderr
+
+
 @pytest.mark.slow
-def test_the_sweep_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, corpus_file):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_the_sweep_runs_end_to_end_on_a_tiny_model(parallel, tmp_path, tiny_model_dir, corpus_file):
     pruned = tmp_path / "pruned"
     _tiny_pruned(pruned, tiny_model_dir)
     report = tmp_path / "report" / "sweep.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "recover_sweep.py"), "--pruned", str(pruned), "--dense",
          str(tiny_model_dir), "--out", str(tmp_path / "out"), "--json", str(report), "--budget_s", "600",
-         "--recipes", "kl-full-lr3e-4,kl-lora64-lr5e-4",
+         "--recipes", "kl-full-lr3e-4@learning_rate=1e-3,kl-lora64-lr5e-4", "--parallel", str(parallel),
          "--no_pruned_eval", "--eval_dataset", str(corpus_file), "--eval_seqlen", "32", "--eval_windows", "2",
          "--set", f"dataset_name={corpus_file}", "--set", "block_size=32", "--set", "max_steps=2",
          "--set", "eval_steps=1", "--set", "max_eval_samples=2", "--set", "bf16=", "--set", "device=cpu"],
@@ -97,4 +114,6 @@ def test_the_sweep_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, cor
     for r in result["recipes"]:
         assert r["zero_set_equal"] is True and math.isfinite(r["test_ppl"]) and r["steps"] == 2
         assert r["eval_curve"] and r["command"].startswith("spruce finetune ")
+    assert [r["name"] for r in result["recipes"]] == ["kl-full-lr3e-4_learning_rate-1e-3", "kl-lora64-lr5e-4"]
+    assert "--learning_rate 1e-3" in result["recipes"][0]["command"]
     assert done.stdout.rstrip().splitlines()[-1].startswith("kl-lora64-lr5e-4")  # the table prints last
