@@ -187,6 +187,8 @@ def build_parser() -> Parser:
                         "weights toward the dense outputs; pruned weights stay zero; 0 turns it off "
                         "(default: the pattern's recipe)")
     p.add_argument("--reconstruct_lr", type=float, metavar="LR", help="learning rate of the reconstruction (default: 1e-4)")
+    p.add_argument("--reconstruct_norms", action="store_true",
+                   help="the reconstruction also trains each layer's norm weights (default: off)")
     p.add_argument("--reconstruct_target", choices=["dense", "local"],
                    help="reconstruction target: the dense model's outputs on its own inputs (dense), or the dense "
                         "layer's outputs on the pruned model's inputs (local) (default: dense)")
@@ -425,7 +427,8 @@ def cmd_prune(args) -> None:
                             module_sparsity=parse_overrides(args.module_sparsity) or None,
                             dense_target=args.dense_target, sequential=args.sequential,
                             reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
-                            reconstruct_target=args.reconstruct_target)
+                            reconstruct_target=args.reconstruct_target,
+                            reconstruct_norms=args.reconstruct_norms or None)
     validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")

@@ -124,7 +124,7 @@ def stage_baseline(run: Run) -> dict:
 
 
 PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target", "sequential",
-                 "reconstruct_epochs", "reconstruct_lr", "reconstruct_target", "tiers")
+                 "reconstruct_epochs", "reconstruct_lr", "reconstruct_target", "reconstruct_norms", "tiers")
 
 
 def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:

@@ -25,10 +25,11 @@ def test_prune_flags_reach_the_engine_and_sparsity_json(capsys, tiny_model_dir, 
     code, out, _ = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--prune_method", "sparsegpt",
                            "--sparsity_type", "16x16", "--nsamples", "4", "--seqlen", "64",
                            "--calib_dataset", str(corpus_file), "--true_sequential", "--reconstruct_epochs", "2",
-                           "--reconstruct_lr", "3e-4", "--reconstruct_target", "local", "--save_model", str(out_dir))
+                           "--reconstruct_lr", "3e-4", "--reconstruct_target", "local", "--reconstruct_norms",
+                           "--save_model", str(out_dir))
     assert code == 0
     info = json.loads((out_dir / "sparsity.json").read_text())
-    assert info["sequential"] is True and info["reconstruct"] == {"epochs": 2, "lr": 3e-4, "target": "local"}
+    assert info["sequential"] is True and info["reconstruct"] == {"epochs": 2, "lr": 3e-4, "target": "local", "norms": True}
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(model).values())
     code, _, err = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--reconstruct_epochs", "-1",

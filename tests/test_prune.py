@@ -279,7 +279,7 @@ def test_reconstruction_lowers_the_layer_error_and_keeps_the_zeros(tiny_model, t
     prune_model(plain, "wanda", "16x16", 0.5, samples=samples, progress=False)
     info = prune_model(tiny_model, "wanda", "16x16", 0.5, samples=samples, progress=False,
                        reconstruct=Reconstruct(epochs=20, lr=1e-3, target=target))
-    assert info["reconstruct"] == {"epochs": 20, "lr": 1e-3, "target": target}
+    assert info["reconstruct"] == {"epochs": 20, "lr": 1e-3, "target": target, "norms": False}
     assert info["measured_sparsity"] == 0.5
     for name, a in prunable_linears(tiny_model).items():
         b = prunable_linears(plain)[name]
@@ -290,6 +290,27 @@ def test_reconstruction_lowers_the_layer_error_and_keeps_the_zeros(tiny_model, t
             assert torch.equal(a.weight == 0, b.weight == 0)
     last = len(tiny_model.model.layers) - 1
     assert _layer_error(tiny_model, dense_model, samples, last) < 0.8 * _layer_error(plain, dense_model, samples, last)
+
+
+def test_reconstruction_can_train_the_norms_too(tiny_model):
+    import copy
+
+    from spruce.prune.engine import Reconstruct
+    samples = _samples(tiny_model.config.vocab_size)
+    dense_model = copy.deepcopy(tiny_model)
+    weights_only = copy.deepcopy(tiny_model)
+    prune_model(weights_only, "wanda", "16x16", 0.5, samples=samples, progress=False,
+                reconstruct=Reconstruct(epochs=20, lr=1e-3))
+    info = prune_model(tiny_model, "wanda", "16x16", 0.5, samples=samples, progress=False,
+                       reconstruct=Reconstruct(epochs=20, lr=1e-3, norms=True))
+    assert info["reconstruct"]["norms"] is True and info["measured_sparsity"] == 0.5
+    for a, b, d in zip(tiny_model.model.layers, weights_only.model.layers, dense_model.model.layers):
+        assert not torch.equal(a.input_layernorm.weight, d.input_layernorm.weight)       # the norms moved
+        assert torch.equal(b.post_attention_layernorm.weight, d.post_attention_layernorm.weight)  # not without
+    for m in prunable_linears(tiny_model).values():
+        assert block_pattern_holds(m.weight, 16, 16) and (m.weight == 0).float().mean() == 0.5
+    last = len(tiny_model.model.layers) - 1
+    assert _layer_error(tiny_model, dense_model, samples, last) < _layer_error(weights_only, dense_model, samples, last) * 1.05
 
 
 def test_reconstruction_options_are_checked(tiny_model):

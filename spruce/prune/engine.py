@@ -228,7 +228,8 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
         "dense_target": dense_target,
         "sequential": sequential,
         "reconstruct": None if reconstruct is None else
-        {"epochs": reconstruct.epochs, "lr": reconstruct.lr, "target": reconstruct.target},
+        {"epochs": reconstruct.epochs, "lr": reconstruct.lr, "target": reconstruct.target,
+         "norms": reconstruct.norms},
         "target_sparsity": sparsity,
         "measured_sparsity": overall_sparsity(model),
         "target_layers": per_linear,
@@ -268,10 +269,12 @@ class Reconstruct:
     the kept weights of the layer's linears (pruned weights held at zero), minimising the squared
     error to the dense layer's outputs, relative to their energy. target "dense": the dense
     model's outputs on its own inputs (also undoes the drift of earlier pruned layers); "local":
-    the dense layer's outputs on the pruned model's inputs."""
+    the dense layer's outputs on the pruned model's inputs. norms: also train the layer's norm
+    weights (they hold no zeros to keep)."""
     epochs: int = 4
     lr: float = 1e-4
     target: str = "dense"
+    norms: bool = False
 
     def __post_init__(self):
         if self.epochs < 0 or self.lr <= 0:
@@ -290,21 +293,23 @@ def _float_kwargs(obj):
     return obj
 
 
-def reconstruct_layer(layer, batches, targets, epochs: int, lr: float) -> tuple[float, float]:
-    """Train the kept weights of `layer`'s linears so that layer(batches) approaches `targets`
-    (see Reconstruct); return the relative error (first step, after the last). The layer trains in
-    float32 (bf16 autocast on CUDA) and returns to its dtype; pruned weights stay exactly zero."""
+def reconstruct_layer(layer, batches, targets, epochs: int, lr: float, norms: bool = False) -> tuple[float, float]:
+    """Train the kept weights of `layer`'s linears (and with `norms` its norm weights) so that
+    layer(batches) approaches `targets` (see Reconstruct); return the relative error (first step,
+    after the last). The layer trains in float32 (bf16 autocast on CUDA) and returns to its dtype;
+    pruned weights stay exactly zero."""
     dtype = next(layer.parameters()).dtype
     weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     masks = [w != 0 for w in weights]
+    extra = [p for n, p in layer.named_parameters() if "norm" in n.rsplit(".", 1)[0].lower()] if norms else []
     grad_flags = [p.requires_grad for p in layer.parameters()]
     layer.float()
     for p in layer.parameters():
         p.requires_grad_(False)
-    for w in weights:
+    for w in weights + extra:
         w.requires_grad_(True)
     steps = epochs * len(batches)
-    opt = torch.optim.Adam(weights, lr=lr)
+    opt = torch.optim.Adam(weights + extra, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     device = weights[0].device
     first = last = float("nan")
@@ -332,7 +337,7 @@ def reconstruct_layer(layer, batches, targets, epochs: int, lr: float) -> tuple[
                     out = _layer_output(layer(hidden.float(), **_float_kwargs(kwargs))).float()
                     last = ((out - target.float()).square().mean() / target.float().square().mean()).item()
     finally:
-        for w in weights:
+        for w in weights + extra:
             w.grad = None
         layer.to(dtype)
         for p, flag in zip(layer.parameters(), grad_flags):
@@ -373,7 +378,8 @@ def _prune_layers(model, method, spec, per_linear, batches, device, progress, de
                     module = layer.get_submodule(name)
                     _prune_weight(module, method, spec, stats.get(name, {}), per_linear[full_names[id(module)]])
         if reconstruct:
-            first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr)
+            first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr,
+                                            reconstruct.norms)
             bar.set_postfix(rel_err=f"{first:.3g}->{last:.3g}")
         if batches is not None and layer is not layers[-1]:
             batches = _run_layer(layer, batches)

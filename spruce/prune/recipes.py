@@ -33,7 +33,7 @@ DEFAULTS: dict[str, dict] = {
 }
 BASE = {"method": "wanda", "selection": "global", "tile_score": "mean", "allocation": "uniform",
         "module_sparsity": None, "dense_target": False, "sequential": False, "reconstruct_epochs": 0,
-        "reconstruct_lr": 1e-4, "reconstruct_target": "dense"}
+        "reconstruct_lr": 1e-4, "reconstruct_target": "dense", "reconstruct_norms": False}
 # the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the one measured there
 WIDE_RECONSTRUCT = {"reconstruct_epochs": 4, "reconstruct_lr": 3e-4}
 
@@ -86,7 +86,8 @@ def prune_with_recipe(model, pattern: str, sparsity: float, recipe: dict, calibr
     from .methods import NEEDS_CALIBRATION
 
     recipe = fit_to_model(recipe, prunable_linears(model))
-    reconstruct = Reconstruct(recipe["reconstruct_epochs"], recipe["reconstruct_lr"], recipe["reconstruct_target"])
+    reconstruct = Reconstruct(recipe["reconstruct_epochs"], recipe["reconstruct_lr"], recipe["reconstruct_target"],
+                              recipe["reconstruct_norms"])
     needs_data = (NEEDS_CALIBRATION[recipe["method"]] or recipe["allocation"] == "owl"
                   or reconstruct.epochs > 0) and sparsity > 0
     info = prune_model(model, recipe["method"], pattern, sparsity, samples=calibration() if needs_data else None,
