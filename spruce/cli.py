@@ -410,10 +410,10 @@ def cmd_prune(args) -> None:
     from . import data
     from .evaluate import perplexity
     from .masks import write_sparsity_json
-    from .models import load_model, save_model
+    from .models import load_model, prunable_linears, save_model
     from .outdir import atomic_dir, check_output_dir
     from .prune.allocate import parse_overrides
-    from .prune.patterns import parse_tiers, validate_pattern
+    from .prune.patterns import check_divides, parse_tiers, validate_pattern
     from .prune.recipes import prune_with_recipe, resolve_recipe
 
     pattern = args.sparsity_type
@@ -442,6 +442,12 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
+    device = next(model.parameters()).device
+    if device.type == "cpu" and recipe["method_is_default"] and recipe["reconstruct_epochs"] >= 8:
+        check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
+        print(f"spruce: the default {pattern} recipe (OBS, then {recipe['reconstruct_epochs']} epochs of layer "
+              "reconstruction per layer) is sized for a GPU; on a CPU it can take hours. --nsamples 32, "
+              "--seqlen 1024 or --reconstruct_epochs 4 shorten it", file=sys.stderr)
 
     def calibration():
         _check_context(model, args.seqlen, "--seqlen")

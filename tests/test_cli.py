@@ -167,3 +167,16 @@ def test_tqdm_disable_hides_every_bar(monkeypatch):
     assert bar(range(3), show=False).disable
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert bar(range(3), show=True).disable
+
+
+def test_default_block_recipe_on_cpu_says_it_is_sized_for_a_gpu(capsys, tiny_model_dir, corpus_file, tmp_path):
+    code, out, err = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--sparsity_type", "16x16",
+                             "--nsamples", "2", "--seqlen", "32", "--calib_dataset", str(corpus_file),
+                             "--device", "cpu", "--save_model", str(tmp_path / "p"))
+    assert code == 0 and "sized for a GPU" in err and "--reconstruct_epochs 4" in err
+    info = json.loads((tmp_path / "p" / "sparsity.json").read_text())
+    assert info["method"] == "obs" and info["reconstruct"]["epochs"] == 12
+    _, _, err = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--sparsity_type", "16x16",
+                        "--prune_method", "wanda", "--nsamples", "2", "--seqlen", "32",
+                        "--calib_dataset", str(corpus_file), "--device", "cpu", "--save_model", str(tmp_path / "w"))
+    assert "sized for a GPU" not in err  # a named method is the user's choice
