@@ -442,9 +442,10 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
+    # a pattern that does not tile the model fails here, before calibration data is read
+    check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
     device = next(model.parameters()).device
     if device.type == "cpu" and recipe["method_is_default"] and recipe["reconstruct_epochs"] >= 8:
-        check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
         print(f"spruce: the default {pattern} recipe (OBS, then {recipe['reconstruct_epochs']} epochs of layer "
               "reconstruction per layer) is sized for a GPU; on a CPU it can take hours. --nsamples 32, "
               "--seqlen 1024 or --reconstruct_epochs 4 shorten it", file=sys.stderr)

@@ -227,7 +227,7 @@ def run_finetune(a, say=print) -> dict:
         save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         load_best_model_at_end=a.load_best_model_at_end, early_stopping_patience=a.early_stopping_patience,
         seed=a.seed, bf16=bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
-        distill_temperature=a.distill_temperature, distill_hidden=hidden if teacher is not None else 0.0)
+        distill_temperature=a.distill_temperature, distill_hidden=hidden)
     procs = f" ({world} processes x {a.per_device_train_batch_size} x {grad_accum}, {parallel.kind})" \
         if parallel is not None else ""
     say(f"training {a.mode} on {train_spec}: {train_blocks.shape[0]} blocks of {a.block_size} tokens, "
