@@ -14,6 +14,7 @@ give the part of a weight, gradient or mask that this process holds.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -235,10 +236,25 @@ class Parallel:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
+        """Leave the process group together. Rank 0 may still be saving, merging and evaluating
+        after the others are done; they wait for it on the rendezvous store (no collective
+        timeout applies there), then every rank passes one barrier and destroys the group. A rank
+        that tore its group down while a peer still held connections could abort at exit."""
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        store = dist.distributed_c10d._get_default_store()
+        if self.is_main:
+            store.set(_FINISHED_KEY, "1")
+        else:
+            store.wait([_FINISHED_KEY], _FINISH_WAIT)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+_FINISHED_KEY = "spruce/rank0-finished"
+_FINISH_WAIT = datetime.timedelta(hours=12)  # rank 0's merge and evaluation of a large model
 
 
 @contextlib.contextmanager
