@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on the CPU (tests/test_kernels.py).
+# The switch is read when triton is first imported, and peft imports it, so it is set here first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun while the fox runs.\n"
     "A small model learns the patterns of a small corpus. Pruning removes weights; recovery trains.\n"

@@ -1,5 +1,7 @@
 """Block-sparse format, torch reference, model swapping (CPU) and the Triton kernels (GPU marker)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,7 +267,7 @@ def test_no_eligible_layer_is_a_clear_error():
         sparsify(nn.Sequential(nn.Linear(64, 64)), block_size=8)
 
 
-# ---------------------------------------------------------------- Triton kernels (GPU)
+# ---------------------------------------------------------------- Triton kernels (GPU, and the interpreter on CPU)
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and bsr.triton_available()), reason="needs CUDA and triton")
 
@@ -280,70 +282,97 @@ def few_configs(monkeypatch):
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
 
 
-def _check_every_config(x, sparse, bias, ref):
+@pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.gpu, gpu]), "interpreter"])
+def kernels_on(request, monkeypatch):
+    """(device, dtype) that the Triton kernels run on: the GPU in bfloat16, or, on any machine with
+    triton installed, Triton's interpreter on the CPU in float16. The interpreter runs every
+    program of the same kernel source one after another, so the index, mask, group and split-sum
+    logic is checked on every CI run; its tl.dot does not support bfloat16 (it multiplies the raw
+    bits), so bfloat16 there is checked on the FMA decode tiles alone (test below)."""
+    if request.param == "cuda":
+        return torch.device("cuda"), torch.bfloat16
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter runs when TRITON_INTERPRET=1 before triton is imported (conftest.py, no GPU)")
+    monkeypatch.setattr(bsr, "_workspaces", {})
+    return torch.device("cpu"), torch.float16
+
+
+def _check_every_config(x, sparse, bias, ref, configs=None):
     """Run each candidate configuration on a poisoned output; all must write every element right."""
     m = x.shape[0]
     if m <= bsr.DECODE_MAX_TOKENS:
-        launch, configs = bsr.launch_decode, bsr.decode_candidates(sparse, m)
+        launch, candidates = bsr.launch_decode, bsr.decode_candidates(sparse, m)
     else:
-        launch, configs = bsr.launch_prefill, bsr.prefill_candidates(sparse)
-    for cfg in configs:
-        y = torch.full((m, sparse.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+        launch, candidates = bsr.launch_prefill, bsr.prefill_candidates(sparse)
+    for cfg in configs(candidates) if configs else candidates:
+        y = torch.full((m, sparse.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
         launch(x, sparse, bias, y, cfg)
         err = rel_err(y, ref)
         assert err <= 1e-2, (cfg, err)  # NaN fails too
 
 
-def _check_shape(n, k, block, make, dtype, tokens, gen, trial=0):
+def _check_shape(n, k, block, make, dtype, tokens, gen, trial=0, device="cuda", configs=None):
     w = irregular_weight(n, k, block, seed=trial) if make == "irregular" else \
         masked_weight(n, k, block, 0.5 + 0.25 * trial, make, seed=trial)
     w = w.to(dtype)
-    sparse = BlockSparseWeight.from_dense(w, block).to("cuda")
-    bias = torch.randn(n, generator=gen).to("cuda", dtype)
+    sparse = BlockSparseWeight.from_dense(w, block).to(device)
+    bias = torch.randn(n, generator=gen).to(device, dtype)
     for m in tokens:
-        x = torch.randn(m, k, generator=gen).to("cuda", dtype)  # fresh inputs for every check
-        ref = F.linear(x.double(), w.double().cuda(), bias.double())
-        _check_every_config(x, sparse, bias, ref)
+        x = torch.randn(m, k, generator=gen).to(device, dtype)  # fresh inputs for every check
+        ref = F.linear(x.double(), w.double().to(device), bias.double())
+        _check_every_config(x, sparse, bias, ref, configs)
         assert rel_err(bsr.block_sparse_linear(x, sparse, bias), ref) <= 1e-2
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("block", [16, 32, 64])
 @pytest.mark.parametrize("make", ["grouped", "independent", "irregular"])
-def test_kernels_match_float64(block, make, few_configs):
+def test_kernels_match_float64(block, make, kernels_on, few_configs):
+    device, dtype = kernels_on
     gen = torch.Generator().manual_seed(block)
-    for trial in range(2):  # random shapes
-        n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
-        k = block * int(torch.randint(2, 40, (1,), generator=gen))
-        _check_shape(n, k, block, make, torch.bfloat16, (1, 3, 16, 17, 129, 300), gen, trial)
+    # random shapes; the interpreter runs programs one by one on the CPU, so it gets smaller ones
+    trials, rows, tokens = (2, 5, (1, 3, 16, 17, 129, 300)) if device.type == "cuda" else (1, 3, (1, 3, 16, 17, 70))
+    for trial in range(trials):
+        n = 128 * int(torch.randint(1, rows, (1,), generator=gen))
+        k = block * int(torch.randint(2, 40 if device.type == "cuda" else 12, (1,), generator=gen))
+        _check_shape(n, k, block, make, dtype, tokens, gen, trial, device)
 
 
-@pytest.mark.gpu
-@gpu
-def test_every_configuration():
+def test_every_configuration(kernels_on):
+    device, _ = kernels_on
     gen = torch.Generator().manual_seed(0)
-    _check_shape(384, 1040, 16, "grouped", torch.float16, (1, 5, 16, 200), gen)
+    shape = (384, 1040) if device.type == "cuda" else (128, 272)
+    _check_shape(*shape, 16, "grouped", torch.float16, (1, 5, 16, 200), gen, device=device)
 
 
-@pytest.mark.gpu
-@gpu
-def test_split_decode_resets_its_counters_and_repeats():
+def test_bfloat16_fma_decode_tiles_in_the_interpreter(kernels_on):
+    """bfloat16 in the interpreter on the decode tiles that need no tl.dot (1-8 tokens)."""
+    device, _ = kernels_on
+    if device.type == "cuda":
+        pytest.skip("on the GPU test_kernels_match_float64 runs bfloat16 through every path")
+    gen = torch.Generator().manual_seed(5)
+    fma = lambda candidates: [c for c in candidates if not c[4]]  # noqa: E731
+    _check_shape(128, 320, 16, "irregular", torch.bfloat16, (1, 7), gen, device=device, configs=fma)
+
+
+def test_split_decode_resets_its_counters_and_repeats(kernels_on):
     """Split configurations sum partials through a workspace whose counters must be zero again
     after every launch, or the next launch (and a replayed CUDA graph) would sum the wrong ones."""
+    device, dtype = kernels_on
     gen = torch.Generator().manual_seed(3)
-    w = masked_weight(256, 1024, 16, 0.5, "grouped").to(torch.bfloat16)
-    sparse = BlockSparseWeight.from_dense(w, 16).to("cuda")
+    n, k, repeats = (256, 1024, 3) if device.type == "cuda" else (128, 384, 2)  # on CPU some splits get no columns
+    w = masked_weight(n, k, 16, 0.5, "grouped").to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
     splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS if c[5] > 1]
     assert splits
     for m in (1, 16):
-        x = torch.randn(m, 1024, generator=gen).to("cuda", torch.bfloat16)
-        ref = F.linear(x.double(), w.double().cuda())
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        ref = F.linear(x.double(), w.double().to(device))
         for cfg in splits:
             if m > bsr.GEMV_MAX_TOKENS and not cfg[4]:
                 continue
-            for _ in range(3):
-                y = torch.full((m, 256), float("nan"), dtype=torch.bfloat16, device="cuda")
+            for _ in range(repeats):
+                y = torch.full((m, n), float("nan"), dtype=dtype, device=device)
                 bsr.launch_decode(x, sparse, None, y, cfg)
                 assert rel_err(y, ref) <= 1e-2, cfg
     for _, locks in bsr._workspaces.values():
