@@ -120,6 +120,23 @@ def test_fsdp_keeps_zeros_and_resumes_exactly(pruned_dir, corpus_file, tmp_path,
     assert same_zero_set(pruned_dir, tmp_path / "single")
 
 
+def test_fsdp_distillation_shards_the_teacher_and_matches_one_process(pruned_dir, tiny_model_dir, corpus_file,
+                                                                     tmp_path, capsys):
+    """Under FSDP each process holds half of the teacher and gathers it layer by layer; the KL and
+    hidden-state losses are those of one process with the whole teacher and accumulation 2."""
+    args = ["--mode", "full", "--max_steps", "3", "--learning_rate", "2e-3", "--teacher_model", str(tiny_model_dir),
+            "--distill_alpha", "0.7", "--distill_hidden_weight", "0.5"]
+    run = launch("torchrun", common(pruned_dir, corpus_file, tmp_path / "fsdp", *args, "--fsdp"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "teacher sharded over 2 processes: each holds 50% of its parameters" in run.stdout
+    assert main(common(pruned_dir, corpus_file, tmp_path / "one", *args, "--gradient_accumulation_steps", "2")) == 0
+    assert "teacher sharded" not in capsys.readouterr().out
+    fsdp, one = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one")
+    assert sorted(fsdp) == [1, 2, 3]
+    assert all(abs(fsdp[s] - one[s]) < 1e-4 * abs(one[s]) for s in one), (fsdp, one)
+    assert same_zero_set(pruned_dir, tmp_path / "fsdp")
+
+
 def test_masked_lora_under_accelerate_launch_with_fsdp_config(pruned_dir, corpus_file, tmp_path):
     out = tmp_path / "lora"
     run = launch("accelerate-fsdp", common(pruned_dir, corpus_file, out, "--mode", "masked-lora", "--max_steps", "4",

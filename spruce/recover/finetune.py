@@ -211,11 +211,16 @@ def run_finetune(a, say=print) -> dict:
 
     teacher = None
     if a.teacher_model:
-        teacher, _ = load_model(a.teacher_model, a.device if parallel is None else parallel.device,
+        teacher, _ = load_model(a.teacher_model, a.device if parallel is None else load_device,
                                 "bfloat16" if bf16 else a.dtype,
                                 a.trust_remote_code)
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if parallel is not None:
+            teacher = parallel.shard_teacher(teacher)
+            if parallel.kind == "fsdp":
+                say(f"teacher sharded over {world} processes: each holds "
+                    f"{parallel.local_fraction(teacher):.0%} of its parameters")
     per_step = a.per_device_train_batch_size * grad_accum * world
     steps = a.max_steps if a.max_steps and a.max_steps > 0 else \
         max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))

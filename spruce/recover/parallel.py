@@ -178,6 +178,20 @@ class Parallel:
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         return model
 
+    def shard_teacher(self, teacher):
+        """Under FSDP the frozen teacher is sharded like the student (each decoder layer, then the
+        root), so that every process holds 1/world of it and gathers one layer at a time during
+        its forward; under DDP every process keeps a whole copy on its device."""
+        if self.fsdp is None:
+            return teacher.to(self.device)
+        return self.wrap(teacher)
+
+    def local_fraction(self, model) -> float:
+        """The share of `model`'s parameter elements that this process holds."""
+        local = sum(p.to_local().numel() if isinstance(p, _dtensor_type()) else p.numel()
+                    for p in model.parameters())
+        return local / max(1, _count(model))
+
     def check_wrapping(self, model) -> list[torch.nn.Module]:
         """The FSDP units of `model` (none for DDP); a wrapping that leaves a unit too large is refused."""
         if self.fsdp is None:
