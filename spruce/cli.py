@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -204,6 +205,11 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default: 0)")
     p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --save_model folder")
+    p.add_argument("--state_every", type=float, default=60.0, metavar="SECONDS",
+                   help="with --save_model: every SECONDS (after the layer in progress) keep the finished layers "
+                        "and the next layer's inputs in a hidden folder beside DIR, so that the same command run "
+                        "again after a kill continues from there; 0 saves after every layer, a negative value never "
+                        "(default: 60)")
     p.add_argument("--eval_dataset", metavar="CORPUS", help="measure perplexity (test split, 1024-token windows) after pruning")
     p.add_argument("--save", metavar="DIR", help="write log_<method>.txt with sparsity and perplexity here (Wanda style)")
 
@@ -415,6 +421,7 @@ def cmd_prune(args) -> None:
     from .prune.allocate import parse_overrides
     from .prune.patterns import check_divides, parse_tiers, validate_pattern
     from .prune.recipes import prune_with_recipe, resolve_recipe
+    from .prune.state import state_folder
 
     pattern = args.sparsity_type
     if pattern == "block":
@@ -454,8 +461,10 @@ def cmd_prune(args) -> None:
         _check_context(model, args.seqlen, "--seqlen")
         return data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
 
+    state_dir = state_folder(args.save_model) if args.save_model and args.state_every >= 0 else None
     info, recipe = prune_with_recipe(model, pattern, args.sparsity_ratio, recipe, calibration, tiers=tiers,
-                                     batch_size=args.calib_batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+                                     batch_size=args.calib_batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                                     state_dir=state_dir, state_every=max(args.state_every, 0.0))
     method = recipe["method"]
     info["recipe"] = {**{k: v for k, v in vars(args).items() if k != "command"}, **recipe,
                       "prune_method": method}
@@ -471,6 +480,8 @@ def cmd_prune(args) -> None:
         with atomic_dir(args.save_model) as folder:
             save_model(model, tok, folder)
             write_sparsity_json(folder, info)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
         print(f"saved the pruned model to {args.save_model}")
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)

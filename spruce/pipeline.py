@@ -127,7 +127,7 @@ PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "de
                  "reconstruct_epochs", "reconstruct_lr", "reconstruct_target", "reconstruct_norms", "tiers")
 
 
-def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:
+def _prune_once(run: Run, model, tok, sparsity: float, options: dict, state_dir: Path) -> dict:
     from .prune.recipes import prune_with_recipe, resolve_recipe
 
     p, cfg = run.cfg.prune, run.cfg
@@ -139,11 +139,13 @@ def _prune_once(run: Run, model, tok, sparsity: float, options: dict) -> dict:
         model, p.pattern, sparsity, recipe,
         lambda: data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed),
         tiers=tuple(options["tiers"]) if options.get("tiers") else None, device=run.device,
-        batch_size=p.batch_size, progress=run.progress)
+        batch_size=p.batch_size, progress=run.progress, state_dir=state_dir)
     return info
 
 
 def stage_prune(run: Run) -> dict:
+    from .prune.state import state_folder
+
     p, cfg = run.cfg.prune, run.cfg
     rounds = p.round_plan()
     source = cfg.model
@@ -155,15 +157,17 @@ def stage_prune(run: Run) -> dict:
         run.say(f"[prune] {tag}{p.method or 'default recipe'}, {p.pattern}, {sparsity:.0%} sparsity, "
                 f"{p.nsamples} calibration samples of {p.seqlen} tokens"
                 + (f", options {options}" if options else ""))
-        info = _prune_once(run, model, tok, sparsity, options)
+        folder = run.dir / ("pruned" if i == len(rounds) else f"rounds/round{i}-pruned")
+        state_dir = state_folder(folder)  # a killed run continues from its last saved layer
+        info = _prune_once(run, model, tok, sparsity, options, state_dir)
         if previous is not None:
             _keep_superset(model, previous)
             info["measured_sparsity"] = overall_sparsity(model)
         info["recipe"] = cfg.to_dict()
-        folder = run.dir / ("pruned" if i == len(rounds) else f"rounds/round{i}-pruned")
         with atomic_dir(folder) as tmp:
             save_model(model, tok, tmp)
             write_sparsity_json(tmp, info)
+        shutil.rmtree(state_dir, ignore_errors=True)
         result = run.evaluate("pruned" if i == len(rounds) else f"round{i}-pruned", model, tok)
         ratio = result["ppl"] / run.done("baseline")["dense"]["ppl"] if run.done("baseline") else None
         run.say(f"[prune] {tag}pruned perplexity: {result['ppl']:.2f}"

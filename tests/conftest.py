@@ -51,9 +51,9 @@ def build_model(vocab_size: int, hidden: int = 64, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=False, **overrides)
+    config = LlamaConfig(**{"vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "max_position_embeddings": 2048, "tie_word_embeddings": False, **overrides})
     return LlamaForCausalLM(config).eval()
 
 

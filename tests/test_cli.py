@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from spruce.cli import main
@@ -180,3 +181,32 @@ def test_default_block_recipe_on_cpu_says_it_is_sized_for_a_gpu(capsys, tiny_mod
                         "--prune_method", "wanda", "--nsamples", "2", "--seqlen", "32",
                         "--calib_dataset", str(corpus_file), "--device", "cpu", "--save_model", str(tmp_path / "w"))
     assert "sized for a GPU" not in err  # a named method is the user's choice
+
+
+def test_a_killed_prune_command_continues_when_run_again(capsys, tokenizer, corpus_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from spruce.prune.state import state_folder
+    from tests.conftest import build_model
+    from tests.test_prune import _interrupt_at
+
+    model_dir = tmp_path / "four-layers"
+    build_model(len(tokenizer), seed=4, num_hidden_layers=4).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    argv = ["prune", "--model", str(model_dir), "--prune_method", "sparsegpt", "--sparsity_type", "16x16",
+            "--nsamples", "4", "--seqlen", "64", "--calib_dataset", str(corpus_file), "--reconstruct_epochs", "2"]
+    straight, out = tmp_path / "straight", tmp_path / "pruned"
+    assert run_cli(capsys, *argv, "--save_model", str(straight), "--state_every", "-1")[0] == 0
+    assert not state_folder(straight).exists()
+
+    restore = _interrupt_at(monkeypatch, 4)
+    code, _, err = run_cli(capsys, *argv, "--save_model", str(out), "--state_every", "0")
+    restore()
+    assert code == 130 and "interrupted" in err
+    assert not out.exists()  # nothing that looks finished
+    assert (state_folder(out) / "carry.pt").is_file()
+    code, out_text, err = run_cli(capsys, *argv, "--save_model", str(out), "--state_every", "0")
+    assert code == 0 and "resuming the pruning from layer 4/4" in err
+    assert not state_folder(out).exists()  # removed once the model is saved
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

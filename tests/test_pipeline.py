@@ -99,6 +99,30 @@ def test_interrupted_run_resumes_with_the_missing_stages(tiny_model_dir, corpus_
     assert (out / "stages" / "recover.json").exists()
 
 
+def test_a_run_killed_while_saving_its_pruned_model_does_not_prune_again(tiny_model_dir, corpus_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    from spruce import pipeline
+    from spruce.prune.state import state_folder
+
+    out = tmp_path / "run"
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
+                      tiny_overrides(tiny_model_dir, corpus_file, out, "stages=[baseline, prune]"))
+
+    def killed(*_args):
+        raise KeyboardInterrupt
+
+    real = pipeline.write_sparsity_json
+    monkeypatch.setattr(pipeline, "write_sparsity_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(cfg, say=quiet([]), progress=False)
+    monkeypatch.setattr(pipeline, "write_sparsity_json", real)
+    assert not (out / "pruned").exists() and (state_folder(out / "pruned") / "carry.pt").is_file()
+    capsys.readouterr()
+    run_recipe(cfg, say=quiet([]), progress=False)
+    assert "all 2 layers were pruned before" in capsys.readouterr().err
+    assert (out / "pruned" / "sparsity.json").is_file() and not state_folder(out / "pruned").exists()
+
+
 def test_progressive_rounds_only_add_zeros(tiny_model_dir, corpus_file, tmp_path):
     out = tmp_path / "run"
     cfg = load_recipe(None, tiny_overrides(tiny_model_dir, corpus_file, out, "prune.pattern=hybrid:16x16",

@@ -10,9 +10,10 @@ from spruce.errors import SpruceError
 from spruce.evaluate import perplexity
 from spruce.masks import block_pattern_holds, read_sparsity_json, weight_sparsity, write_sparsity_json
 from spruce.models import prunable_linears, save_model
-from spruce.prune import prune_model
+from spruce.prune import Reconstruct, prune_model
 from spruce.prune.methods import wanda_score
 from spruce.prune.patterns import unstructured_row_mask
+from tests.conftest import build_model
 
 
 def _samples(vocab, n=4, seqlen=32, seed=0):
@@ -319,3 +320,61 @@ def test_reconstruction_options_are_checked(tiny_model):
         Reconstruct(target="teacher")
     with pytest.raises(SpruceError, match="layer reconstruction needs calibration samples"):
         prune_model(tiny_model, "magnitude", "16x16", 0.5, reconstruct=Reconstruct(), progress=False)
+
+
+# ---------------------------------------------------------------- resuming after a kill
+
+
+def _interrupt_at(monkeypatch, call: int):
+    """Make the `call`-th layer reconstruction raise KeyboardInterrupt, as a kill mid-layer would end it."""
+    from spruce.prune import engine
+
+    real, count = engine.reconstruct_layer, {"n": 0}
+
+    def reconstruct(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "reconstruct_layer", reconstruct)
+    return lambda: monkeypatch.setattr(engine, "reconstruct_layer", real)
+
+
+def test_a_killed_prune_resumes_from_its_state_bit_for_bit(tokenizer, tmp_path, monkeypatch, capsys):
+    samples = _samples(len(tokenizer), seqlen=48)
+    options = dict(samples=samples, batch_size=2, progress=False, reconstruct=Reconstruct(2, 1e-3),
+                   module_sparsity={"self_attn": 0.4})
+
+    def fresh():
+        return build_model(len(tokenizer), seed=3, num_hidden_layers=4)
+
+    straight = fresh()
+    prune_model(straight, "sparsegpt", "16x16", 0.5, **options)
+    state = tmp_path / "state"
+    restore = _interrupt_at(monkeypatch, 3)  # layers 1 and 2 finished, layer 3 in progress
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(fresh(), "sparsegpt", "16x16", 0.5, state_dir=state, state_every=0, **options)
+    restore()
+    assert sorted(p.name for p in state.iterdir()) == ["carry.pt", "layer-0.safetensors", "layer-1.safetensors"]
+    capsys.readouterr()
+    resumed = fresh()
+    info = prune_model(resumed, "sparsegpt", "16x16", 0.5, state_dir=state, state_every=0, **options)
+    assert "resuming the pruning from layer 3/4" in capsys.readouterr().err
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert info["measured_sparsity"] == 0.5
+
+    # other settings never resume from that state: it is replaced
+    other = fresh()
+    prune_model(other, "sparsegpt", "16x16", 0.5, state_dir=state, state_every=0,
+                **{**options, "reconstruct": Reconstruct(2, 2e-3)})
+    assert "made with other settings" in capsys.readouterr().err
+    assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, straight.model.layers[0].mlp.up_proj.weight)
+
+    # an unreadable state is replaced too, with a message
+    (state / "carry.pt").write_bytes(b"not a checkpoint")
+    unreadable = fresh()
+    prune_model(unreadable, "sparsegpt", "16x16", 0.5, state_dir=state, state_every=0, **options)
+    assert "cannot be read" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), unreadable.state_dict().values()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,19 +27,23 @@ from ..models import decoder_layers, prunable_linears
 from . import allocate as alloc
 from .methods import METHODS, validate_method, wanda_score
 from .patterns import Pattern, check_divides, parse_pattern
+from .state import FORMAT as PRUNE_STATE_FORMAT
+from .state import PruneState
+from .state import fingerprint as state_fingerprint
 
 
 class _Captured(Exception):
     """Raised by the hook on the first decoder layer to stop the forward pass early."""
 
 
-def _to(obj, device):
+def to_device(obj, device):
+    """Tensors inside nested tuples, lists and dicts moved to `device`; anything else as is."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -51,7 +56,7 @@ def capture_layer_inputs(model, samples: torch.Tensor, device: torch.device, bat
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        batches.append((hidden.to(device), _to(kwargs, device)))
+        batches.append((hidden.to(device), to_device(kwargs, device)))
         raise _Captured
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -169,7 +174,8 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
                 tile_score: str = "mean", tiers: tuple[float, float] | None = None,
                 allocation: str = "uniform", owl_m: float = alloc.OWL_M, owl_lambda: float = alloc.OWL_LAMBDA,
                 module_sparsity: dict[str, float] | None = None, dense_target: bool = False,
-                sequential: bool = False, reconstruct: Reconstruct | None = None) -> dict:
+                sequential: bool = False, reconstruct: Reconstruct | None = None,
+                state_dir: str | os.PathLike | None = None, state_every: float = 60.0) -> dict:
     """Prune every decoder nn.Linear of `model` in place; return a report for sparsity.json.
 
     method: a name of METHODS; pattern: a pattern name (see patterns.py) with its `selection`,
@@ -179,7 +185,10 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
     earlier pruned layers is compensated too), at the cost of a second pass per layer;
     sequential: within a layer, prune the linears in forward order, each group calibrated on the
     outputs of those already pruned; reconstruct: train each pruned layer's kept weights toward
-    the dense outputs (see Reconstruct)."""
+    the dense outputs (see Reconstruct); state_dir: keep the finished layers and the next layer's
+    inputs there (at most every `state_every` seconds), so that the same call after a kill
+    continues from the last saved layer (see state.py); the caller removes it once the result is
+    saved."""
     validate_method(method)
     if not 0 <= sparsity < 1:
         raise SpruceError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -213,8 +222,17 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
             block_sparsity = alloc.owl_sparsities(ratios, sparsity, owl_lambda, sizes_per_block)
         per_linear = alloc.allocate({n: m.weight.numel() for n, m in linears.items()}, block_of, sparsity,
                                     block_sparsity, module_sparsity)
+        state = None
+        if state_dir is not None:
+            settings = {"method": method, "pattern": pattern, "sparsity": sparsity, "selection": selection,
+                        "tile_score": tile_score, "tiers": tiers, "allocation": allocation, "owl": (owl_m, owl_lambda),
+                        "per_linear": per_linear, "dense_target": dense_target, "sequential": sequential,
+                        "reconstruct": None if reconstruct is None else vars(reconstruct),
+                        "batch_size": batch_size, "format": PRUNE_STATE_FORMAT}
+            state = PruneState(state_dir, state_fingerprint(model, settings, samples if data_needed else None),
+                               state_every)
         _prune_layers(model, method, spec, per_linear, batches, work, progress, dense_target, sequential,
-                      reconstruct)
+                      reconstruct, state)
     return {
         "format": "spruce-sparsity/1",
         "method": method,
@@ -346,7 +364,7 @@ def reconstruct_layer(layer, batches, targets, epochs: int, lr: float, norms: bo
 
 
 def _prune_layers(model, method, spec, per_linear, batches, device, progress, dense_target=False,
-                  sequential=False, reconstruct: Reconstruct | None = None):
+                  sequential=False, reconstruct: Reconstruct | None = None, state: PruneState | None = None):
     """Prune layer by layer. sequential: within a layer, the linears that share an input (q/k/v,
     then o, then gate/up, then down) are pruned in forward order, each group calibrated on the
     outputs of the groups already pruned. reconstruct: see Reconstruct."""
@@ -356,8 +374,14 @@ def _prune_layers(model, method, spec, per_linear, batches, device, progress, de
     reconstruct = reconstruct if reconstruct and reconstruct.epochs and batches is not None else None
     aim = dense_target and "hessian" in needs and batches is not None
     dense = list(batches) if aim or (reconstruct and reconstruct.target == "dense") else None
-    bar = progress_bar(layers, show=progress, desc=f"{method} {spec.name}", unit="layer")
-    for layer in bar:
+    start = 0
+    resumed = state.resume(layers, device) if state is not None else None
+    if resumed is not None:
+        start, batches, dense = resumed
+    bar = progress_bar(range(start, len(layers)), show=progress, desc=f"{method} {spec.name}", unit="layer",
+                       initial=start, total=len(layers))
+    for index in bar:
+        layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
         ref = copy.deepcopy(layer) if dense is not None or reconstruct else None
@@ -386,5 +410,7 @@ def _prune_layers(model, method, spec, per_linear, batches, device, progress, de
         dense = dense_next
         layer.to(home)
         del ref, targets
+        if state is not None:
+            state.after_layer(index, layers, batches, dense)
     if device.type == "cuda":
         torch.cuda.empty_cache()
