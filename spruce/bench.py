@@ -474,7 +474,7 @@ class StaticGreedy:
 GENERATE_MODES = ("graph", "compile", "eager")
 
 
-def _generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
+def greedy_generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
     """A function of the prompt ids that generates `new_tokens` greedily in the given mode."""
     if mode in ("graph", "compile"):
         greedy = StaticGreedy(model, batch, prompt_tokens + new_tokens,
@@ -613,7 +613,7 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
             for mode in modes:
                 extra = {}
                 try:
-                    generate = _generator(model, mode, b, prompt_tokens, new_tokens)
+                    generate = greedy_generator(model, mode, b, prompt_tokens, new_tokens)
                     generate(prompts[b])  # warm-up: kernel tuning, graph capture
                     torch.cuda.synchronize()
                     start = time.perf_counter()

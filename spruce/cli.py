@@ -310,6 +310,29 @@ def build_parser() -> Parser:
     p.add_argument("--output_dir", required=True, help="where to write the merged model")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
 
+    p = _sub(sub, "generate", "greedy text from a pruned model on the block-sparse kernels, with tokens/s",
+             "Generate greedily from MODEL with every block-sparse decoder linear swapped for the Triton\n"
+             "kernels (spruce.kernels.sparsify), print the text and the tokens/s of a run timed after one\n"
+             "warm-up. --compare also times the same model dense in the same run and prints the ratio\n"
+             "and whether both produced the same tokens. On a CPU the kernels are off unless --kernels on\n"
+             "(the block-sparse layers then run the torch reference: correct, not faster).",
+             "Example: spruce generate --model out/merged --prompt 'The state of the union' --compare\n\n"
+             + EPILOG_MODELS)
+    _add_model_args(p)
+    p.set_defaults(dtype=None)
+    p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--prompt_file", metavar="FILE", help="read the prompt from FILE instead")
+    p.add_argument("--max_new_tokens", type=_positive_int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+                   help="block-sparse kernels: auto (on with a CUDA GPU), on, off (default: auto)")
+    p.add_argument("--mode", choices=["graph", "compile", "eager"],
+                   help="graph: static KV cache, each step a replayed CUDA graph; compile: the same step compiled "
+                        "by torch.compile first (CUDA); eager: Hugging Face generate (default: graph on CUDA, "
+                        "eager on CPU)")
+    p.add_argument("--block_size", type=int, default=16, choices=[16, 32, 64], help="kernel block size (default: 16)")
+    p.add_argument("--compare", action="store_true", help="also time the dense model in the same run")
+    p.add_argument("--json", metavar="PATH", help="also write the text, speeds and settings as JSON")
+
     p = _sub(sub, "bench", "time dense against block-sparse kernels and generation (GPU)",
              "Benchmarks that measure dense and sparse in the same run and print ratios, with\n"
              "bandwidth and FLOP/s against the card's measured ceilings. Need a CUDA GPU and Triton.")
@@ -503,6 +526,23 @@ def cmd_finetune(args) -> None:
     run_finetune(args)
 
 
+def cmd_generate(args) -> None:
+    from .generate import run_generate
+    from .models import load_model, resolve_device
+    from .outdir import require_file
+
+    if bool(args.prompt) == bool(args.prompt_file):
+        raise SpruceError("pass the prompt as --prompt TEXT or --prompt_file FILE (one of them)")
+    prompt = args.prompt or require_file(args.prompt_file, "prompt file").read_text().rstrip("\n")
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, tok = load_model(args.model, device, dtype, args.trust_remote_code, args.tokenizer)
+    record = run_generate(model, tok, prompt, args.max_new_tokens, args.mode, args.kernels, args.compare,
+                          args.block_size)
+    if args.json:
+        _write_json(args.json, {"model": args.model, **record})
+
+
 def cmd_merge(args) -> None:
     import torch
 
@@ -576,7 +616,7 @@ def cmd_compare(args) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "eval": cmd_eval, "prune": cmd_prune, "finetune": cmd_finetune,
-            "merge": cmd_merge, "bench": cmd_bench, "fetch": cmd_fetch}
+            "merge": cmd_merge, "generate": cmd_generate, "bench": cmd_bench, "fetch": cmd_fetch}
 
 
 def _quiet_libraries() -> None:
@@ -594,6 +634,7 @@ def _quiet_libraries() -> None:
 OOM_ADVICE = {
     "eval": "lower --batch_size or --seqlen, or use --dtype bfloat16",
     "prune": "lower --calib_batch_size, --nsamples or --seqlen, or use --dtype bfloat16",
+    "generate": "lower --max_new_tokens or the prompt's length",
     "finetune": "lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the batch) "
                 "or --block_size, or add --gradient_checkpointing or --bf16",
     "run": "lower prune.batch_size or recover.batch_size, or set dtype: bfloat16",
