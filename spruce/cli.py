@@ -60,12 +60,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None = "float32",
+                    dtype_help: str = "float32") -> None:
     p.add_argument("--model", required=True, metavar="MODEL", help="model to load (see below)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or Hub id, if MODEL has none")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and compute dtype (default: float32)")
+    p.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16", "float16"],
+                   help=f"weights and compute dtype (default: {dtype_help})")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the Hub folder to run (off unless you trust its author)")
 
@@ -318,8 +319,7 @@ def build_parser() -> Parser:
              "(the block-sparse layers then run the torch reference: correct, not faster).",
              "Example: spruce generate --model out/merged --prompt 'The state of the union' --compare\n\n"
              + EPILOG_MODELS)
-    _add_model_args(p)
-    p.set_defaults(dtype=None)
+    _add_model_args(p, None, "bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--prompt", help="text to continue")
     p.add_argument("--prompt_file", metavar="FILE", help="read the prompt from FILE instead")
     p.add_argument("--max_new_tokens", type=_positive_int, default=128, help="tokens to generate (default: 128)")

@@ -40,7 +40,8 @@ def fingerprint(model, settings: dict, samples: torch.Tensor | None) -> str:
 
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # any spelling of the path
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     if samples is not None:
         h.update(samples.detach().cpu().contiguous().numpy().tobytes())
     tensors = [model.get_input_embeddings().weight, *decoder_layers(model)[0].state_dict().values()]
