@@ -21,7 +21,7 @@ import torch
 
 from . import assets
 from .errors import SpruceError
-from .outdir import atomic_dir
+from .outdir import atomic_dir, share_modes
 
 EMBEDDED = {"smollm2-135m": assets.smollm2_gguf}
 
@@ -180,6 +180,7 @@ def save_model(model, tokenizer, folder: str | os.PathLike, extra: dict[str, dic
         tokenizer.save_pretrained(folder)
     for name, payload in (extra or {}).items():
         (folder / name).write_text(json.dumps(payload, indent=2) + "\n")
+    share_modes(folder)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

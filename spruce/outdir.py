@@ -27,6 +27,29 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--ov
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_modes(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir / open would have (0o777 and
+    0o666 less the umask). Temporary folders are made 0o700, and safetensors 0.8 writes its
+    files 0o600 whatever the umask, so without this a model folder written by one user could not
+    be read by another (a server or a teammate loading the adapter)."""
+    mask = _umask()
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(Path(root, d), 0o777 & ~mask)
+        for f in files:
+            path = Path(root, f)
+            if not path.is_symlink():
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder that replaces `final` when the block ends without error."""
@@ -38,6 +61,7 @@ def atomic_dir(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share_modes(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -1,6 +1,7 @@
 """Recovery fine-tuning: zero sets kept bit for bit, exact resume, diagnostics, bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -43,6 +44,14 @@ def test_lora_recovers_and_merge_keeps_zero_set(capsys, pruned_dir, corpus_file,
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert "perplexity: pruned" in out and "=== summary ===" in out
     assert list((tmp_path / "lora" / "runs").glob("events.out.tfevents.*"))  # TensorBoard
+    # what spruce writes gets the umask's modes, as config.json does (safetensors alone writes 0o600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in ["adapter_model.safetensors", "merged/model.safetensors", "merged", "checkpoints/checkpoint-30",
+                 "checkpoints/checkpoint-30/trainable.safetensors"]:
+        full = tmp_path / "lora" / path
+        want = (0o777 if full.is_dir() else 0o666) & ~mask
+        assert full.stat().st_mode & 0o777 == want, (path, oct(full.stat().st_mode))
 
 
 def test_plain_peft_merge_would_fill_the_zeros(pruned_dir, corpus_file, tmp_path, capsys):

@@ -26,7 +26,7 @@ from .. import data
 from ..errors import SpruceError
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
 from ..models import load_model, save_model
-from ..outdir import atomic_dir, check_output_dir
+from ..outdir import atomic_dir, check_output_dir, share_modes
 from ..report import MetricsLog, write_config
 from .checkpoint import list_checkpoints
 from .lora import attach_lora, merge_keep_sparsity
@@ -257,6 +257,7 @@ def run_finetune(a, say=print) -> dict:
         copy_sparsity_json(a.model_name_or_path, output_dir)
     else:
         student.save_pretrained(output_dir)
+        share_modes(output_dir)
         (output_dir / ADAPTER_MARKER).write_text(json.dumps({"mode": a.mode}) + "\n")
     if a.merge:
         merged = student if a.mode == "full" else merge_keep_sparsity(student)
