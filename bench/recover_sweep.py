@@ -392,7 +392,10 @@ class Sweep:
         found = training_record(folder)
         found.update(zero_set_check(base_masks, pattern, folder / "merged"))
         if not self.a.keep_checkpoints:
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            from spruce.recover.checkpoint import run_checkpoints
+
+            for checkpoint in run_checkpoints(folder):
+                shutil.rmtree(checkpoint, ignore_errors=True)
         with self.lock:
             record.update(found)
             if record.get("steps"):

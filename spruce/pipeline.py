@@ -191,11 +191,11 @@ def _keep_superset(model, previous: dict[str, torch.Tensor]) -> None:
 
 
 def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> dict:
+    from .recover.checkpoint import run_checkpoints
     from .recover.finetune import run_finetune
 
     r, cfg = run.cfg.recover, run.cfg
-    checkpoints = out_dir / "checkpoints"
-    resume = run.resume and checkpoints.is_dir() and any(checkpoints.iterdir())
+    resume = run.resume and bool(run_checkpoints(out_dir))
     if not resume and out_dir.exists():
         shutil.rmtree(out_dir)  # outputs of other inputs: never resume or mix with them
     ns = Namespace(

@@ -97,9 +97,8 @@ def test_fsdp_keeps_zeros_and_resumes_exactly(pruned_dir, corpus_file, tmp_path,
     straight = train_losses(tmp_path / "straight")
 
     # a run that stopped after its checkpoint at step 3, resumed by 2 processes: the same losses, bit for bit
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-3",
-                    tmp_path / "resumed" / "checkpoints" / "checkpoint-3")
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     run = launch("torchrun", common(pruned_dir, corpus_file, tmp_path / "resumed", *args,
                                     "--resume_from_checkpoint", "latest"))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -108,9 +107,8 @@ def test_fsdp_keeps_zeros_and_resumes_exactly(pruned_dir, corpus_file, tmp_path,
     assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
 
     # the same checkpoint resumes in one process (accumulation 2 gives the same global batch)
-    (tmp_path / "single" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-3",
-                    tmp_path / "single" / "checkpoints" / "checkpoint-3")
+    (tmp_path / "single" / "checkpoints").mkdir(parents=True)  # the layout of spruce 0.1 is found too
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "single" / "checkpoints" / "checkpoint-3")
     single_args = [a for a in args if a != "--fsdp"] + ["--gradient_accumulation_steps", "2"]
     assert main(common(pruned_dir, corpus_file, tmp_path / "single", *single_args,
                        "--resume_from_checkpoint", "latest")) == 0

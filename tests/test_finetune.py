@@ -47,8 +47,8 @@ def test_lora_recovers_and_merge_keeps_zero_set(capsys, pruned_dir, corpus_file,
     # what spruce writes gets the umask's modes, as config.json does (safetensors alone writes 0o600)
     mask = os.umask(0)
     os.umask(mask)
-    for path in ["adapter_model.safetensors", "merged/model.safetensors", "merged", "checkpoints/checkpoint-30",
-                 "checkpoints/checkpoint-30/trainable.safetensors"]:
+    for path in ["adapter_model.safetensors", "merged/model.safetensors", "merged", "checkpoint-30",
+                 "checkpoint-30/trainable.safetensors"]:
         full = tmp_path / "lora" / path
         want = (0o777 if full.is_dir() else 0o666) & ~mask
         assert full.stat().st_mode & 0o777 == want, (path, oct(full.stat().st_mode))
@@ -158,14 +158,28 @@ def test_resume_continues_exactly(capsys, pruned_dir, corpus_file, tmp_path):
     # a second run that stopped after its checkpoint at step 4: copy that checkpoint and resume
     import shutil
 
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-4", tmp_path / "resumed" / "checkpoints" / "checkpoint-4")
+    # (where the Hugging Face Trainer puts it, so a script's --resume_from_checkpoint OUT/checkpoint-4 works)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     code, out, _ = finetune(capsys, pruned_dir, corpus_file, tmp_path / "resumed", *common,
-                            "--resume_from_checkpoint", "latest")
+                            "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-4"))
     assert code == 0 and "resumed from" in out
     resumed = _train_losses(tmp_path / "resumed")
     assert sorted(resumed) == [5, 6, 7, 8]
     assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+
+
+def test_overwrite_output_dir_clears_the_earlier_run(capsys, pruned_dir, corpus_file, tmp_path):
+    out = tmp_path / "lora"
+    assert finetune(capsys, pruned_dir, corpus_file, out, "--max_steps", "6", "--save_steps", "2")[0] == 0
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # a shorter run in the same folder: the old checkpoint-6 must neither outlive the new ones in
+    # the rotation nor be what --resume_from_checkpoint latest finds
+    code, text, _ = finetune(capsys, pruned_dir, corpus_file, out, "--max_steps", "3", "--save_steps", "1",
+                             "--save_total_limit", "2", "--overwrite_output_dir")
+    assert code == 0 and "removed the earlier run's" in text
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-3"]
+    assert max(json.loads(line).get("step", 0) for line in (out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_overfitting_diagnostic_fires():
@@ -215,8 +229,8 @@ def test_finetune_bad_input(case, capsys, pruned_dir, corpus_file, tmp_path):
         extra += ["--mode", "full", "--distill_hidden_weight", "1"]
         expected = "--distill_hidden_weight needs --teacher_model"
     elif case == "corrupt":
-        (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
-        (out / "checkpoints" / "checkpoint-3" / "state.json").write_text("{")
+        (out / "checkpoint-3").mkdir(parents=True)
+        (out / "checkpoint-3" / "state.json").write_text("{")
         extra += ["--resume_from_checkpoint", "latest"]
         expected = "not a complete checkpoint"
     else:

@@ -186,7 +186,7 @@ def test_interrupted_recovery_resumes_from_its_checkpoint(tiny_model_dir, corpus
     import shutil
 
     (tmp_path / "run" / "stages" / "recover.json").unlink()
-    shutil.rmtree(tmp_path / "run" / "recover" / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "run" / "recover" / "checkpoint-6")
     lines = []
     run_recipe(cfg, say=quiet(lines), progress=False)
     assert any("resumed from" in line and "checkpoint-3" in line for line in lines), lines

@@ -75,11 +75,22 @@ def _by_number(opt_state: dict, names: list[str]) -> dict:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest step first."""
+    """Checkpoint folders (checkpoint-N) directly under `root`, oldest step first."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+# Checkpoints live where the Hugging Face Trainer puts them, OUTPUT_DIR/checkpoint-N, so scripts
+# that test for or resume from that path work; runs of spruce 0.1 wrote OUTPUT_DIR/checkpoints/.
+LEGACY_ROOT = "checkpoints"
+
+
+def run_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoints of the run in `output_dir` (either layout), oldest step first."""
+    found = list_checkpoints(output_dir) + list_checkpoints(output_dir / LEGACY_ROOT)
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
 def prune_checkpoints(root: Path, limit: int | None, keep: Path | None = None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
 from ..models import load_model, save_model
 from ..outdir import atomic_dir, check_output_dir, share_modes
 from ..report import MetricsLog, write_config
-from .checkpoint import list_checkpoints
+from .checkpoint import LEGACY_ROOT, list_checkpoints, run_checkpoints
 from .lora import attach_lora, merge_keep_sparsity
 from .monitor import plot_curves
 from .parallel import Parallel, launch_env
@@ -61,11 +62,27 @@ def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
     if not resume:
         return None
     if resume in ("latest", "true", "True"):
-        found = list_checkpoints(output_dir / "checkpoints")
+        found = run_checkpoints(output_dir)
         if not found:
-            raise SpruceError(f"no checkpoint to resume from in {output_dir / 'checkpoints'}")
+            raise SpruceError(f"no checkpoint (checkpoint-N folder) to resume from in {output_dir}")
         return found[-1]
-    return Path(resume)
+    path = Path(resume)
+    legacy = path.parent / LEGACY_ROOT / path.name
+    return legacy if not path.exists() and legacy.is_dir() else path
+
+
+# what an earlier run leaves in its output folder; a fresh run with --overwrite_output_dir
+# removes it, so that old checkpoints are neither rotated against the new ones nor resumed
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "runs", "merged", LEGACY_ROOT)
+
+
+def clear_previous_run(output_dir: Path, say) -> None:
+    old = list_checkpoints(output_dir) + [output_dir / n for n in RUN_OUTPUTS if (output_dir / n).exists()]
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if old:
+        say(f"--overwrite_output_dir: removed the earlier run's {', '.join(sorted(p.name for p in old))} "
+            f"from {output_dir}")
 
 
 def grad_accum_steps(global_batch: int | None, per_device: int, grad_accum: int | None, world: int) -> int:
@@ -128,6 +145,8 @@ def run_finetune(a, say=print) -> dict:
     resume = _resume_path(output_dir, a.resume_from_checkpoint)
     if resume is None:
         check_output_dir(output_dir, a.overwrite_output_dir)
+        if a.overwrite_output_dir and main and output_dir.is_dir():
+            clear_previous_run(output_dir, say)
     train_spec = a.train_file or corpus_spec(a.dataset_name, a.dataset_config_name, a.mix_weights)
     eval_spec = a.validation_file or (train_spec if not a.train_file else None)
     if a.do_eval and eval_spec is None:

@@ -194,7 +194,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
     optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.steps, args.warmup_steps, args.scheduler))
-    ckpt_root = output_dir / "checkpoints" if output_dir else None
+    ckpt_root = output_dir  # OUTPUT_DIR/checkpoint-N, as the Hugging Face Trainer writes them
     board = TensorBoard(output_dir / "runs") if output_dir and main else None
     monitor, step, best_ckpt = Monitor(), 0, None
     if resume_from is not None:
