@@ -249,7 +249,8 @@ def build_parser() -> Parser:
     g.add_argument("--max_eval_samples", type=_positive_int, help="use at most N validation blocks")
     g = p.add_argument_group("training")
     g.add_argument("--do_train", action="store_true", help="train")
-    g.add_argument("--do_eval", action="store_true", help="evaluate on the validation split before, during and after")
+    g.add_argument("--do_eval", action="store_true",
+                   help="evaluate on the validation split before and after training, and every --eval_steps")
     g.add_argument("--mode", default="lora", choices=["lora", "masked-lora", "full"], help="what trains (default: lora)")
     g.add_argument("--num_train_epochs", type=float, default=1.0, help="epochs (default: 1)")
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides epochs when > 0")
@@ -283,6 +284,7 @@ def build_parser() -> Parser:
     g.add_argument("--output_dir", required=True, help="adapter (or model), checkpoints, logs and summary go here")
     g.add_argument("--overwrite_output_dir", action="store_true", help="reuse a non-empty --output_dir")
     g.add_argument("--logging_steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
+    g.add_argument("--logging_first_step", action="store_true", help="also log after the first step")
     g.add_argument("--eval_steps", type=_positive_int, help="evaluate every N steps (default: only at the end)")
     g.add_argument("--save_steps", type=_positive_int, help="checkpoint every N steps (default: only at the end)")
     g.add_argument("--save_total_limit", type=_positive_int, help="keep at most N checkpoints (the best is kept)")
@@ -290,6 +292,21 @@ def build_parser() -> Parser:
     g.add_argument("--early_stopping_patience", type=_positive_int, help="stop after N evaluations without a new best")
     g.add_argument("--resume_from_checkpoint", metavar="PATH", help="a checkpoint folder, or 'latest' in --output_dir")
     g.add_argument("--merge", action="store_true", help="also write OUTPUT_DIR/merged: adapter merged, zero set kept")
+    g = p.add_argument_group("Hugging Face Trainer flags (accepted so that run_clm.py scripts run unchanged)")
+    g.add_argument("--evaluation_strategy", "--eval_strategy", dest="eval_strategy", choices=["no", "steps", "epoch"],
+                   help="steps: every --eval_steps (default: --logging_steps); epoch: after every epoch; no: only "
+                        "after training (with --do_eval). Unset: every --eval_steps if given, else after training")
+    g.add_argument("--save_strategy", choices=["no", "steps", "epoch"],
+                   help="steps: a checkpoint every --save_steps (default: 500); epoch: after every epoch; no: only "
+                        "the last one. Unset: every --save_steps if given, else the last one")
+    g.add_argument("--metric_for_best_model", default="eval_loss",
+                   help="what picks the best checkpoint: eval_loss (or loss, perplexity: the same order); "
+                        "the only metric spruce evaluates")
+    g.add_argument("--fp16", action="store_true",
+                   help="runs as --bf16: spruce's mixed precision is bfloat16, which needs no loss scaling")
+    g.add_argument("--report_to", nargs="+", metavar="NAME", default=["tensorboard"],
+                   help="tensorboard (also: all) writes events under OUTPUT_DIR/runs; none turns them off; "
+                        "metrics.jsonl is always written (default: tensorboard)")
     g = p.add_argument_group("several GPUs (launch with torchrun or accelerate launch; see the README)")
     g.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per "
@@ -517,6 +534,15 @@ def cmd_prune(args) -> None:
 def cmd_finetune(args) -> None:
     from .recover.finetune import run_finetune
 
+    if args.fp16:
+        import torch
+
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise SpruceError("--fp16: spruce's mixed precision is bfloat16, which this GPU does not support; "
+                              "train in float32 (drop --fp16)")
+        if os.environ.get("RANK", "0") == "0":
+            print("spruce: --fp16 runs as --bf16 (bfloat16 mixed precision, no loss scaling needed)", file=sys.stderr)
+        args.bf16 = True
     if args.bf16 and args.mode == "full":
         args.autocast_bf16 = True       # mixed precision: float32 master weights, bf16 matmuls
     elif args.bf16:

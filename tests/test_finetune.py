@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import yaml
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -182,6 +183,54 @@ def test_overwrite_output_dir_clears_the_earlier_run(capsys, pruned_dir, corpus_
     assert max(json.loads(line).get("step", 0) for line in (out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_the_reference_script_flags_run_unchanged(capsys, pruned_dir, tiny_model_dir, corpus_file, tmp_path):
+    """The flags of the reference run_lora_finetune_block.sh (Hugging Face Trainer flags included),
+    with a local corpus instead of WikiText and small numbers."""
+    out = tmp_path / "lora"
+    out.mkdir()  # the script makes the folder first, then passes --overwrite_output_dir
+    argv = ["finetune", "--model_name_or_path", str(pruned_dir), "--config_name", str(tiny_model_dir),
+            "--train_file", str(corpus_file), "--validation_file", str(corpus_file), "--num_train_epochs", "2",
+            "--block_size", "64", "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "8",
+            "--do_train", "--do_eval", "--max_train_samples", "5", "--max_eval_samples", "4", "--learning_rate", "1e-3",
+            "--overwrite_output_dir", "--output_dir", str(out), "--logging_steps", "4", "--eval_steps", "3",
+            "--save_steps", "3", "--logging_first_step", "--evaluation_strategy", "steps", "--save_strategy", "steps",
+            "--load_best_model_at_end", "--metric_for_best_model", "eval_loss", "--save_total_limit", "3"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["event"] == "train"] == [1, 4, 8, 10]  # first step, every 4, last
+    assert [r["step"] for r in rows if r["event"] == "eval" and r.get("stage") != "before"] == [3, 6, 9, 10]
+    assert len(list(out.glob("checkpoint-*"))) <= 3 and "=== summary ===" in text
+    # resuming as the script does, from OUTPUT_DIR/checkpoint-N
+    code = main(argv + ["--resume_from_checkpoint", str(out / "checkpoint-9")])
+    assert code == 0 and "resumed from" in capsys.readouterr().out
+
+
+def test_fp16_runs_as_bf16(capsys, pruned_dir, corpus_file, tmp_path):
+    code, out, err = finetune(capsys, pruned_dir, corpus_file, tmp_path / "o", "--max_steps", "2", "--fp16",
+                              "--report_to", "wandb")
+    assert code == 0 and "--fp16 runs as --bf16" in err
+    assert "--report_to wandb: spruce logs to TensorBoard and metrics.jsonl only" in out
+    config = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert config["bf16"] is True and config["dtype"] == "bfloat16"  # LoRA: the frozen base in bf16
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--evaluation_strategy", "epoch", "--save_strategy", "epoch"], ([5, 10], [5, 10])),
+    (["--eval_strategy", "no", "--save_strategy", "no", "--eval_steps", "2"], ([10], [10])),
+])
+def test_trainer_strategies(capsys, pruned_dir, corpus_file, tmp_path, flags, expected):
+    code, _, _ = finetune(capsys, pruned_dir, corpus_file, tmp_path / "o", "--num_train_epochs", "2",
+                          "--max_train_samples", "10", "--per_device_train_batch_size", "2", "--report_to", "none",
+                          *flags)
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if r["event"] == "eval" and r.get("stage") != "before"]
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "o").glob("checkpoint-*"))
+    assert (evals, saved) == expected
+    assert not (tmp_path / "o" / "runs").exists()  # --report_to none: no TensorBoard events
+
+
 def test_overfitting_diagnostic_fires():
     m = Monitor()
     for step, (train_loss, eval_loss) in enumerate([(3.0, 2.5), (2.0, 2.4), (1.0, 2.6), (0.5, 2.9)], 1):
@@ -207,7 +256,7 @@ def test_max_train_samples_warning(capsys, pruned_dir, corpus_file, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["existing_output", "block_size", "offline", "corrupt", "no_action",
-                                  "hidden_without_teacher"])
+                                  "hidden_without_teacher", "metric"])
 def test_finetune_bad_input(case, capsys, pruned_dir, corpus_file, tmp_path):
     out = tmp_path / "o"
     extra = ["--max_steps", "1"]
@@ -225,6 +274,9 @@ def test_finetune_bad_input(case, capsys, pruned_dir, corpus_file, tmp_path):
         err = capsys.readouterr().err
         assert code == 2 and "offline, use --dataset sotu" in err and len(err.strip().splitlines()) == 1
         return
+    elif case == "metric":
+        extra += ["--metric_for_best_model", "accuracy"]
+        expected = "--metric_for_best_model accuracy: spruce picks the best checkpoint by evaluation loss"
     elif case == "hidden_without_teacher":
         extra += ["--mode", "full", "--distill_hidden_weight", "1"]
         expected = "--distill_hidden_weight needs --teacher_model"

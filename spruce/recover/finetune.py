@@ -85,6 +85,41 @@ def clear_previous_run(output_dir: Path, say) -> None:
             f"from {output_dir}")
 
 
+BEST_METRICS = ("eval_loss", "loss", "perplexity", "eval_perplexity", "ppl", "eval_ppl")  # lower is better, one order
+
+
+def check_trainer_flags(a) -> None:
+    """The Hugging Face Trainer flags that spruce accepts but cannot honour in every value."""
+    metric = getattr(a, "metric_for_best_model", None) or "eval_loss"
+    if metric not in BEST_METRICS:
+        raise SpruceError(f"--metric_for_best_model {metric}: spruce picks the best checkpoint by evaluation loss "
+                          "(eval_loss; perplexity gives the same order); drop the flag or use eval_loss")
+
+
+def trainer_schedule(a, epoch_steps: int) -> tuple[int | None, int | None]:
+    """(evaluate every N steps, checkpoint every N steps) from --eval_steps / --save_steps and
+    the Trainer's --evaluation_strategy / --save_strategy (None: only at the end)."""
+    eval_strategy, save_strategy = getattr(a, "eval_strategy", None), getattr(a, "save_strategy", None)
+    every = {"steps": None, "epoch": epoch_steps, "no": None}
+    eval_every = (a.eval_steps or a.logging_steps) if eval_strategy == "steps" else \
+        every[eval_strategy] if eval_strategy else a.eval_steps
+    save_every = (a.save_steps or HF_SAVE_STEPS) if save_strategy == "steps" else \
+        every[save_strategy] if save_strategy else a.save_steps
+    return eval_every, save_every
+
+
+HF_SAVE_STEPS = 500  # the Trainer's default --save_steps
+
+
+def report_tensorboard(report_to: list[str] | None, say) -> bool:
+    """Whether to write TensorBoard events, from the Trainer's --report_to."""
+    names = {n.lower() for n in (report_to or ["tensorboard"])}
+    others = names - {"tensorboard", "all", "none"}
+    if others:
+        say(f"note: --report_to {' '.join(sorted(others))}: spruce logs to TensorBoard and metrics.jsonl only")
+    return "none" not in names and bool(names & {"tensorboard", "all"})
+
+
 def grad_accum_steps(global_batch: int | None, per_device: int, grad_accum: int | None, world: int) -> int:
     """Micro-batches per step so that global batch = per-device batch x accumulation x processes."""
     if global_batch is None:
@@ -126,6 +161,7 @@ def run_finetune(a, say=print) -> dict:
     """Entry function: `a` carries the run_clm-style flags (see spruce.cli)."""
     if not (a.do_train or a.do_eval):
         raise SpruceError("nothing to do: pass --do_train and/or --do_eval")
+    check_trainer_flags(a)
     if a.mode not in MODES:
         raise SpruceError(f"unknown --mode '{a.mode}'; use one of {', '.join(MODES)}")
     device_map = getattr(a, "device_map", None)
@@ -243,12 +279,16 @@ def run_finetune(a, say=print) -> dict:
     per_step = a.per_device_train_batch_size * grad_accum * world
     steps = a.max_steps if a.max_steps and a.max_steps > 0 else \
         max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
+    epoch_steps = max(1, math.ceil(train_blocks.shape[0] / per_step))
+    eval_every, save_every = trainer_schedule(a, epoch_steps)
     args = TrainArgs(
         steps=steps, lr=a.learning_rate, batch_size=a.per_device_train_batch_size,
         grad_accum=grad_accum, eval_batch_size=a.per_device_eval_batch_size,
         warmup_steps=a.warmup_steps, scheduler=a.lr_scheduler_type, weight_decay=a.weight_decay,
-        logging_steps=a.logging_steps, eval_steps=(a.eval_steps or steps) if a.do_eval else None,
-        save_steps=a.save_steps, save_total_limit=a.save_total_limit,
+        logging_steps=a.logging_steps, logging_first_step=getattr(a, "logging_first_step", False),
+        tensorboard=report_tensorboard(getattr(a, "report_to", None), say),
+        eval_steps=(eval_every or steps) if a.do_eval else None,
+        save_steps=save_every, save_total_limit=a.save_total_limit,
         load_best_model_at_end=a.load_best_model_at_end, early_stopping_patience=a.early_stopping_patience,
         seed=a.seed, bf16=bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
         distill_temperature=a.distill_temperature, distill_hidden=hidden)

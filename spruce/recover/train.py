@@ -48,6 +48,8 @@ class TrainArgs:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     logging_steps: int = 10           # log the mean train loss every N steps
+    logging_first_step: bool = False  # also log after the first step
+    tensorboard: bool = True          # write TensorBoard events under OUTPUT_DIR/runs
     eval_steps: int | None = None     # evaluate every N steps (and at the end)
     save_steps: int | None = None     # checkpoint every N steps
     save_total_limit: int | None = None  # keep at most N checkpoints (the best is never deleted)
@@ -195,7 +197,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.steps, args.warmup_steps, args.scheduler))
     ckpt_root = output_dir  # OUTPUT_DIR/checkpoint-N, as the Hugging Face Trainer writes them
-    board = TensorBoard(output_dir / "runs") if output_dir and main else None
+    board = TensorBoard(output_dir / "runs") if output_dir and main and args.tensorboard else None
     monitor, step, best_ckpt = Monitor(), 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, core, optimizer, scheduler, parallel)
@@ -280,7 +282,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
                 local_view(named[name]).masked_fill_(mask, 0)
         step += 1
         bar.update(1)
-        if step % args.logging_steps == 0 or step == args.steps:
+        if step % args.logging_steps == 0 or step == args.steps or (step == 1 and args.logging_first_step):
             elapsed = time.time() - start
             last_loss = sum(window) / len(window)
             rate = (step - first_step) * tokens_per_step / max(elapsed, 1e-9)
