@@ -410,7 +410,7 @@ def cmd_eval(args) -> None:
     from .models import load_model
     from .recover.lora import load_adapter
 
-    data.parse_corpus(args.dataset)
+    data.check_corpus(args.dataset)
     if args.tasks:
         from .evaluate import require_lm_eval
 
@@ -484,7 +484,8 @@ def cmd_prune(args) -> None:
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite_output_dir)
     if args.eval_dataset:
-        data.parse_corpus(args.eval_dataset)
+        data.check_corpus(args.eval_dataset)
+    data.check_corpus(args.calib_dataset)
     if args.sparsity_ratio == 0:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 

@@ -67,6 +67,25 @@ def parse_corpus(spec: str) -> list[MixPart]:
     return [MixPart(p.name, p.weight / total) for p in parts]
 
 
+def check_corpus(spec: str) -> list[MixPart]:
+    """parse_corpus, and fail now (before a model is loaded) if a Hub corpus in it cannot be read."""
+    parts = parse_corpus(spec)
+    for part in parts:
+        if part.name in HF_CORPORA:
+            require_datasets(part.name)
+    return parts
+
+
+def require_datasets(name: str) -> None:
+    """Fail early, before any model is loaded, when a Hub corpus cannot be read for want of `datasets`."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise SpruceError(f"corpus '{name}' is read through the 'datasets' package, which is not installed: "
+                          "pip install 'datasets==5.2.0' (or pip install -e '.[data]'); without it use sotu, moby "
+                          "or a local .txt/.jsonl file")
+
+
 def _weighted(piece: str) -> bool:
     head, sep, tail = piece.rpartition(":")
     return bool(sep) and bool(re.fullmatch(r"[-+0-9.eE]+", tail.strip()))
@@ -104,12 +123,11 @@ def moby_documents(split: str) -> list[str]:
 
 
 def _datasets_documents(name: str, split: str) -> list[str]:
-    offline = (f"corpus '{name}' needs the 'datasets' package and access to the Hugging Face Hub "
-               "(or a local cache); offline, use --dataset sotu, moby, or a local .txt/.jsonl file")
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise SpruceError(offline) from None
+    offline = (f"corpus '{name}' could not be loaded: the Hugging Face Hub is unreachable and it is not in the "
+               "local datasets cache; offline, use sotu, moby or a local .txt/.jsonl file")
+    require_datasets(name)
+    from datasets import load_dataset
+
     try:
         if name.startswith("wikitext"):
             config = "wikitext-2-raw-v1" if name == "wikitext2" else "wikitext-103-raw-v1"

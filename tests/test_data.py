@@ -102,7 +102,27 @@ def test_offline_datasets_corpus_names_alternatives(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(SpruceError, match="offline, use --dataset sotu"):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "datasets" else object())
+    with pytest.raises(SpruceError, match=r"not installed: pip install 'datasets==5.2.0'.*use sotu, moby"):
+        data.documents("wikitext2", "test")
+    with pytest.raises(SpruceError, match="'datasets' package"):
+        data.check_corpus("sotu:0.5+c4:0.5")
+
+
+def test_unreachable_hub_names_alternatives(monkeypatch):
+    """With datasets installed but no Hub and no cache: one line that says so."""
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(*_args, **_kwargs):
+        raise ConnectionError("no route to huggingface.co")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    with pytest.raises(SpruceError, match=r"Hub is unreachable .* offline, use sotu, moby .*\(ConnectionError\)"):
         data.documents("wikitext2", "test")
 
 

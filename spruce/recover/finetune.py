@@ -46,8 +46,14 @@ def corpus_spec(dataset_name: str | None, dataset_config_name: str | None, mix_w
     if not dataset_name:
         raise SpruceError("no training data: pass --dataset_name (e.g. sotu, wikitext, c4) or --train_file")
     names = [n.strip() for n in dataset_name.split("+")]
-    names = [_WIKITEXT.get(dataset_config_name, "wikitext2") if n == "wikitext" and dataset_config_name else n
-             for n in names]
+    if dataset_config_name:
+        if "wikitext" in names and dataset_config_name not in _WIKITEXT:
+            raise SpruceError(f"--dataset_config_name {dataset_config_name} is not a WikiText configuration; use "
+                              f"{' or '.join(_WIKITEXT)}")
+        if "wikitext" not in names and not ("c4" in names and dataset_config_name == "en"):
+            raise SpruceError(f"--dataset_config_name {dataset_config_name} does not apply to --dataset_name "
+                              f"{dataset_name}; it names a WikiText configuration (or en for c4)")
+        names = [_WIKITEXT[dataset_config_name] if n == "wikitext" else n for n in names]
     if mix_weights:
         weights = [w.strip() for w in mix_weights.split(",")]
         if len(weights) != len(names):
@@ -188,7 +194,7 @@ def run_finetune(a, say=print) -> dict:
     if a.do_eval and eval_spec is None:
         raise SpruceError("--do_eval with --train_file needs --validation_file")
     for spec in filter(None, (train_spec, eval_spec)):
-        data.parse_corpus(spec)
+        data.check_corpus(spec)
     hidden = getattr(a, "distill_hidden_weight", 0.0) or 0.0
     if hidden < 0:
         raise SpruceError(f"--distill_hidden_weight must be >= 0, got {hidden}")
