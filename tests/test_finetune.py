@@ -244,6 +244,20 @@ def test_trainer_strategies(capsys, pruned_dir, corpus_file, tmp_path, flags, ex
     assert not (tmp_path / "o" / "runs").exists()  # --report_to none: no TensorBoard events
 
 
+def test_summary_reports_the_best_checkpoint_it_loaded(capsys, pruned_dir, corpus_file, tmp_path):
+    # a learning rate far too high: the last evaluation is worse than an earlier one
+    code, text, _ = finetune(capsys, pruned_dir, corpus_file, tmp_path / "o", "--mode", "full", "--max_steps", "6",
+                             "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "0.2",
+                             "--lr_scheduler_type", "constant", "--load_best_model_at_end")
+    assert code == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    best, last = summary["best_eval"], summary["eval_last_step"]
+    assert best["step"] < last["step"] and best["eval_loss"] < last["eval_loss"]
+    assert summary["loaded_best"] is True and summary["eval_after"] == best  # what the saved model scores
+    assert f"best checkpoint's (step {best['step']}, loaded at the end) eval loss" in text
+    assert f"-> recovered {best['eval_ppl']:.2f}" in text
+
+
 def test_overfitting_diagnostic_fires():
     m = Monitor()
     for step, (train_loss, eval_loss) in enumerate([(3.0, 2.5), (2.0, 2.4), (1.0, 2.6), (0.5, 2.9)], 1):
@@ -251,6 +265,27 @@ def test_overfitting_diagnostic_fires():
         _, notes = m.on_eval({"step": step * 10, "eval_loss": eval_loss, "eval_ppl": 2.718 ** eval_loss})
     assert any("overfitting" in n and "lower --learning_rate" in n for n in notes)
     assert m.best["step"] == 20
+
+
+def test_a_wide_train_eval_gap_is_called_overfitting_at_the_first_evaluation():
+    # the reference notes' case: train loss 0.5, eval loss 2.5, and a single evaluation
+    m = Monitor()
+    m.on_train({"step": 10, "loss": 3.1})
+    m.on_train({"step": 100, "loss": 0.5})
+    _, notes = m.on_eval({"step": 100, "eval_loss": 2.5, "eval_ppl": 12.18})
+    assert len(notes) == 1 and "overfitting: eval loss 2.500 is 2.00 above train loss 0.500" in notes[0]
+    assert "lower --learning_rate" in notes[0]
+    close = Monitor()
+    close.on_train({"step": 100, "loss": 3.0})
+    assert close.on_eval({"step": 100, "eval_loss": 3.2, "eval_ppl": 24.5})[1] == []
+    diverging = Monitor()  # eval far above train, but the train loss never fell: not overfitting
+    diverging.on_train({"step": 10, "loss": 5.8})
+    diverging.on_train({"step": 20, "loss": 6.3})
+    assert diverging.on_eval({"step": 20, "eval_loss": 10.3, "eval_ppl": 3e4})[1] == []
+    distilled = Monitor(compare_losses=False)  # a KL training loss is not comparable with the eval loss
+    distilled.on_train({"step": 10, "loss": 3.1})
+    distilled.on_train({"step": 100, "loss": 0.5})
+    assert distilled.on_eval({"step": 100, "eval_loss": 2.5, "eval_ppl": 12.18})[1] == []
 
 
 def test_flat_and_jumping_loss_diagnostics():

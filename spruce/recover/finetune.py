@@ -313,8 +313,11 @@ def run_finetune(a, say=print) -> dict:
                     "final_train_loss": result.final_train_loss, "best_checkpoint": result.best_checkpoint,
                     "stopped_early": result.stopped_early})
     if result.monitor.evals:
-        summary["eval_after"] = result.monitor.evals[-1]
+        # what the saved model scores: the best evaluation when its weights were loaded at the end
+        summary["eval_after"] = result.monitor.best if result.loaded_best else result.monitor.evals[-1]
+        summary["eval_last_step"] = result.monitor.evals[-1]
         summary["best_eval"] = result.monitor.best
+        summary["loaded_best"] = result.loaded_best
 
     summary["sparsity_after"] = overall_sparsity(student)
     if a.mode == "full":
@@ -384,7 +387,8 @@ def _finish(output_dir: Path, summary: dict, log: MetricsLog, result, say) -> No
                      f"{result.final_train_loss:.4f}" if result.final_train_loss is not None else f"steps {result.steps}")
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if after:
-        lines.append(f"final eval loss {after['eval_loss']:.4f} | perplexity {after['eval_ppl']:.2f}")
+        which = f"best checkpoint's (step {after['step']}, loaded at the end)" if summary.get("loaded_best") else "final"
+        lines.append(f"{which} eval loss {after['eval_loss']:.4f} | perplexity {after['eval_ppl']:.2f}")
     if summary.get("best_eval"):
         best = summary["best_eval"]
         lines.append(f"best eval perplexity {best['eval_ppl']:.2f} at step {best['step']}"

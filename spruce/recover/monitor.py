@@ -14,6 +14,10 @@ from pathlib import Path
 OVERFIT = ("overfitting: eval loss rose {n} evaluations in a row while train loss fell; try a lower "
            "--learning_rate, more --lora_dropout, fewer epochs, more data (e.g. a mix with a second corpus) "
            "or --load_best_model_at_end")
+GAP_NATS = 0.5  # eval perplexity 1.65x the train perplexity
+GAP = ("overfitting: eval loss {eval:.3f} is {gap:.2f} above train loss {train:.3f} (eval perplexity {ratio:.1f}x "
+       "train): the model is learning its training text by heart; try a lower --learning_rate, more "
+       "--lora_dropout, fewer epochs, more data (e.g. a mix with a second corpus) or --load_best_model_at_end")
 FLAT = ("loss is flat: it changed less than 1% over {n} logged steps; the learning rate may be too low, "
         "or nothing is trainable")
 JUMPING = ("loss is jumping: it rose to {ratio:.1f}x its lowest value; the learning rate may be too high")
@@ -28,6 +32,7 @@ class Monitor:
     evals: list[dict] = field(default_factory=list)
     best: dict | None = None
     said: set = field(default_factory=set)
+    compare_losses: bool = True       # train loss is the LM loss (no distillation), comparable with eval loss
 
     def on_train(self, row: dict) -> list[str]:
         self.train.append(row)
@@ -58,6 +63,15 @@ class Monitor:
             train_now = self._train_loss_at(row["step"])
             if rising and train_then is not None and train_now is not None and train_now < train_then:
                 notes.append(self._say("overfit", OVERFIT.format(n=k)))
+        train_now = self._train_loss_at(row["step"])
+        # the train loss fell by more than the gap since the start (a diverging run's eval loss is
+        # far above its train loss too, but its train loss has not fallen)
+        fell = train_now is not None and train_now < self.train[0]["loss"] - GAP_NATS
+        if self.compare_losses and fell and "gap" not in self.said and "overfit" not in self.said \
+                and row["eval_loss"] - train_now > GAP_NATS:
+            gap = row["eval_loss"] - train_now
+            notes.append(self._say("gap", GAP.format(eval=row["eval_loss"], gap=gap, train=train_now,
+                                                     ratio=math.exp(gap))))
         return improved, notes
 
     def evals_since_best(self) -> int:

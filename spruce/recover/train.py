@@ -81,6 +81,7 @@ class TrainResult:
     best_checkpoint: str | None = None
     stopped_early: bool = False
     notes: list[str] = field(default_factory=list)
+    loaded_best: bool = False         # the model holds the best checkpoint's weights, not the last step's
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -204,6 +205,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
         step, monitor = state["step"], Monitor.from_state(state["monitor"])
         best_ckpt = state.get("best_checkpoint")
         say(f"resumed from {resume_from} at step {step}")
+    monitor.compare_losses = args.distill_alpha == 0 and args.distill_hidden == 0  # else the train loss has KL in it
     emit = (on_event or (lambda row: None)) if main else (lambda row: None)
     if not main:
         say = lambda *_: None  # noqa: E731
@@ -313,6 +315,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
     bar.close()
     if board:
         board.close()
+    loaded_best = False
     if args.load_best_model_at_end and best_ckpt and Path(best_ckpt).is_dir() and best_ckpt != str(ckpt_root / f"checkpoint-{step}"):
         from safetensors.torch import load_file
 
@@ -320,5 +323,7 @@ def train(model, blocks: torch.Tensor, args: TrainArgs, eval_blocks: torch.Tenso
             for name, value in load_file(str(Path(best_ckpt) / "trainable.safetensors")).items():
                 local_view(named[name]).copy_(local_part(named[name], value))
         tell(f"loaded the best model from {best_ckpt}")
+        loaded_best = True
     model.eval()
-    return TrainResult(step, time.time() - start, last_loss, monitor, best_ckpt, stopped_early)
+    return TrainResult(step, time.time() - start, last_loss, monitor, best_ckpt, stopped_early,
+                       loaded_best=loaded_best)
