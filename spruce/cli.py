@@ -85,6 +85,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"spruce {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    parser.commands = sub.choices  # for errors about a command's own flags
 
     p = _sub(sub, "demo", "prune the embedded model to 16x16 blocks, recover with LoRA, report",
              "Run the shipped recipe recipes/smollm2-block16.yaml on the embedded SmolLM2-135M model\n"
@@ -128,7 +129,8 @@ def build_parser() -> Parser:
     p.add_argument("--lora_weights", metavar="ADAPTER", help="peft adapter folder to apply on top of MODEL")
     p.add_argument("--dataset", default="sotu", metavar="CORPUS", help="corpus (default: sotu)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default: test)")
-    p.add_argument("--seqlen", type=_positive_int, default=1024, help="tokens per window (default: 1024)")
+    p.add_argument("--seqlen", "--ctx_length", type=_positive_int, default=1024,
+                   help="tokens per window (default: 1024; the Wanda LoRA evaluate script's --ctx_length)")
     p.add_argument("--max_windows", type=_positive_int, help="use only the first N windows")
     p.add_argument("--batch_size", type=_positive_int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
@@ -188,7 +190,9 @@ def build_parser() -> Parser:
                    help="after pruning each layer, N passes of Adam over the calibration set train its kept "
                         "weights toward the dense outputs; pruned weights stay zero; 0 turns it off "
                         "(default: the pattern's recipe)")
-    p.add_argument("--reconstruct_lr", type=float, metavar="LR", help="learning rate of the reconstruction (default: 1e-4)")
+    p.add_argument("--reconstruct_lr", type=float, metavar="LR",
+                   help="learning rate of the reconstruction (default: the pattern's recipe: 3e-3 for square "
+                        "blocks, 3e-4 where their layers are too wide for OBS, 1e-4 otherwise)")
     p.add_argument("--reconstruct_norms", action="store_true",
                    help="the reconstruction also trains each layer's norm weights (default: off)")
     p.add_argument("--reconstruct_target", choices=["dense", "local"],
@@ -354,6 +358,7 @@ def build_parser() -> Parser:
              "Benchmarks that measure dense and sparse in the same run and print ratios, with\n"
              "bandwidth and FLOP/s against the card's measured ceilings. Need a CUDA GPU and Triton.")
     bench = p.add_subparsers(dest="bench", metavar="WHAT", parser_class=Parser)
+    p.commands = bench.choices
     bench.required = True
     b = _sub(bench, "kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
              "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
@@ -669,8 +674,31 @@ OOM_ADVICE = {
 }
 
 
+def _unknown_flags(parser, args, extra: list[str]) -> int:
+    """One line for flags the command does not take, from the command's own parser, with the
+    nearest flags it does take (a script written for another tool usually misspells by a little)."""
+    import difflib
+
+    command = parser.commands[args.command]
+    if getattr(args, "bench", None) and hasattr(command, "commands"):
+        command = command.commands[args.bench]
+    known = [s for action in command._actions for s in action.option_strings]
+    hints = []
+    for flag in (e.split("=", 1)[0] for e in extra if e.startswith("--")):
+        near = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        if near:
+            hints.append(f"{flag} -> {near[0]}?")
+    hint = f"; did you mean {', '.join(hints)}" if hints else ""
+    sys.stderr.write(f"{command.prog}: error: unrecognized arguments: {' '.join(extra)}{hint} "
+                     f"(see '{command.prog} --help')\n")
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        return _unknown_flags(parser, args, extra)
     try:
         _quiet_libraries()
         COMMANDS[args.command](args)

@@ -210,3 +210,14 @@ def test_a_killed_prune_command_continues_when_run_again(capsys, tokenizer, corp
     assert not state_folder(out).exists()  # removed once the model is saved
     a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_flag_the_command_does_not_take_names_the_command_and_the_nearest_flag(capsys):
+    code = main(["finetune", "--model_name_or_path", "m", "--output_dir", "o", "--learning-rate", "3e-4",
+                 "--no_such_flag"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("spruce finetune: error: unrecognized arguments: --learning-rate 3e-4 --no_such_flag")
+    assert "did you mean --learning-rate -> --learning_rate?" in err and "(see 'spruce finetune --help')" in err
+    assert main(["bench", "kernels", "--nope"]) == 2
+    assert "spruce bench kernels: error: unrecognized arguments: --nope" in capsys.readouterr().err
