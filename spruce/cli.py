@@ -28,6 +28,10 @@ EPILOG_CORPORA = ("CORPUS is sotu (State of the Union, embedded; test = 2001-202
                   "a .txt or .jsonl file, or a mix such as sotu:0.7+moby:0.3.")
 
 
+# the seven zero-shot tasks of the Wanda paper's tables
+ZERO_SHOT_TASKS = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit status 2) instead of usage dumps."""
 
@@ -138,6 +142,8 @@ def build_parser() -> Parser:
                    help="also run zero-shot tasks through lm-evaluation-harness (if installed), e.g. "
                         "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
     p.add_argument("--tasks_limit", type=_positive_int, help="at most N examples per zero-shot task")
+    p.add_argument("--eval_zero_shot", action="store_true",
+                   help=f"the Wanda evaluate scripts' flag: --tasks {ZERO_SHOT_TASKS}")
 
     p = _sub(sub, "prune", "prune a model (magnitude, Wanda, SparseGPT, OBS) into unstructured, N:M, block or hybrid sparsity",
              "Prune every linear layer of the decoder blocks, one layer at a time over calibration\n"
@@ -416,6 +422,8 @@ def cmd_eval(args) -> None:
     from .recover.lora import load_adapter
 
     data.check_corpus(args.dataset)
+    if args.eval_zero_shot and not args.tasks:
+        args.tasks = ZERO_SHOT_TASKS
     if args.tasks:
         from .evaluate import require_lm_eval
 

@@ -141,6 +141,10 @@ def test_zero_shot_without_lm_eval_says_how_to_get_it(capsys, tiny_model_dir, co
                              "--seqlen", "64", "--max_windows", "2", "--tasks", "boolq,rte")
     assert code == 2 and "pip install lm-eval" in err and len(err.strip().splitlines()) == 1
     assert out == ""  # refused before any work
+    # the reference evaluate script's flag asks for the same harness
+    code, out, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(corpus_file),
+                             "--ctx_length", "64", "--max_windows", "2", "--eval_zero_shot")
+    assert code == 2 and "pip install lm-eval" in err and out == ""
 
 
 @pytest.mark.parametrize("command,flag", [("finetune", "--per_device_train_batch_size"),
