@@ -102,19 +102,22 @@ def check_trainer_flags(a) -> None:
                           "(eval_loss; perplexity gives the same order); drop the flag or use eval_loss")
 
 
-def trainer_schedule(a, epoch_steps: int) -> tuple[int | None, int | None]:
-    """(evaluate every N steps, checkpoint every N steps) from --eval_steps / --save_steps and
-    the Trainer's --evaluation_strategy / --save_strategy (None: only at the end)."""
-    eval_strategy, save_strategy = getattr(a, "eval_strategy", None), getattr(a, "save_strategy", None)
-    every = {"steps": None, "epoch": epoch_steps, "no": None}
-    eval_every = (a.eval_steps or a.logging_steps) if eval_strategy == "steps" else \
-        every[eval_strategy] if eval_strategy else a.eval_steps
-    save_every = (a.save_steps or HF_SAVE_STEPS) if save_strategy == "steps" else \
-        every[save_strategy] if save_strategy else a.save_steps
-    return eval_every, save_every
-
-
 HF_SAVE_STEPS = 500  # the Trainer's default --save_steps
+
+
+def _every(strategy: str | None, given: int | None, default: int, epoch_steps: int) -> int | None:
+    """Steps between evaluations or checkpoints for a Trainer strategy (None: only at the end)."""
+    if strategy is None:
+        return given
+    return {"steps": given or default, "epoch": epoch_steps, "no": None}[strategy]
+
+
+def trainer_schedule(a, epoch_steps: int) -> tuple[int | None, int | None]:
+    """(evaluate every N steps, checkpoint every N steps) from --eval_steps / --save_steps and the
+    Trainer's --evaluation_strategy / --save_strategy; the Trainer's --eval_steps defaults to
+    --logging_steps, its --save_steps to 500."""
+    return (_every(getattr(a, "eval_strategy", None), a.eval_steps, a.logging_steps, epoch_steps),
+            _every(getattr(a, "save_strategy", None), a.save_steps, HF_SAVE_STEPS, epoch_steps))
 
 
 def report_tensorboard(report_to: list[str] | None, say) -> bool:
