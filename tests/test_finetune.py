@@ -295,6 +295,13 @@ def test_flat_and_jumping_loss_diagnostics():
     jump = Monitor()
     notes = [n for s, loss in enumerate([3.0, 2.0, 1.9, 4.5]) for n in jump.on_train({"step": s, "loss": loss})]
     assert any("too high" in n for n in notes)
+    # noisy but not falling: neither flat nor jumping, still said once
+    stalled = Monitor()
+    noisy = [3.0, 3.3, 2.9, 3.2, 3.1, 3.0, 3.4, 2.95, 3.25, 3.15, 3.2, 3.1]
+    notes = [n for s, loss in enumerate(noisy) for n in stalled.on_train({"step": s, "loss": loss})]
+    assert len(notes) == 1 and "loss is not falling" in notes[0] and "learning rate may be too high" in notes[0]
+    falling = Monitor()
+    assert not [n for s in range(12) for n in falling.on_train({"step": s, "loss": 3.0 - 0.1 * s + 0.05 * (s % 2)})]
 
 
 def test_max_train_samples_warning(capsys, pruned_dir, corpus_file, tmp_path):

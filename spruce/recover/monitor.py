@@ -20,6 +20,9 @@ GAP = ("overfitting: eval loss {eval:.3f} is {gap:.2f} above train loss {train:.
        "--lora_dropout, fewer epochs, more data (e.g. a mix with a second corpus) or --load_best_model_at_end")
 FLAT = ("loss is flat: it changed less than 1% over {n} logged steps; the learning rate may be too low, "
         "or nothing is trainable")
+STALLED = ("loss is not falling: the mean of the last {n} logged losses ({late:.3f}) is no lower than of the "
+           "first {n} ({early:.3f}); the learning rate may be too high (the updates overshoot) or the data may not "
+           "suit (check the corpus and --block_size)")
 JUMPING = ("loss is jumping: it rose to {ratio:.1f}x its lowest value; the learning rate may be too high")
 
 
@@ -42,6 +45,11 @@ class Monitor:
             recent = losses[-5:]
             if abs(recent[0] - recent[-1]) < 0.01 * abs(recent[0]) and max(recent) - min(recent) < 0.01 * abs(recent[0]):
                 notes.append(self._say("flat", FLAT.format(n=5)))
+        n = 5
+        if len(losses) >= 2 * n and not self.said & {"flat", "stalled"}:
+            early, late = sum(losses[:n]) / n, sum(losses[-n:]) / n
+            if late >= early:
+                notes.append(self._say("stalled", STALLED.format(n=n, early=early, late=late)))
         low = min(losses[:-1], default=math.inf)
         if len(losses) >= 3 and losses[-1] > 1.5 * low and "jumping" not in self.said:
             notes.append(self._say("jumping", JUMPING.format(ratio=losses[-1] / low)))
