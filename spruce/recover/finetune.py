@@ -397,7 +397,8 @@ def _finish(output_dir: Path, summary: dict, log: MetricsLog, result, say) -> No
         lines.append(f"best eval perplexity {best['eval_ppl']:.2f} at step {best['step']}"
                      + (f" ({summary['best_checkpoint']})" if summary.get("best_checkpoint") else ""))
     if before and after:
-        lines.append(f"perplexity: pruned {before['eval_ppl']:.2f} -> recovered {after['eval_ppl']:.2f}")
+        lines.append(f"perplexity: pruned {before['eval_ppl']:.2f} -> recovered {after['eval_ppl']:.2f} "
+                     "(validation blocks; spruce eval gives the test-split number)")
     if summary.get("eval_merged"):
         lines.append(f"merged model perplexity {summary['eval_merged']['eval_ppl']:.2f} "
                      f"(zero set unchanged: {summary['merged_zero_set_unchanged']})")
