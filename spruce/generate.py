@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .bench import GENERATE_MODES as MODES
+from .bench import greedy_generator
 from .errors import SpruceError
 
-MODES = ("graph", "compile", "eager")
 KERNELS = ("auto", "on", "off")
 
 
@@ -69,8 +70,6 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def timed_greedy(model, ids: torch.Tensor, new_tokens: int, mode: str) -> Timed:
     """Greedy decoding of `new_tokens` after one untimed warm-up run of the same length."""
-    from .bench import greedy_generator
-
     generate = greedy_generator(model, mode, ids.shape[0], ids.shape[1], new_tokens)
     generate(ids)  # warm-up: kernel tuning, graph capture, compilation
     _sync(ids.device)
