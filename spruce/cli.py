@@ -548,6 +548,13 @@ def cmd_prune(args) -> None:
 def cmd_finetune(args) -> None:
     from .recover.finetune import run_finetune
 
+    run_finetune(finetune_args(args))
+
+
+def finetune_args(args):
+    """The parsed `spruce finetune` flags as FinetuneArgs: the one place flags meet options."""
+    from .recover.args import FinetuneArgs
+
     if args.fp16:
         import torch
 
@@ -557,13 +564,9 @@ def cmd_finetune(args) -> None:
         if os.environ.get("RANK", "0") == "0":
             print("spruce: --fp16 runs as --bf16 (bfloat16 mixed precision, no loss scaling needed)", file=sys.stderr)
         args.bf16 = True
-    if args.bf16 and args.mode == "full":
-        args.autocast_bf16 = True       # mixed precision: float32 master weights, bf16 matmuls
-    elif args.bf16:
-        args.dtype = "bfloat16"         # LoRA: the frozen base in bf16, the adapter in float32
     if os.environ.get("RANK", "0") != "0":  # several processes: warnings once, from rank 0
         warnings.filterwarnings("ignore")
-    run_finetune(args)
+    return FinetuneArgs.from_namespace(args, ignore=("command", "fp16"))
 
 
 def cmd_generate(args) -> None:

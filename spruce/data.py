@@ -73,6 +73,8 @@ def check_corpus(spec: str) -> list[MixPart]:
     for part in parts:
         if part.name in HF_CORPORA:
             require_datasets(part.name)
+        elif part.name not in KNOWN and not Path(part.name).expanduser().is_file():
+            raise SpruceError(f"corpus file {Path(part.name).expanduser()} does not exist; check the path")
     return parts
 
 
@@ -144,12 +146,22 @@ def _datasets_documents(name: str, split: str) -> list[str]:
         raise SpruceError(f"{offline} ({type(e).__name__})") from None
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpruceError(f"corpus file {path} is not UTF-8 text (byte {e.start} cannot be decoded); give a "
+                          ".txt or .jsonl file of text") from None
+    except OSError as e:
+        raise SpruceError(f"cannot read corpus file {path}: {e.strerror or type(e).__name__}") from None
+
+
 def _file_documents(path: Path) -> list[str]:
     if not path.is_file():
         raise SpruceError(f"corpus file {path} does not exist; check the path")
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -157,7 +169,7 @@ def _file_documents(path: Path) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise SpruceError(f"{path}:{i} is not a JSON object with a \"text\" field") from None
     else:
-        docs = [path.read_text(encoding="utf-8")]
+        docs = [_read_text(path)]
     if not any(d.strip() for d in docs):
         raise SpruceError(f"corpus file {path} holds no text; give a file with text in it")
     return docs

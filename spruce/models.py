@@ -21,7 +21,7 @@ import torch
 
 from . import assets
 from .errors import SpruceError
-from .outdir import atomic_dir, share_modes
+from .outdir import NO_SPACE, atomic_dir, no_space_error, share_modes
 
 EMBEDDED = {"smollm2-135m": assets.smollm2_gguf}
 
@@ -142,29 +142,96 @@ def load_config(spec: str, trust_remote_code: bool = False):
         if hub:
             return _from_hub(AutoConfig.from_pretrained, source, **kwargs), source, hub
         return AutoConfig.from_pretrained(source, **kwargs), source, hub
-    except ValueError as e:
-        raise SpruceError(f"cannot read the config of {spec}: {str(e).splitlines()[0]}") from None
+    except (ValueError, OSError, KeyError) as e:
+        raise SpruceError(f"cannot read the config of {spec}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
+
+
+def check_causal_lm(config, spec: str, trust_remote_code: bool = False) -> None:
+    """Refuse configs that are not decoder-only causal LMs. transformers maps some encoders (BERT,
+    RoBERTa) and encoder-decoders to a causal-LM head too, which then predicts nonsense."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(config, "architectures", None) or []
+    encoder = getattr(config, "is_encoder_decoder", False) or (
+        config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False))
+    if architectures and not any(a in causal_classes for a in architectures) and not trust_remote_code:
+        encoder = True
+    if (type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not trust_remote_code) or encoder:
+        raise SpruceError(f"{spec} is a '{config.model_type}' model"
+                          + (f" ({', '.join(architectures)})" if architectures else "")
+                          + ", not a causal language model; spruce prunes decoder-only LMs such as Llama, "
+                            "Mistral, Qwen or Gemma")
+
+
+def check_loading_info(info: dict, spec: str) -> None:
+    """Stop when the weights on disk do not cover the model exactly: transformers fills missing
+    tensors with random values and only logs it (and spruce keeps its logging quiet)."""
+    problems = [(what, sorted(info.get(key) or ())) for key, what in
+                (("missing_keys", "missing"), ("mismatched_keys", "of another shape"),
+                 ("unexpected_keys", "not in the model"))]
+    for what, names in problems:
+        if names:
+            names = [n if isinstance(n, str) else n[0] for n in names]
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise SpruceError(f"the weights of {spec} do not fit its config: {len(names)} tensor"
+                              f"{'s' if len(names) > 1 else ''} {what} ({', '.join(names[:3])}{more}); "
+                              "the folder is incomplete or was written for another model")
+    if info.get("error_msgs"):
+        raise SpruceError(f"the weights of {spec} do not load: {_first_line(Exception(info['error_msgs'][0]))}")
+
+
+def _load_weights(load, source: str, spec: str, **kwargs):
+    """The model and its loading report, every way a weights file can be broken ending in one line."""
+    import pickle
+
+    try:
+        model, info = load(source, output_loading_info=True, **kwargs)
+    except SpruceError:
+        raise
+    except pickle.UnpicklingError:
+        raise SpruceError(f"the weights of {spec} are a pickle that torch.load(weights_only=True) refuses "
+                          "(it would run code to load); convert them to safetensors with code you trust") from None
+    except RuntimeError as e:
+        if "mismatch" in str(e) or "size" in str(e):
+            raise SpruceError(f"the weights of {spec} do not fit its config: some tensors have another shape "
+                              "than the config gives; the folder was written for another model") from None
+        raise SpruceError(f"cannot load the weights of {spec}: {_first_line(e)}") from None
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise SpruceError(f"cannot load the weights of {spec}: {_first_line(e)}") from None
+    except Exception as e:  # safetensors' SafetensorError (a truncated or corrupt file) has no public base
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise SpruceError(f"the weights file of {spec} is truncated or corrupt ({_first_line(e)}); "
+                          "copy or save the model again") from None
+    check_loading_info(info, spec)
+    return model
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                trust_remote_code: bool = False, tokenizer: str | None = None):
     """Load (model, tokenizer) from a model source; the model is in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config, source, hub = load_config(spec, trust_remote_code)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not trust_remote_code:
-        raise SpruceError(f"{spec} is a '{config.model_type}' model, not a causal language model; "
-                          "spruce prunes decoder-only LMs such as Llama, Mistral, Qwen or Gemma")
+    check_causal_lm(config, spec, trust_remote_code)
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     load = (lambda f, **kw: _from_hub(AutoModelForCausalLM.from_pretrained, f, **kw)) if hub \
         else AutoModelForCausalLM.from_pretrained
-    model = load(source, **kwargs)
+    model = _load_weights(load, source, spec, **kwargs)
     tok_source = tokenizer or source
+    tok_kwargs = {"trust_remote_code": trust_remote_code}
     try:
-        tok = (_from_hub(AutoTokenizer.from_pretrained, tok_source) if hub and tokenizer is None
-               else AutoTokenizer.from_pretrained(tok_source))
-    except (OSError, ValueError, TypeError):
+        tok = (_from_hub(AutoTokenizer.from_pretrained, tok_source, **tok_kwargs) if hub and tokenizer is None
+               else AutoTokenizer.from_pretrained(tok_source, **tok_kwargs))
+    except (OSError, ValueError, TypeError, KeyError):
         raise SpruceError(f"no tokenizer found in {tok_source}; pass --tokenizer with a folder "
                           "or Hub id that has one") from None
     model.to(resolve_device(device) if isinstance(device, str) else device)
@@ -175,12 +242,27 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
 def save_model(model, tokenizer, folder: str | os.PathLike, extra: dict[str, dict] | None = None) -> None:
     """Write an ordinary HF folder (safetensors) plus optional JSON side files into `folder`."""
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    for name, payload in (extra or {}).items():
-        (folder / name).write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        for name, payload in (extra or {}).items():
+            (folder / name).write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise no_space_error(folder, model_bytes(model)) from None
+        raise
     share_modes(folder)
+
+
+def model_bytes(model) -> int:
+    """Bytes the model's tensors take in a safetensors file (tied tensors once)."""
+    seen, total = set(), 0
+    for t in model.parameters():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

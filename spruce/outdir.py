@@ -7,7 +7,10 @@ that looks finished.
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -16,15 +19,78 @@ from pathlib import Path
 from .errors import SpruceError
 
 
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite_output_dir") -> Path:
-    """Refuse an existing, non-empty output folder unless overwriting was asked for."""
+    """Refuse an existing, non-empty output folder unless overwriting was asked for. A folder that
+    holds training checkpoints is an interrupted run: resuming it comes first in the message,
+    since overwriting deletes them."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SpruceError(f"output path {path} exists and is not a folder; choose another path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
+        checkpoints = sorted((p.name for p in path.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()),
+                             key=lambda n: int(n.split("-")[1]))
+        if checkpoints:
+            raise SpruceError(f"output folder {path} holds the checkpoints of an earlier run (up to "
+                              f"{checkpoints[-1]}); pass --resume_from_checkpoint latest to continue it, or "
+                              f"{flag} to start again (which deletes them), or choose another folder")
         raise SpruceError(f"output folder {path} exists and is not empty; pass {flag} "
                           "or choose another folder")
+    check_writable(path)
     return path
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail now, before any work, when `path` (a folder or file to be written) cannot be created:
+    its nearest existing folder is probed by making and removing a temporary folder there (a
+    permission check alone is blind to read-only file systems and to root)."""
+    path = Path(path).expanduser()
+    probes = [path] if path.is_dir() else []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    probes.append(parent)
+    for folder in probes:
+        if not folder.is_dir():
+            raise SpruceError(f"cannot write the {what} {path}: {folder} is a file, not a folder; choose another path")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".spruce-write-test-", dir=folder))
+        except OSError as e:
+            raise SpruceError(f"cannot write the {what} {path}: {folder} is not writable "
+                              f"({e.strerror or type(e).__name__}); choose another folder") from None
+    return path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 1024:,.0f} kB"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def no_space_error(folder: Path, needed: int | None = None, written: int | None = None) -> SpruceError:
+    """The one line for a disk that filled up while writing `folder`."""
+    where = Path(folder).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    need = f"about {_mb(needed)} needed" if needed else f"more than the {_mb(written or 0)} written"
+    return SpruceError(f"no space left on the disk of {where} while writing {Path(folder).name} ({need}, "
+                       f"{_mb(free)} free once the partial output is removed); free some space or choose "
+                       "another folder")
+
+
+def remove_stale_partials(final: Path) -> None:
+    """Remove the temporary folders that killed writes of `final` left behind (a SIGKILL runs no
+    cleanup); called once `final` is written, when no other write of it can still be in progress
+    in this run."""
+    for old in final.parent.glob(f".{glob.escape(final.name)}.partial-*"):
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -52,12 +118,20 @@ def share_modes(folder: str | os.PathLike) -> None:
 
 @contextmanager
 def atomic_dir(final: str | os.PathLike):
-    """Yield a temporary folder that replaces `final` when the block ends without error."""
+    """Yield a temporary folder that replaces `final` when the block ends without error. On an
+    error the temporary folder is removed; a disk that filled up ends in one line that says how
+    much was written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+    except OSError as e:
+        written = folder_bytes(tmp) if e.errno in NO_SPACE else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in NO_SPACE:
+            raise no_space_error(final, written=written) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -65,6 +139,7 @@ def atomic_dir(final: str | os.PathLike):
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    remove_stale_partials(final)
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:

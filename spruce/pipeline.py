@@ -24,7 +24,6 @@ import json
 import random
 import shutil
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -191,6 +190,7 @@ def _keep_superset(model, previous: dict[str, torch.Tensor]) -> None:
 
 
 def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> dict:
+    from .recover.args import FinetuneArgs
     from .recover.checkpoint import run_checkpoints
     from .recover.finetune import run_finetune
 
@@ -198,25 +198,21 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
     resume = run.resume and bool(run_checkpoints(out_dir))
     if not resume and out_dir.exists():
         shutil.rmtree(out_dir)  # outputs of other inputs: never resume or mix with them
-    ns = Namespace(
-        model_name_or_path=str(model_dir), config_name=None, tokenizer_name=None, device=cfg.device,
-        dtype="bfloat16" if r.bf16 and r.mode != "full" else r.dtype or cfg.dtype,
-        autocast_bf16=r.bf16 and r.mode == "full", trust_remote_code=False, dataset_name=r.corpus or cfg.data.corpus,
-        dataset_config_name=None, mix_weights=None, train_file=None, validation_file=None,
+    args = FinetuneArgs(
+        model_name_or_path=str(model_dir), output_dir=str(out_dir), device=cfg.device,
+        dtype=r.dtype or cfg.dtype, bf16=r.bf16, dataset_name=r.corpus or cfg.data.corpus,
         block_size=r.block_size, max_train_samples=r.max_train_samples, max_eval_samples=r.max_eval_samples,
         do_train=True, do_eval=True, mode=r.mode, num_train_epochs=r.num_train_epochs,
-        max_steps=r.max_steps or -1, per_device_train_batch_size=r.batch_size, per_device_eval_batch_size=8,
+        max_steps=r.max_steps or -1, per_device_train_batch_size=r.batch_size,
         gradient_accumulation_steps=r.gradient_accumulation_steps, learning_rate=r.learning_rate,
-        weight_decay=0.0, warmup_steps=r.warmup_steps, lr_scheduler_type=r.lr_scheduler_type, seed=cfg.seed,
+        warmup_steps=r.warmup_steps, lr_scheduler_type=r.lr_scheduler_type, seed=cfg.seed,
         lora_r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
         lora_target_modules=r.lora_target_modules, teacher_model=cfg.model if r.teacher else None,
         distill_alpha=r.distill_alpha, distill_temperature=r.distill_temperature,
-        distill_hidden_weight=r.distill_hidden, output_dir=str(out_dir),
-        overwrite_output_dir=True, logging_steps=20, eval_steps=r.eval_steps, save_steps=r.save_steps,
-        save_total_limit=2, load_best_model_at_end=False, early_stopping_patience=None,
-        resume_from_checkpoint="latest" if resume else None,
-        merge=True)
-    return run_finetune(ns, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))
+        distill_hidden_weight=r.distill_hidden, overwrite_output_dir=True, logging_steps=20,
+        eval_steps=r.eval_steps, save_steps=r.save_steps, save_total_limit=2,
+        resume_from_checkpoint="latest" if resume else None, merge=True)
+    return run_finetune(args, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))
 
 
 def stage_recover(run: Run) -> dict:

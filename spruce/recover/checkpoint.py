@@ -104,13 +104,54 @@ def prune_checkpoints(root: Path, limit: int | None, keep: Path | None = None) -
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, parallel=None) -> dict:
-    """Restore model, optimizer, scheduler and RNG states in place; return the JSON state."""
+def check_checkpoint_files(folder: Path) -> None:
+    """Fail when `folder` is not a whole checkpoint (every file present, the JSON state readable)."""
     folder = Path(folder)
     missing = [f for f in FILES if not (folder / f).is_file()]
     if not folder.is_dir() or missing:
         raise SpruceError(f"{folder} is not a complete checkpoint (missing {', '.join(missing) or 'folder'}); "
                           "resume from another checkpoint or start again")
+    checkpoint_step(folder)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a checkpoint was written at."""
+    try:
+        return int(json.loads((Path(folder) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SpruceError(f"checkpoint {folder} is corrupt (state.json unreadable); resume from another "
+                          "checkpoint or start again") from None
+
+
+def check_resumable(folder: Path, model) -> None:
+    """Before anything is written: the checkpoint's trainable tensors are exactly the trainable
+    parameters of `model`, name for name and shape for shape (a LoRA rank or target modules other
+    than the checkpoint's fail here, not inside the training loop)."""
+    from safetensors import safe_open
+
+    check_checkpoint_files(folder)
+    try:
+        with safe_open(str(Path(folder) / "trainable.safetensors"), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file
+        raise SpruceError(f"checkpoint {folder} is corrupt ({type(e).__name__}); resume from another "
+                          "checkpoint or start again") from None
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    if set(shapes) != set(expected):
+        raise SpruceError(f"checkpoint {folder} was written for another model or training mode "
+                          f"({len(shapes)} trainable tensors, this run has {len(expected)}); resume with the "
+                          "flags of the run that wrote it (--mode, --lora_target_modules)")
+    wrong = [n for n in shapes if shapes[n] != expected[n]]
+    if wrong:
+        raise SpruceError(f"checkpoint {folder} does not fit this run: {wrong[0]} is {list(shapes[wrong[0]])} "
+                          f"there and {list(expected[wrong[0]])} here; resume with the flags of the run that "
+                          "wrote it (--lora_r, --mode)")
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, parallel=None) -> dict:
+    """Restore model, optimizer, scheduler and RNG states in place; return the JSON state."""
+    folder = Path(folder)
+    check_checkpoint_files(folder)
     try:
         tensors = load_file(str(folder / "trainable.safetensors"))
         opt_state = torch.load(folder / "optimizer.pt", weights_only=True)

@@ -19,23 +19,26 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .. import data
 from ..errors import SpruceError
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
-from ..models import load_model, save_model
-from ..outdir import atomic_dir, check_output_dir, share_modes
+from ..models import load_config, load_model, save_model
+from ..outdir import atomic_dir, check_output_dir, check_writable, share_modes
 from ..report import MetricsLog, write_config
-from .checkpoint import LEGACY_ROOT, list_checkpoints, run_checkpoints
+from .args import LATEST, MODES, FinetuneArgs  # noqa: F401  (MODES: the public list of modes)
+from .checkpoint import (LEGACY_ROOT, check_checkpoint_files, check_resumable, checkpoint_step, list_checkpoints,
+                         run_checkpoints)
 from .lora import attach_lora, merge_keep_sparsity
 from .monitor import plot_curves
 from .parallel import Parallel, launch_env
 from .train import TrainArgs, eval_loss, train
 
-MODES = ("lora", "masked-lora", "full")
 _WIKITEXT = {"wikitext-2-raw-v1": "wikitext2", "wikitext-2-v1": "wikitext2",
              "wikitext-103-raw-v1": "wikitext103", "wikitext-103-v1": "wikitext103"}
 ADAPTER_MARKER = "spruce_adapter.json"
@@ -67,10 +70,11 @@ def corpus_spec(dataset_name: str | None, dataset_config_name: str | None, mix_w
 def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
     if not resume:
         return None
-    if resume in ("latest", "true", "True"):
+    if resume in LATEST:
         found = run_checkpoints(output_dir)
         if not found:
-            raise SpruceError(f"no checkpoint (checkpoint-N folder) to resume from in {output_dir}")
+            raise SpruceError(f"no checkpoint (checkpoint-N folder) to resume from in {output_dir}; "
+                              "drop --resume_from_checkpoint to start a new run")
         return found[-1]
     path = Path(resume)
     legacy = path.parent / LEGACY_ROOT / path.name
@@ -91,17 +95,6 @@ def clear_previous_run(output_dir: Path, say) -> None:
             f"from {output_dir}")
 
 
-BEST_METRICS = ("eval_loss", "loss", "perplexity", "eval_perplexity", "ppl", "eval_ppl")  # lower is better, one order
-
-
-def check_trainer_flags(a) -> None:
-    """The Hugging Face Trainer flags that spruce accepts but cannot honour in every value."""
-    metric = getattr(a, "metric_for_best_model", None) or "eval_loss"
-    if metric not in BEST_METRICS:
-        raise SpruceError(f"--metric_for_best_model {metric}: spruce picks the best checkpoint by evaluation loss "
-                          "(eval_loss; perplexity gives the same order); drop the flag or use eval_loss")
-
-
 HF_SAVE_STEPS = 500  # the Trainer's default --save_steps
 
 
@@ -112,12 +105,12 @@ def _every(strategy: str | None, given: int | None, default: int, epoch_steps: i
     return {"steps": given or default, "epoch": epoch_steps, "no": None}[strategy]
 
 
-def trainer_schedule(a, epoch_steps: int) -> tuple[int | None, int | None]:
+def trainer_schedule(a: FinetuneArgs, epoch_steps: int) -> tuple[int | None, int | None]:
     """(evaluate every N steps, checkpoint every N steps) from --eval_steps / --save_steps and the
     Trainer's --evaluation_strategy / --save_strategy; the Trainer's --eval_steps defaults to
     --logging_steps, its --save_steps to 500."""
-    return (_every(getattr(a, "eval_strategy", None), a.eval_steps, a.logging_steps, epoch_steps),
-            _every(getattr(a, "save_strategy", None), a.save_steps, HF_SAVE_STEPS, epoch_steps))
+    return (_every(a.eval_strategy, a.eval_steps, a.logging_steps, epoch_steps),
+            _every(a.save_strategy, a.save_steps, HF_SAVE_STEPS, epoch_steps))
 
 
 def report_tensorboard(report_to: list[str] | None, say) -> bool:
@@ -150,100 +143,112 @@ class _NoLog:
         pass
 
 
-def _load_device_map(a, tokenizer_source):
+def _load_device_map(a: FinetuneArgs, tokenizer_source):
     """One model sharded over the visible GPUs (accelerate's big-model loading), for evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import load_config, resolve_dtype
+    from ..models import check_causal_lm, load_config, resolve_dtype
 
-    _, source, _ = load_config(a.model_name_or_path, a.trust_remote_code)
+    config, source, _ = load_config(a.model_name_or_path, a.trust_remote_code)
+    check_causal_lm(config, a.model_name_or_path, a.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source, device_map=a.device_map, dtype=resolve_dtype(a.dtype),
                                                  trust_remote_code=a.trust_remote_code).eval()
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_source or source)
+        tok = AutoTokenizer.from_pretrained(tokenizer_source or source, trust_remote_code=a.trust_remote_code)
     except (OSError, ValueError, TypeError):
         raise SpruceError(f"no tokenizer found in {tokenizer_source or source}; pass --tokenizer_name") from None
     return model, tok
 
 
-def run_finetune(a, say=print) -> dict:
-    """Entry function: `a` carries the run_clm-style flags (see spruce.cli)."""
-    if not (a.do_train or a.do_eval):
-        raise SpruceError("nothing to do: pass --do_train and/or --do_eval")
-    check_trainer_flags(a)
-    if a.mode not in MODES:
-        raise SpruceError(f"unknown --mode '{a.mode}'; use one of {', '.join(MODES)}")
-    device_map = getattr(a, "device_map", None)
-    fsdp = getattr(a, "fsdp", False)
-    if device_map and a.do_train:
-        raise SpruceError("--device_map shards one model over the GPUs of one process for evaluation; to train "
-                          "on several GPUs launch with torchrun or accelerate launch (see the README)")
+@dataclass
+class FinetuneRun:
+    """What the steps of run_finetune hand on: the options and what was decided from them."""
+    args: FinetuneArgs
+    say: Callable[[str], None]
+    parallel: Parallel | None
+    world: int
+    grad_accum: int
+    output_dir: Path
+    resume: Path | None
+    train_spec: str
+    eval_spec: str | None
+    tokenizer_source: str | None
+
+    @property
+    def main(self) -> bool:
+        return self.parallel is None or self.parallel.is_main
+
+    @property
+    def bf16(self) -> bool:
+        return self.args.dtype == "bfloat16" or self.args.autocast_bf16
+
+
+def prepare(a: FinetuneArgs, say=print) -> FinetuneRun:
+    """Every check that needs no model: output folder, data sources, batch arithmetic. Reads and
+    writes nothing but a probe of the output folder."""
     world = launch_env()[1]
-    grad_accum = grad_accum_steps(getattr(a, "global_batch_size", None), a.per_device_train_batch_size,
+    grad_accum = grad_accum_steps(a.global_batch_size, a.per_device_train_batch_size,
                                   a.gradient_accumulation_steps, world)
-    parallel = None if device_map else \
-        Parallel.from_env(a.device, fsdp, getattr(a, "fsdp_transformer_layer_cls_to_wrap", None))
-    main = parallel is None or parallel.is_main
-    if not main:
-        say = lambda *_: None  # noqa: E731
     output_dir = Path(a.output_dir)
     resume = _resume_path(output_dir, a.resume_from_checkpoint)
     if resume is None:
         check_output_dir(output_dir, a.overwrite_output_dir)
-        if a.overwrite_output_dir and main and output_dir.is_dir():
-            clear_previous_run(output_dir, say)
+    else:
+        check_checkpoint_files(resume)
+        check_writable(output_dir)
     train_spec = a.train_file or corpus_spec(a.dataset_name, a.dataset_config_name, a.mix_weights)
     eval_spec = a.validation_file or (train_spec if not a.train_file else None)
-    if a.do_eval and eval_spec is None:
-        raise SpruceError("--do_eval with --train_file needs --validation_file")
     for spec in filter(None, (train_spec, eval_spec)):
         data.check_corpus(spec)
-    hidden = getattr(a, "distill_hidden_weight", 0.0) or 0.0
-    if hidden < 0:
-        raise SpruceError(f"--distill_hidden_weight must be >= 0, got {hidden}")
-    if hidden and not a.teacher_model:
-        raise SpruceError("--distill_hidden_weight needs --teacher_model (the dense model to match)")
-    if a.teacher_model and a.distill_alpha == 0 and not hidden:
-        raise SpruceError("--teacher_model given with --distill_alpha 0 and no --distill_hidden_weight; "
-                          "set --distill_alpha in (0, 1]")
-    if parallel is not None:
-        parallel.barrier()  # every process has checked the output folder before rank 0 writes into it
-
-    torch.manual_seed(a.seed)
+    if a.teacher_model:
+        load_config(a.teacher_model, a.trust_remote_code)  # a missing teacher fails before the student loads
     tokenizer_source = a.tokenizer_name
     if not tokenizer_source and a.config_name and Path(a.model_name_or_path).is_dir() \
             and not (Path(a.model_name_or_path) / "tokenizer_config.json").exists():
         tokenizer_source = a.config_name  # the reference passes the dense model here
+    parallel = None if a.device_map else Parallel.from_env(a.device, a.fsdp, a.fsdp_transformer_layer_cls_to_wrap)
+    if parallel is not None and not parallel.is_main:
+        say = lambda *_: None  # noqa: E731
+    if parallel is not None:
+        parallel.barrier()  # every process has checked the output folder before rank 0 writes into it
+    return FinetuneRun(a, say, parallel, world, grad_accum, output_dir, resume, train_spec, eval_spec,
+                       tokenizer_source)
+
+
+def load_student_model(run: FinetuneRun):
+    """(model, tokenizer) of the model to fine-tune, on the device this process trains on."""
+    a, parallel = run.args, run.parallel
+    torch.manual_seed(a.seed)
     # FSDP loads on the CPU and moves only each process's shard to its GPU
     load_device = a.device if parallel is None else ("cpu" if parallel.kind == "fsdp" else parallel.device)
-    if device_map:
-        model, tok = _load_device_map(a, tokenizer_source)
+    if a.device_map:
+        model, tok = _load_device_map(a, run.tokenizer_source)
     else:
-        model, tok = load_model(a.model_name_or_path, load_device, a.dtype, a.trust_remote_code, tokenizer_source)
+        model, tok = load_model(a.model_name_or_path, load_device, a.dtype, a.trust_remote_code, run.tokenizer_source)
     if parallel is not None:
         parallel.check_wrapping(model)  # before anything is written
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and a.block_size > limit:
         raise SpruceError(f"--block_size {a.block_size} is longer than the model's context ({limit} tokens); lower it")
+    return model, tok
 
-    train_blocks = data.training_blocks(train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed) \
+
+def read_blocks(run: FinetuneRun, tok) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(training blocks, evaluation blocks), each None when that part is not asked for."""
+    a = run.args
+    train_blocks = data.training_blocks(run.train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed) \
         if a.do_train else None
     eval_split = "train" if a.validation_file else "validation"
-    eval_blocks = data.training_blocks(eval_spec, tok, a.block_size, eval_split, a.max_eval_samples, a.seed,
+    eval_blocks = data.training_blocks(run.eval_spec, tok, a.block_size, eval_split, a.max_eval_samples, a.seed,
                                        limit_flag="max_eval_samples") if a.do_eval else None
+    return train_blocks, eval_blocks
 
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(output_dir / "metrics.jsonl")
-        write_config(output_dir, {k: v for k, v in vars(a).items() if k != "command"})
-    else:
-        log = _NoLog()
-    summary: dict = {"model": a.model_name_or_path, "mode": a.mode, "dataset": train_spec,
-                     "block_size": a.block_size, "sparsity_before": overall_sparsity(model)}
-    if parallel is not None:
-        summary["processes"] = {"world_size": parallel.world, "kind": parallel.kind}
-    bf16 = a.dtype == "bfloat16" or getattr(a, "autocast_bf16", False)
-    if getattr(a, "gradient_checkpointing", False) and a.do_train:
+
+def build_student(run: FinetuneRun, model):
+    """(what trains, masks of the pruned weights keyed by its parameter names, the zero sets
+    before training). Adapter options that do not fit the model fail here, before any write."""
+    a = run.args
+    if a.gradient_checkpointing and a.do_train:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     before = zero_masks(model) if a.do_train else None
@@ -258,70 +263,96 @@ def run_finetune(a, say=print) -> dict:
         masks = None
     else:
         student, masks = model, None
-    masks = _param_masks(student, masks)
-    if parallel is not None:
-        student = parallel.wrap(student)
-    if eval_blocks is not None:
-        loss = eval_loss(student, eval_blocks, a.per_device_eval_batch_size, bf16, parallel)
-        summary["eval_before"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
-        log.write({"event": "eval", "step": 0, "stage": "before", **summary["eval_before"]})
-        say(f"before training: eval loss {loss:.4f} | perplexity {summary['eval_before']['eval_ppl']:.2f} "
-            f"({eval_blocks.shape[0]} blocks of {a.block_size} tokens)")
-    if not a.do_train:
-        if main:
-            _finish(output_dir, summary, log, None, say)
-        _close(parallel)
-        return summary
+    if run.resume is not None and a.do_train:
+        check_resumable(run.resume, student)
+    return student, _param_masks(student, masks), before
 
-    teacher = None
-    if a.teacher_model:
-        teacher, _ = load_model(a.teacher_model, a.device if parallel is None else load_device,
-                                "bfloat16" if bf16 else a.dtype,
-                                a.trust_remote_code)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if parallel is not None:
-            teacher = parallel.shard_teacher(teacher)
-            if parallel.kind == "fsdp":
-                say(f"teacher sharded over {world} processes: each holds "
-                    f"{parallel.local_fraction(teacher):.0%} of its parameters")
-    per_step = a.per_device_train_batch_size * grad_accum * world
-    steps = a.max_steps if a.max_steps and a.max_steps > 0 else \
-        max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
+
+def load_teacher(run: FinetuneRun):
+    a, parallel = run.args, run.parallel
+    if not (a.do_train and a.teacher_model):
+        return None
+    device = a.device if parallel is None else ("cpu" if parallel.kind == "fsdp" else parallel.device)
+    rng = torch.get_rng_state()  # loading must not move the seeded stream that training draws from
+    teacher, _ = load_model(a.teacher_model, device, "bfloat16" if run.bf16 else a.dtype, a.trust_remote_code)
+    torch.set_rng_state(rng)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def start_outputs(run: FinetuneRun):
+    """The first writes of the run, once every check passed: the earlier run's outputs removed
+    (--overwrite_output_dir), config.yaml, and metrics.jsonl (cut back to the resumed step)."""
+    a = run.args
+    if not run.main:
+        return _NoLog(), False
+    if run.resume is None and a.overwrite_output_dir and run.output_dir.is_dir():
+        clear_previous_run(run.output_dir, run.say)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    path = run.output_dir / "metrics.jsonl"
+    kept = truncate_metrics(path, checkpoint_step(run.resume)) if run.resume is not None else []
+    write_config(run.output_dir, a.to_dict())
+    return MetricsLog(path), any(r.get("stage") == "before" for r in kept)
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the rows of metrics.jsonl up to `step` (a resumed run writes the later ones again)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step \
+                and row.get("event") != "summary":
+            kept.append(row)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept
+
+
+def _eval_row(loss: float) -> dict:
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+
+
+def train_student(run: FinetuneRun, student, masks, teacher, train_blocks, eval_blocks, log):
+    a, parallel, say = run.args, run.parallel, run.say
+    if teacher is not None and parallel is not None:
+        teacher = parallel.shard_teacher(teacher)
+        if parallel.kind == "fsdp":
+            say(f"teacher sharded over {run.world} processes: each holds "
+                f"{parallel.local_fraction(teacher):.0%} of its parameters")
+    per_step = a.per_device_train_batch_size * run.grad_accum * run.world
+    steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
     epoch_steps = max(1, math.ceil(train_blocks.shape[0] / per_step))
     eval_every, save_every = trainer_schedule(a, epoch_steps)
+    hidden = a.distill_hidden_weight
     args = TrainArgs(
         steps=steps, lr=a.learning_rate, batch_size=a.per_device_train_batch_size,
-        grad_accum=grad_accum, eval_batch_size=a.per_device_eval_batch_size,
+        grad_accum=run.grad_accum, eval_batch_size=a.per_device_eval_batch_size,
         warmup_steps=a.warmup_steps, scheduler=a.lr_scheduler_type, weight_decay=a.weight_decay,
-        logging_steps=a.logging_steps, logging_first_step=getattr(a, "logging_first_step", False),
-        tensorboard=report_tensorboard(getattr(a, "report_to", None), say),
+        logging_steps=a.logging_steps, logging_first_step=a.logging_first_step,
+        tensorboard=report_tensorboard(a.report_to, say),
         eval_steps=(eval_every or steps) if a.do_eval else None,
         save_steps=save_every, save_total_limit=a.save_total_limit,
         load_best_model_at_end=a.load_best_model_at_end, early_stopping_patience=a.early_stopping_patience,
-        seed=a.seed, bf16=bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
-        distill_temperature=a.distill_temperature, distill_hidden=hidden)
-    procs = f" ({world} processes x {a.per_device_train_batch_size} x {grad_accum}, {parallel.kind})" \
+        seed=a.seed, bf16=run.bf16, distill_alpha=a.distill_alpha if teacher is not None else 0.0,
+        distill_temperature=a.distill_temperature, distill_hidden=hidden if teacher is not None else 0.0)
+    procs = f" ({run.world} processes x {a.per_device_train_batch_size} x {run.grad_accum}, {parallel.kind})" \
         if parallel is not None else ""
-    say(f"training {a.mode} on {train_spec}: {train_blocks.shape[0]} blocks of {a.block_size} tokens, "
+    say(f"training {a.mode} on {run.train_spec}: {train_blocks.shape[0]} blocks of {a.block_size} tokens, "
         f"{steps} steps of {per_step} blocks{procs} ({steps * per_step / train_blocks.shape[0]:.2f} epochs)")
-    result = train(student, train_blocks, args, eval_blocks, output_dir, masks=masks,
-                   teacher=teacher, resume_from=resume, on_event=log.write, say=say, parallel=parallel)
-    if parallel is not None:
-        student = _gather_for_rank0(a, student, parallel, tokenizer_source)
-        if not main:
-            _close(parallel)
-            return summary
-    summary.update({"steps": result.steps, "train_seconds": round(result.seconds, 1),
-                    "final_train_loss": result.final_train_loss, "best_checkpoint": result.best_checkpoint,
-                    "stopped_early": result.stopped_early})
-    if result.monitor.evals:
-        # what the saved model scores: the best evaluation when its weights were loaded at the end
-        summary["eval_after"] = result.monitor.best if result.loaded_best else result.monitor.evals[-1]
-        summary["eval_last_step"] = result.monitor.evals[-1]
-        summary["best_eval"] = result.monitor.best
-        summary["loaded_best"] = result.loaded_best
+    return train(student, train_blocks, args, eval_blocks, run.output_dir, masks=masks,
+                 teacher=teacher, resume_from=run.resume, on_event=log.write, say=say, parallel=parallel)
 
+
+def save_outputs(run: FinetuneRun, student, tok, before, eval_blocks, summary: dict, log, result) -> None:
+    """The adapter (or model) into OUTPUT_DIR, and with --merge OUTPUT_DIR/merged, zero set checked."""
+    a, output_dir = run.args, run.output_dir
     summary["sparsity_after"] = overall_sparsity(student)
     if a.mode == "full":
         save_model(student, tok, output_dir)
@@ -338,11 +369,55 @@ def run_finetune(a, say=print) -> dict:
             save_model(merged, tok, folder)
             copy_sparsity_json(a.model_name_or_path, folder)
         if eval_blocks is not None:
-            loss = eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, bf16)
-            summary["eval_merged"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+            summary["eval_merged"] = _eval_row(eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, run.bf16))
             log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
-    plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {train_spec}")
-    _finish(output_dir, summary, log, result, say)
+    plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {run.train_spec}")
+
+
+def run_finetune(a: FinetuneArgs, say=print) -> dict:
+    """Entry function of `spruce finetune`: check -> load -> data -> (adapter) -> write -> train ->
+    save (+ merge) -> summary. Nothing is written before every check has passed."""
+    run = prepare(a, say)
+    model, tok = load_student_model(run)
+    train_blocks, eval_blocks = read_blocks(run, tok)
+    student, masks, before = build_student(run, model)
+    teacher = load_teacher(run)
+    log, logged_before = start_outputs(run)
+    summary: dict = {"model": a.model_name_or_path, "mode": a.mode, "dataset": run.train_spec,
+                     "block_size": a.block_size, "sparsity_before": overall_sparsity(model)}
+    parallel, say = run.parallel, run.say
+    if parallel is not None:
+        summary["processes"] = {"world_size": parallel.world, "kind": parallel.kind}
+        student = parallel.wrap(student)
+    if eval_blocks is not None:
+        summary["eval_before"] = _eval_row(eval_loss(student, eval_blocks, a.per_device_eval_batch_size, run.bf16,
+                                                     parallel))
+        if not logged_before:
+            log.write({"event": "eval", "step": 0, "stage": "before", **summary["eval_before"]})
+        say(f"before training: eval loss {summary['eval_before']['eval_loss']:.4f} | perplexity "
+            f"{summary['eval_before']['eval_ppl']:.2f} ({eval_blocks.shape[0]} blocks of {a.block_size} tokens)")
+    if not a.do_train:
+        if run.main:
+            _finish(run.output_dir, summary, log, None, say)
+        _close(parallel)
+        return summary
+    result = train_student(run, student, masks, teacher, train_blocks, eval_blocks, log)
+    if parallel is not None:
+        student = _gather_for_rank0(a, student, parallel, run.tokenizer_source)
+        if not run.main:
+            _close(parallel)
+            return summary
+    summary.update({"steps": result.steps, "train_seconds": round(result.seconds, 1),
+                    "final_train_loss": result.final_train_loss, "best_checkpoint": result.best_checkpoint,
+                    "stopped_early": result.stopped_early})
+    if result.monitor.evals:
+        # what the saved model scores: the best evaluation when its weights were loaded at the end
+        summary["eval_after"] = result.monitor.best if result.loaded_best else result.monitor.evals[-1]
+        summary["eval_last_step"] = result.monitor.evals[-1]
+        summary["best_eval"] = result.monitor.best
+        summary["loaded_best"] = result.loaded_best
+    save_outputs(run, student, tok, before, eval_blocks, summary, log, result)
+    _finish(run.output_dir, summary, log, result, say)
     _close(parallel)
     return summary
 

@@ -26,7 +26,9 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05,
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise SpruceError(f"cannot attach LoRA: {str(e).splitlines()[0]}; check --lora_target_modules") from None
+        message = str(e).splitlines()[0]
+        hint = "; check --lora_target_modules" if "target" in message.lower() else ""
+        raise SpruceError(f"cannot attach LoRA: {message[:200]}{hint}") from None
     if masked:
         mask_lora_updates(peft_model)
     return peft_model
@@ -39,6 +41,7 @@ def load_adapter(model, adapter: str):
     if not Path(adapter, "adapter_config.json").is_file():
         raise SpruceError(f"{adapter} is not a peft adapter folder (no adapter_config.json); "
                           "point --lora_weights at the folder written by training")
+    check_adapter_files(adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter).eval()
     except (RuntimeError, ValueError, KeyError) as e:
@@ -48,6 +51,33 @@ def load_adapter(model, adapter: str):
     if marker.is_file() and json.loads(marker.read_text()).get("mode") == "masked-lora":
         mask_lora_updates(peft_model)
     return peft_model
+
+
+def check_adapter_files(adapter: str) -> None:
+    """An adapter folder whose files cannot be read ends in a message about the file, not about
+    the base model."""
+    from safetensors import safe_open
+
+    config = Path(adapter, "adapter_config.json")
+    try:
+        values = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpruceError(f"{config} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); the adapter "
+                          "folder is damaged: copy or train it again") from None
+    if not isinstance(values, dict) or "peft_type" not in values:
+        raise SpruceError(f"{config} is not a peft adapter config (no peft_type); the adapter folder is damaged")
+    weights = Path(adapter, "adapter_model.safetensors")
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), "pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except Exception as e:  # safetensors' SafetensorError has no public base class
+            raise SpruceError(f"{weights} is truncated or corrupt ({str(e).splitlines()[0][:100]}); copy or "
+                              "train the adapter again") from None
+    elif not Path(adapter, "adapter_model.bin").is_file():
+        raise SpruceError(f"{adapter} has an adapter_config.json but no adapter_model.safetensors; the adapter "
+                          "folder is incomplete")
 
 
 def lora_layers(peft_model):
