@@ -422,6 +422,11 @@ def cmd_eval(args) -> None:
     from .recover.lora import load_adapter
 
     data.check_corpus(args.dataset)
+    _check_writable_outputs(args.json)
+    if args.lora_weights:
+        from .recover.lora import check_adapter_files
+
+        check_adapter_files(args.lora_weights)  # before the model loads
     if args.eval_zero_shot and not args.tasks:
         args.tasks = ZERO_SHOT_TASKS
     if args.tasks:
@@ -459,10 +464,25 @@ def _check_context(model, seqlen: int, flag: str) -> None:
 
 def _write_json(path: str, record: dict) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        raise SpruceError(f"cannot write {path}: {e.strerror or type(e).__name__}; choose another path") from None
+
+
+def _check_writable_outputs(*paths) -> None:
+    """Every output path of a command can be written: checked before the model loads."""
+    from .outdir import check_writable
+
+    for path in paths:
+        if path:
+            if Path(path).is_dir():
+                raise SpruceError(f"{path} is a folder; give a file path for the output")
+            check_writable(path)
 
 
 def cmd_prune(args) -> None:
@@ -470,7 +490,7 @@ def cmd_prune(args) -> None:
     from .evaluate import perplexity
     from .masks import write_sparsity_json
     from .models import load_model, prunable_linears, save_model
-    from .outdir import atomic_dir, check_output_dir
+    from .outdir import NoSpaceError, atomic_dir, check_output_dir, check_writable
     from .prune.allocate import parse_overrides
     from .prune.patterns import check_divides, parse_tiers, validate_pattern
     from .prune.recipes import prune_with_recipe, resolve_recipe
@@ -496,6 +516,8 @@ def cmd_prune(args) -> None:
         raise SpruceError("nothing to do with the pruned model: pass --save_model DIR and/or --eval_dataset CORPUS")
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite_output_dir)
+    if args.save:
+        check_writable(Path(args.save) / "log.txt")
     if args.eval_dataset:
         data.check_corpus(args.eval_dataset)
     data.check_corpus(args.calib_dataset)
@@ -531,9 +553,15 @@ def cmd_prune(args) -> None:
         print(f"perplexity {result['ppl']:.3f} on {args.eval_dataset}/test "
               f"(seqlen {result['seqlen']} x {result['windows']} windows)")
     if args.save_model:
-        with atomic_dir(args.save_model) as folder:
-            save_model(model, tok, folder)
-            write_sparsity_json(folder, info)
+        try:
+            with atomic_dir(args.save_model) as folder:
+                save_model(model, tok, folder)
+                write_sparsity_json(folder, info)
+        except NoSpaceError as e:
+            if state_dir is None or not state_dir.exists():
+                raise
+            shutil.rmtree(state_dir, ignore_errors=True)  # it would keep the disk full
+            raise NoSpaceError(f"{e} (the prune state {state_dir.name} was removed too)") from None
         if state_dir is not None:
             shutil.rmtree(state_dir, ignore_errors=True)
         print(f"saved the pruned model to {args.save_model}")
@@ -577,6 +605,7 @@ def cmd_generate(args) -> None:
     if bool(args.prompt) == bool(args.prompt_file):
         raise SpruceError("pass the prompt as --prompt TEXT or --prompt_file FILE (one of them)")
     prompt = args.prompt or require_file(args.prompt_file, "prompt file").read_text().rstrip("\n")
+    _check_writable_outputs(args.json)
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tok = load_model(args.model, device, dtype, args.trust_remote_code, args.tokenizer)
@@ -592,9 +621,10 @@ def cmd_merge(args) -> None:
     from .masks import copy_sparsity_json, zero_masks
     from .models import load_model, save_model
     from .outdir import atomic_dir, check_output_dir
-    from .recover.lora import load_adapter, merge_keep_sparsity
+    from .recover.lora import check_adapter_files, load_adapter, merge_keep_sparsity
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
+    check_adapter_files(args.lora_weights)  # before the base model loads
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
     before = zero_masks(model)
     merged = merge_keep_sparsity(load_adapter(model, args.lora_weights))
@@ -624,6 +654,9 @@ def _run_and_show(cfg, fresh: bool, stages=None) -> None:
     from .pipeline import run_recipe
     from .report import perplexity_table
 
+    from .outdir import check_writable
+
+    check_writable(cfg.output_dir, "run folder")
     results = run_recipe(cfg, fresh=fresh, only=stages)
     table = (results.get("report") or {}).get("results")
     if table:
@@ -649,6 +682,7 @@ def cmd_run(args) -> None:
 def cmd_compare(args) -> None:
     from .report import compare_markdown, compare_runs
 
+    _check_writable_outputs(args.json, args.markdown)
     rows = compare_runs(args.runs)
     table = compare_markdown(rows)
     print(table)

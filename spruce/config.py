@@ -7,6 +7,8 @@ one-line SpruceError. `to_dict` gives the resolved form saved as config.yaml in 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import yaml
 from .errors import SpruceError
 
 STAGES = ("baseline", "prune", "recover", "report")
+SCHEDULERS = ("linear", "cosine", "constant")  # as spruce.recover.args.SCHEDULERS (kept import-light)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -112,6 +115,11 @@ class RecoverConfig:
         _require(self.distill_temperature > 0,
                  f"recover.distill_temperature must be positive, got {self.distill_temperature}")
         _require(self.distill_hidden >= 0, f"recover.distill_hidden must be >= 0, got {self.distill_hidden}")
+        _require(self.lr_scheduler_type in SCHEDULERS,
+                 f"recover.lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler_type}")
+        _require(self.num_train_epochs > 0 or bool(self.max_steps),
+                 f"recover.num_train_epochs must be positive (or set recover.max_steps), got {self.num_train_epochs}")
+        _require(0 <= self.distill_alpha <= 1, f"recover.distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
 
 @dataclass
@@ -144,13 +152,59 @@ def _build(cls, values: dict, where: str):
         raise SpruceError(f"unknown key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
                           f"valid keys: {', '.join(f'{where}{k}' for k in fields)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in values.items():
         sub = _nested.get((cls, name))
+        if not sub:
+            value = _check_type(value, hints[name], f"{where}{name}")
         kwargs[name] = _build(sub, value or {}, f"{where}{name}.") if sub else value
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise SpruceError(f"bad recipe section {where or 'top level'}: {e}") from None
+
+
+def _fits(value, hint) -> bool:
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, p) for p in params)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list or hint is list:
+        return isinstance(value, list) and all(_fits(v, params[0]) for v in value) if params else isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null", list: "a list", dict: "a mapping"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(p) for p in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_type(value, hint, key: str):
+    """The value, checked against its field's type; a wrong type names its key, at load time
+    (before any stage runs). YAML reads 1e-4 as a string, so a number written that way is read
+    as the number."""
+    if isinstance(value, str) and not _fits(value, hint) and _fits(1.0, hint):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not _fits(value, hint):
+        raise SpruceError(f"{key} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+    return value
 
 
 _nested = {(RunConfig, "data"): DataConfig, (RunConfig, "prune"): PruneConfig,

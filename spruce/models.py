@@ -234,6 +234,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     except (OSError, ValueError, TypeError, KeyError):
         raise SpruceError(f"no tokenizer found in {tok_source}; pass --tokenizer with a folder "
                           "or Hub id that has one") from None
+    if len(tok) <= len(set(tok.all_special_tokens)):  # transformers' placeholder for a folder without vocabulary
+        raise SpruceError(f"no tokenizer found in {tok_source} (its vocabulary holds only special tokens); "
+                          "pass --tokenizer with a folder or Hub id that has one")
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, tok

@@ -72,6 +72,10 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
 
 
+class NoSpaceError(SpruceError):
+    """The disk filled up while an output was written (the partial output is already removed)."""
+
+
 def no_space_error(folder: Path, needed: int | None = None, written: int | None = None) -> SpruceError:
     """The one line for a disk that filled up while writing `folder`."""
     where = Path(folder).parent
@@ -79,9 +83,11 @@ def no_space_error(folder: Path, needed: int | None = None, written: int | None 
         where = where.parent
     free = shutil.disk_usage(where).free
     need = f"about {_mb(needed)} needed" if needed else f"more than the {_mb(written or 0)} written"
-    return SpruceError(f"no space left on the disk of {where} while writing {Path(folder).name} ({need}, "
-                       f"{_mb(free)} free once the partial output is removed); free some space or choose "
-                       "another folder")
+    error = NoSpaceError(f"no space left on the disk of {where} while writing {Path(folder).name} ({need}, "
+                         f"{_mb(free)} free once the partial output is removed); free some space or choose "
+                         "another folder")
+    error.needed = needed
+    return error
 
 
 def remove_stale_partials(final: Path) -> None:
@@ -126,6 +132,9 @@ def atomic_dir(final: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+    except NoSpaceError as e:  # raised inside by a writer that knows the size it needed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise no_space_error(final, needed=e.needed) from None
     except OSError as e:
         written = folder_bytes(tmp) if e.errno in NO_SPACE else 0
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,9 +38,6 @@ def load_adapter(model, adapter: str):
     """Load a saved peft adapter onto `model` for evaluation (masked adapters stay masked)."""
     from peft import PeftModel
 
-    if not Path(adapter, "adapter_config.json").is_file():
-        raise SpruceError(f"{adapter} is not a peft adapter folder (no adapter_config.json); "
-                          "point --lora_weights at the folder written by training")
     check_adapter_files(adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter).eval()
@@ -58,6 +55,9 @@ def check_adapter_files(adapter: str) -> None:
     the base model."""
     from safetensors import safe_open
 
+    if not Path(adapter, "adapter_config.json").is_file():
+        raise SpruceError(f"{adapter} is not a peft adapter folder (no adapter_config.json); "
+                          "point --lora_weights at the folder written by training")
     config = Path(adapter, "adapter_config.json")
     try:
         values = json.loads(config.read_text())
