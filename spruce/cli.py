@@ -470,7 +470,8 @@ def _write_json(path: str, record: dict) -> None:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
         raise SpruceError(f"cannot write {path}: {e.strerror or type(e).__name__}; choose another path") from None
 
 
@@ -651,10 +652,9 @@ def cmd_bench(args) -> None:
 
 
 def _run_and_show(cfg, fresh: bool, stages=None) -> None:
+    from .outdir import check_writable
     from .pipeline import run_recipe
     from .report import perplexity_table
-
-    from .outdir import check_writable
 
     check_writable(cfg.output_dir, "run folder")
     results = run_recipe(cfg, fresh=fresh, only=stages)

@@ -363,3 +363,20 @@ def test_adapter_for_another_base_model(capsys, corpus_file, tmp_path, tiny_mode
                  "--dataset", str(corpus_file), "--seqlen", "64"])
     err = capsys.readouterr().err
     assert code == 2 and "another base model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_finetune_flag_maps_onto_finetune_args_with_its_one_default():
+    import dataclasses
+
+    from spruce.cli import build_parser, finetune_args
+    from spruce.recover.args import FinetuneArgs
+
+    parser = build_parser()
+    args = parser.parse_args(["finetune", "--model_name_or_path", "m", "--output_dir", "o", "--do_train"])
+    mapped = finetune_args(args)
+    for f in dataclasses.fields(FinetuneArgs):
+        if f.name in ("model_name_or_path", "output_dir", "do_train", "autocast_bf16"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert getattr(args, f.name) == default, f.name  # the parser's default is the dataclass's
+        assert getattr(mapped, f.name) == default, f.name
