@@ -491,7 +491,7 @@ def cmd_prune(args) -> None:
     from .evaluate import perplexity
     from .masks import write_sparsity_json
     from .models import load_model, prunable_linears, save_model
-    from .outdir import NoSpaceError, atomic_dir, check_output_dir, check_writable
+    from .outdir import NoSpaceError, atomic_dir, check_output_dir, check_writable, folder_size
     from .prune.allocate import parse_overrides
     from .prune.patterns import check_divides, parse_tiers, validate_pattern
     from .prune.recipes import prune_with_recipe, resolve_recipe
@@ -561,8 +561,9 @@ def cmd_prune(args) -> None:
         except NoSpaceError as e:
             if state_dir is None or not state_dir.exists():
                 raise
-            shutil.rmtree(state_dir, ignore_errors=True)  # it would keep the disk full
-            raise NoSpaceError(f"{e} (the prune state {state_dir.name} was removed too)") from None
+            # the state holds every pruned layer: once space is freed the same command saves without pruning again
+            raise NoSpaceError(f"{e}; the prune state {state_dir.name} ({folder_size(state_dir)}) is kept so that "
+                               "the same command resumes from it (delete it to free that space)") from None
         if state_dir is not None:
             shutil.rmtree(state_dir, ignore_errors=True)
         print(f"saved the pruned model to {args.save_model}")

@@ -21,7 +21,7 @@ import torch
 
 from . import assets
 from .errors import SpruceError
-from .outdir import NO_SPACE, atomic_dir, no_space_error, share_modes
+from .outdir import atomic_dir, is_no_space, no_space_error, share_modes
 
 EMBEDDED = {"smollm2-135m": assets.smollm2_gguf}
 
@@ -251,8 +251,8 @@ def save_model(model, tokenizer, folder: str | os.PathLike, extra: dict[str, dic
             tokenizer.save_pretrained(folder)
         for name, payload in (extra or {}).items():
             (folder / name).write_text(json.dumps(payload, indent=2) + "\n")
-    except OSError as e:
-        if e.errno in NO_SPACE:
+    except Exception as e:
+        if is_no_space(e):
             raise no_space_error(folder, model_bytes(model)) from None
         raise
     share_modes(folder)

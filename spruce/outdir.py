@@ -72,6 +72,24 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def folder_size(folder: Path) -> str:
+    return _mb(folder_bytes(folder))
+
+
+def is_no_space(error: BaseException, where: Path | None = None) -> bool:
+    """A write failed for a full disk or quota: an OSError, safetensors' own error (the OS message
+    is in its text), or torch.save's RuntimeError (which keeps only a position mismatch) while
+    the disk of `where` has next to nothing free."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        return True
+    text = str(error)
+    if type(error).__name__ == "SafetensorError":
+        return "No space left on device" in text or "Disk quota exceeded" in text
+    if where is not None and isinstance(error, RuntimeError) and Path(where).exists():
+        return shutil.disk_usage(where).free < 2**20
+    return False
+
+
 class NoSpaceError(SpruceError):
     """The disk filled up while an output was written (the partial output is already removed)."""
 
@@ -82,8 +100,8 @@ def no_space_error(folder: Path, needed: int | None = None, written: int | None 
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
-    need = f"about {_mb(needed)} needed" if needed else f"more than the {_mb(written or 0)} written"
-    error = NoSpaceError(f"no space left on the disk of {where} while writing {Path(folder).name} ({need}, "
+    need = f"about {_mb(needed)} needed, " if needed else f"more than the {_mb(written)} written, " if written else ""
+    error = NoSpaceError(f"no space left on the disk of {where} while writing {Path(folder).name} ({need}"
                          f"{_mb(free)} free once the partial output is removed); free some space or choose "
                          "another folder")
     error.needed = needed
@@ -135,10 +153,11 @@ def atomic_dir(final: str | os.PathLike):
     except NoSpaceError as e:  # raised inside by a writer that knows the size it needed
         shutil.rmtree(tmp, ignore_errors=True)
         raise no_space_error(final, needed=e.needed) from None
-    except OSError as e:
-        written = folder_bytes(tmp) if e.errno in NO_SPACE else 0
+    except Exception as e:
+        full = is_no_space(e, tmp)
+        written = folder_bytes(tmp) if full else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in NO_SPACE:
+        if full:
             raise no_space_error(final, written=written) from None
         raise
     except BaseException:

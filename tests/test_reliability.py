@@ -158,9 +158,26 @@ def test_a_full_disk_says_how_much_space_and_leaves_no_partial_folder(capsys, ti
     code, out, err = run(capsys, "prune", "--model", tiny_model_dir, "--prune_method", "wanda",
                          "--calib_dataset", corpus_file, "--nsamples", "2", "--seqlen", "32", "--state_every", "0",
                          "--save_model", tmp_path / "out")
-    one_line_error(code, err, "no space left", "needed", "prune state")
-    assert "kB needed" in err or "MB needed" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial folder, no prune state
+    one_line_error(code, err, "no space left", "kB needed", "prune state .out.prune-state", "is kept")
+    # no partial folder; the prune state holds every pruned layer, so the rerun saves without pruning
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.prune-state"]
+
+
+def test_a_disk_that_fills_while_the_prune_state_is_written(capsys, tiny_model_dir, corpus_file, tmp_path,
+                                                            monkeypatch):
+    from safetensors import SafetensorError
+
+    import spruce.prune.state
+
+    def full(*args, **kwargs):  # what safetensors raises on a full disk (not an OSError)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(spruce.prune.state, "save_file", full)
+    code, _, err = run(capsys, "prune", "--model", tiny_model_dir, "--prune_method", "wanda",
+                       "--calib_dataset", corpus_file, "--nsamples", "2", "--seqlen", "32", "--state_every", "0",
+                       "--save_model", tmp_path / "out")
+    one_line_error(code, err, "no space left", "kB needed", "--state_every -1")
+    assert list(tmp_path.iterdir()) == []
 
 
 # 5. corrupt inputs

@@ -107,6 +107,28 @@ class PruneState:
             return
         if last:
             batches = dense = None
+        try:
+            self._save(index, layers, batches, dense)
+        except Exception as e:
+            from ..outdir import is_no_space, no_space_error
+
+            if not is_no_space(e):
+                raise
+            needed = sum(t.numel() * t.element_size() for i in range(self._saved_layers, index + 1)
+                         for t in layers[i].state_dict().values())
+            raise self._out_of_space(no_space_error(self.folder, needed)) from None
+
+    def _out_of_space(self, error):
+        """Drop what the failed save wrote; keep an earlier complete state, which still resumes."""
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if not (self.folder / CARRY).is_file():
+            self.clear()
+            return type(error)(f"{error}; pass --state_every -1 to prune without saving a state")
+        return type(error)(f"{error}; the state of the layers saved before is kept, so the same command "
+                           "resumes from it once space is freed (--state_every -1 prunes without a state)")
+
+    def _save(self, index: int, layers, batches, dense) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for i in range(self._saved_layers, index + 1):
             tmp = self.folder / f".layer-{i}.tmp"
