@@ -17,7 +17,7 @@ import yaml
 from .errors import SpruceError
 
 STAGES = ("baseline", "prune", "recover", "report")
-SCHEDULERS = ("linear", "cosine", "constant")  # as spruce.recover.args.SCHEDULERS (kept import-light)
+SCHEDULERS = ("linear", "cosine", "constant")  # learning-rate decay after warm-up (recipes and spruce finetune)
 
 
 def _require(cond: bool, message: str) -> None:

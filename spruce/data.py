@@ -59,9 +59,6 @@ def parse_corpus(spec: str) -> list[MixPart]:
         if w <= 0:
             raise SpruceError(f"mix weight of '{name}' must be positive, got {w}")
         name = _ALIASES.get(name, name)
-        head, colon, tail = name.rpartition(":")
-        if colon and _ALIASES.get(head, head) in KNOWN:
-            raise SpruceError(f"bad mix weight '{tail}' in '{spec}'; write e.g. sotu:0.7+moby:0.3")
         if name not in KNOWN and not name.endswith((".txt", ".jsonl")):
             raise SpruceError(f"unknown corpus '{name}'; use one of {', '.join(KNOWN)}, "
                               "a .txt / .jsonl file, or a mix such as sotu+moby")

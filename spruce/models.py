@@ -162,7 +162,9 @@ def check_causal_lm(config, spec: str, trust_remote_code: bool = False) -> None:
     architectures = getattr(config, "architectures", None) or []
     encoder = getattr(config, "is_encoder_decoder", False) or (
         config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False))
-    if architectures and not any(a in causal_classes for a in architectures) and not trust_remote_code:
+    causal_names = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # old exports spell the class otherwise
+    if architectures and not trust_remote_code and \
+            not any(a in causal_classes or a.endswith(causal_names) for a in architectures):
         encoder = True
     if (type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not trust_remote_code) or encoder:
         raise SpruceError(f"{spec} is a '{config.model_type}' model"

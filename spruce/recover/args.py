@@ -19,11 +19,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import SCHEDULERS
 from ..errors import SpruceError
 from .checkpoint import LEGACY_ROOT
 
 MODES = ("lora", "masked-lora", "full")
-SCHEDULERS = ("linear", "cosine", "constant")
 STRATEGIES = ("no", "steps", "epoch")
 DTYPES = ("float32", "bfloat16", "float16")
 BEST_METRICS = ("eval_loss", "loss", "perplexity", "eval_perplexity", "ppl", "eval_ppl")  # lower is better, one order
