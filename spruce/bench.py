@@ -27,7 +27,6 @@ LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in) of 
 LAYOUTS = ("grouped", "grouped128", "independent")
 # "grouped": 64 output features (4 block-rows of 16) share their block-columns; "grouped128": 128.
 LAYOUT_GROUP_FEATURES = {"grouped": 64, "grouped128": 128, "independent": 0}
-GROUP_FEATURES = 64
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Programmatic dependent launch in the benches: "on" / "off" for every sparse launch, "both" to time
 # the sparse cases with it on and again with it off (same tuned tiles). Unset: as SPRUCE_PDL says.

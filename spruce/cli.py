@@ -472,7 +472,7 @@ def cmd_prune(args) -> None:
     from .models import load_model, prunable_linears, save_model
     from .outdir import atomic_dir, check_output_dir
     from .prune.allocate import parse_overrides
-    from .prune.patterns import check_divides, parse_tiers, validate_pattern
+    from .prune.patterns import check_divides, parse_pattern, parse_tiers
     from .prune.recipes import prune_with_recipe, resolve_recipe
     from .prune.state import state_folder
 
@@ -489,7 +489,7 @@ def cmd_prune(args) -> None:
                             reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
                             reconstruct_target=args.reconstruct_target,
                             reconstruct_norms=args.reconstruct_norms or None)
-    validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
+    parse_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
     if not (args.save_model or args.eval_dataset or args.save):

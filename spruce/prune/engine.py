@@ -196,7 +196,7 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
     sparsity = _resolve_sparsity(spec, sparsity)
     if allocation not in alloc.ALLOCATIONS:
         raise SpruceError(f"unknown allocation '{allocation}'; use {' or '.join(alloc.ALLOCATIONS)}")
-    if spec.kind == "nm" and (allocation != "uniform" or module_sparsity):
+    if spec.fixed_sparsity is not None and (allocation != "uniform" or module_sparsity):
         raise SpruceError(f"{spec.name} fixes every layer's sparsity; use uniform allocation without overrides")
     linears = prunable_linears(model)
     check_divides(spec, {n: tuple(m.weight.shape) for n, m in linears.items()})
@@ -237,9 +237,8 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
         "format": "spruce-sparsity/1",
         "method": method,
         "pattern": spec.name,
-        "selection": _selection_name(spec),
-        "tile_score": spec.tile_score if spec.kind in ("block", "hybrid") else None,
-        "hybrid_tiers": {"dense": spec.tiers[0], "2:4": spec.tiers[1]} if spec.kind == "hybrid" else None,
+        "selection": spec.selection_name,
+        **spec.report(),
         "allocation": allocation,
         "owl": {"m": owl_m, "lambda": owl_lambda, "outlier_ratios": ratios} if allocation == "owl" else None,
         "module_sparsity": module_sparsity or None,
@@ -256,12 +255,6 @@ def prune_model(model, method: str, pattern: str, sparsity: float,
         else {"nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])},
         "seconds": round(time.time() - start, 2),
     }
-
-
-def _selection_name(spec: Pattern) -> str:
-    if spec.kind in ("block", "hybrid"):
-        return spec.selection
-    return {"unstructured": "per-row", "unstructured-layer": "per-layer", "nm": "per-group"}[spec.kind]
 
 
 def _block_index(model, linears) -> dict[str, int]:
