@@ -46,7 +46,9 @@ def main(argv=None) -> int:
     from spruce import data
     from spruce.models import load_model, resolve_device
     from spruce.prune import state as state_mod
-    from spruce.prune.recipes import prune_with_recipe, resolve_recipe
+    from spruce.models import prunable_linears
+    from spruce.prune import prune_model
+    from spruce.prune.defaults import resolve_recipe, spec_for_model
 
     device = resolve_device(a.device)
     base, tok = load_model(a.model, "cpu")
@@ -70,8 +72,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        prune_with_recipe(model, "16x16", 0.5, recipe, lambda: samples, device=device, progress=False,
-                          state_dir=folder if every is not None else None, state_every=every or 0.0)
+        spec, _ = spec_for_model(recipe, "16x16", 0.5, prunable_linears(model))
+        prune_model(model, spec, samples, device=device, progress=False,
+                    state_dir=folder if every is not None else None, state_every=every or 0.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rows[name] = round(time.perf_counter() - start, 2)

