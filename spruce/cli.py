@@ -90,6 +90,7 @@ def build_parser() -> Parser:
     from .prune.patterns import SELECTIONS, TILE_SCORES
     from .prune.reconstruct import RECONSTRUCT_TARGETS
     from .prune.spec import DEFAULTS as PRUNE
+    from .recover.train import SCHEDULERS, TrainArgs
     parser.add_argument("--version", action="version", version=f"spruce {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -285,8 +286,8 @@ def build_parser() -> Parser:
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default: 0)")
-    g.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"],
-                   help="decay after warm-up (default: linear)")
+    g.add_argument("--lr_scheduler_type", default=TrainArgs.scheduler, choices=SCHEDULERS,
+                   help=f"decay after warm-up (default: {TrainArgs.scheduler})")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, LoRA init and dropout (default: 42)")
     g.add_argument("--lora_r", type=_positive_int, default=8, help="LoRA rank (default: 8)")
     g.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (default: 16)")
@@ -302,7 +303,8 @@ def build_parser() -> Parser:
     g = p.add_argument_group("monitoring and output")
     g.add_argument("--output_dir", required=True, help="adapter (or model), checkpoints, logs and summary go here")
     g.add_argument("--overwrite_output_dir", action="store_true", help="reuse a non-empty --output_dir")
-    g.add_argument("--logging_steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
+    g.add_argument("--logging_steps", type=_positive_int, default=TrainArgs.logging_steps,
+                   help=f"log every N steps (default: {TrainArgs.logging_steps})")
     g.add_argument("--logging_first_step", action="store_true", help="also log after the first step")
     g.add_argument("--eval_steps", type=_positive_int, help="evaluate every N steps (default: only at the end)")
     g.add_argument("--save_steps", type=_positive_int, help="checkpoint every N steps (default: only at the end)")

@@ -15,6 +15,7 @@ import yaml
 from .errors import SpruceError
 from .prune.spec import DEFAULTS as PRUNE
 from .prune.spec import OPTIONS as PRUNE_OPTIONS
+from .recover.train import TrainArgs
 
 STAGES = ("baseline", "prune", "recover", "report")
 
@@ -101,7 +102,8 @@ class RecoverConfig:
     gradient_accumulation_steps: int = 1
     block_size: int = 1024        # tokens per training block
     warmup_steps: int = 0
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = TrainArgs.scheduler   # linear | cosine | constant (spruce finetune's default)
+    logging_steps: int = TrainArgs.logging_steps   # log the train loss every N steps
     max_train_samples: int | None = None
     max_eval_samples: int | None = 16   # validation blocks for eval during training
     eval_steps: int | None = None

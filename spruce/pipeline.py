@@ -186,7 +186,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         lora_target_modules=r.lora_target_modules, teacher_model=cfg.model if r.teacher else None,
         distill_alpha=r.distill_alpha, distill_temperature=r.distill_temperature,
         distill_hidden_weight=r.distill_hidden, output_dir=str(out_dir),
-        overwrite_output_dir=True, logging_steps=20, eval_steps=r.eval_steps, save_steps=r.save_steps,
+        overwrite_output_dir=True, logging_steps=r.logging_steps, eval_steps=r.eval_steps, save_steps=r.save_steps,
         save_total_limit=2, load_best_model_at_end=False, early_stopping_patience=None,
         resume_from_checkpoint="latest" if resume else None,
         merge=True)

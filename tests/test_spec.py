@@ -83,3 +83,17 @@ def test_run_prune_reads_calibration_only_when_the_spec_needs_it(tiny_model, tok
     with pytest.raises(SpruceError, match="no-such-corpus"):
         run_prune(tiny_model, tokenizer, resolve_recipe("16x16", method="wanda"), "16x16", 0.5,
                   corpus="no-such-corpus.txt", progress=False)
+
+
+def test_the_cli_and_the_yaml_recipes_share_each_default():
+    from spruce.cli import build_parser
+    from spruce.config import RecoverConfig
+
+    finetune = build_parser().parse_args(["finetune", "--model_name_or_path", "m", "--output_dir", "o"])
+    assert (finetune.lr_scheduler_type, finetune.logging_steps) == ("linear", 10)   # run_clm's defaults
+    recover = RecoverConfig()
+    assert (recover.lr_scheduler_type, recover.logging_steps) == (finetune.lr_scheduler_type, finetune.logging_steps)
+    prune = build_parser().parse_args(["prune", "--model", "m"])
+    config = PruneConfig()
+    assert (prune.seqlen, prune.nsamples, prune.calib_batch_size, prune.sparsity_ratio) == \
+        (config.seqlen, config.nsamples, config.batch_size, config.sparsity)
