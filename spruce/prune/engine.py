@@ -6,7 +6,8 @@ input statistics the method reads (squared input norms for Wanda, X^T X for Spar
 linears that read the same input, such as q/k/v, share one accumulator), pruned, and run again
 so that the next layer sees the outputs of the pruned layer. Only the current layer needs to be
 on the work device. OWL allocation first runs one dense pass over the layers to measure each
-layer's outlier ratio.
+layer's outlier ratio. What to prune is a PruneSpec (spec.py); how much per linear is planned in
+allocate.py and the optional layer reconstruction is reconstruct.py.
 """
 
 from __future__ import annotations

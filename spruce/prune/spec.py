@@ -87,9 +87,6 @@ class PruneSpec:
         return self.sparsity > 0 and (bool(METHODS[self.method].needs) or self.allocation == "owl"
                                       or self.reconstruct_epochs > 0)
 
-    def replace(self, **changes) -> PruneSpec:
-        return dataclasses.replace(self, **changes)
-
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PruneSpec))
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(PruneSpec)}

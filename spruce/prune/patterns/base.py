@@ -78,6 +78,25 @@ class Pattern:
         return {"tile_score": None, "hybrid_tiers": None}
 
 
+@dataclass(frozen=True)
+class Tiled(Pattern):
+    """A pattern decided per rows x cols tile (block, hybrid): the tile shape and how tiles are ranked."""
+    rows: int = 16                  # tile height
+    cols: int = 16                  # tile width
+    selection: str = "global"       # global | row-balanced
+    tile_score: str = "mean"        # mean score (reference) | energy (sum of squared scores)
+
+    def check_divides(self, shapes):
+        check_tiles_divide(self.rows, self.cols, shapes)
+
+    @property
+    def selection_name(self):
+        return self.selection
+
+    def report(self):
+        return {"tile_score": self.tile_score, "hybrid_tiers": None}
+
+
 def lowest(scores: torch.Tensor, k) -> torch.Tensor:
     """Bool mask of the k lowest entries along the last dim (stable: earlier index loses ties).
 

@@ -12,7 +12,7 @@ import torch
 
 from ...errors import SpruceError
 from ...masks import parse_block
-from .base import Pattern, check_tiles_divide, expand_tiles, lowest, register, select_tiles, tile_scores
+from .base import Tiled, expand_tiles, lowest, register, select_tiles, tile_scores
 
 
 def block_global_mask(score: torch.Tensor, sparsity: float, bh: int, bw: int) -> torch.Tensor:
@@ -22,12 +22,7 @@ def block_global_mask(score: torch.Tensor, sparsity: float, bh: int, bw: int) ->
 
 @register
 @dataclass(frozen=True)
-class Block(Pattern):
-    rows: int = 16                  # tile height
-    cols: int = 16                  # tile width
-    selection: str = "global"       # global | row-balanced
-    tile_score: str = "mean"        # mean score (reference) | energy (sum of squared scores)
-
+class Block(Tiled):
     kind = "block"
     syntax = "a block size such as 16x16"
     description = "whole R x C tiles are zero or untouched"
@@ -65,13 +60,3 @@ class Block(Pattern):
         if self.selection == "row-balanced":
             return lowest(err, round(pruned.shape[1] * share) - pruned.sum(1))
         return lowest(err.flatten(), round(pruned.numel() * share) - int(pruned.sum())).view_as(pruned)
-
-    def check_divides(self, shapes):
-        check_tiles_divide(self.rows, self.cols, shapes)
-
-    @property
-    def selection_name(self):
-        return self.selection
-
-    def report(self):
-        return {"tile_score": self.tile_score, "hybrid_tiers": None}

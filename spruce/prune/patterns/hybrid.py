@@ -12,7 +12,7 @@ import torch
 
 from ...errors import SpruceError
 from ...masks import tile_view
-from .base import Pattern, check_tiles_divide, lowest, register, tile_scores
+from .base import Tiled, lowest, register, tile_scores
 from .nm import nm_mask
 
 DEFAULT_TIERS = (0.2, 0.4)  # shares of tiles kept dense and kept 2:4; the rest are top-k
@@ -58,11 +58,9 @@ def hybrid_mask(score: torch.Tensor, sparsity: float, bh: int, bw: int,
 
 @register
 @dataclass(frozen=True)
-class Hybrid(Pattern):
-    rows: int = 16                  # tile height
-    cols: int = 16                  # tile width (divisible by 4 for the 2:4 tier)
-    selection: str = "global"       # kept for the report; tiers are ranked over the whole matrix
-    tile_score: str = "mean"        # mean | energy: ranks the tiles into tiers
+class Hybrid(Tiled):
+    """Tiles of rows x cols (cols divisible by 4 for the 2:4 tier), ranked into tiers by tile score
+    over the whole matrix (`selection` is kept for the report)."""
     tiers: tuple[float, float] = DEFAULT_TIERS  # (dense share, 2:4 share) of the tiles
 
     kind = "hybrid"
@@ -86,13 +84,6 @@ class Hybrid(Pattern):
 
     def mask(self, score, sparsity):
         return hybrid_mask(score, sparsity, self.rows, self.cols, self.tiers, self.tile_score)
-
-    def check_divides(self, shapes):
-        check_tiles_divide(self.rows, self.cols, shapes)
-
-    @property
-    def selection_name(self):
-        return self.selection
 
     def report(self):
         return {"tile_score": self.tile_score, "hybrid_tiers": {"dense": self.tiers[0], "2:4": self.tiers[1]}}
