@@ -1,9 +1,9 @@
 """7B-class recovery on one GPU, and LoRA throughput on one and two: memory and tokens/s, one run.
 
-    python bench/bench_scale.py --json scale.json                      # one GPU, about 4 minutes on an H200
-    python bench/bench_scale.py --parts lora,reference --layers 8      # shorter
-    torchrun --nproc_per_node 2 bench/bench_scale.py --json scale2.json  # 1 GPU, then 2 with DDP: efficiency
-    python bench/bench_scale.py --tiny                                 # a 2-layer model, any machine, seconds
+    python -m bench.bench_scale --json scale.json                      # one GPU, about 4 minutes on an H200
+    python -m bench.bench_scale --parts lora,reference --layers 8      # shorter
+    torchrun --nproc_per_node 2 -m bench.bench_scale --json scale2.json  # 1 GPU, then 2 with DDP: efficiency
+    python -m bench.bench_scale --tiny                                 # a 2-layer model, any machine, seconds
 
 A Llama-2-7B-shaped model (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) with
 random weights in bf16, trained on random tokens: it measures speed and memory honestly and
@@ -29,25 +29,21 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import reference_trainer  # noqa: E402
-from spruce.masks import zero_masks  # noqa: E402
-from spruce.prune import prune_model  # noqa: E402
-from spruce.recover.lora import attach_lora  # noqa: E402
-from spruce.recover.parallel import Parallel, launch_env  # noqa: E402
-from spruce.recover.train import TrainArgs, train  # noqa: E402
+from bench.bench_train import reference_trainer
+from bench.common import llama2_7b_config, write_json
+from spruce.masks import zero_masks
+from spruce.prune import prune_model
+from spruce.recover.lora import attach_lora
+from spruce.recover.parallel import Parallel, launch_env
+from spruce.recover.train import TrainArgs, train
 
 PARTS = ("prune", "lora", "masked", "reference")
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
@@ -55,15 +51,10 @@ GIB = 2 ** 30
 
 
 def llama_config(layers: int, tiny: bool):
-    from transformers import LlamaConfig
-
     if tiny:
-        return LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                           tie_word_embeddings=False)
-    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+        return llama2_7b_config(2, vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=4, tie_word_embeddings=False)
+    return llama2_7b_config(layers, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
 def build(config, dtype: torch.dtype, device: torch.device):
@@ -283,8 +274,8 @@ def main():
             r["x_reference"] = round(r["tokens_per_s"] / reference, 2)
     print_table(rows, reference, f"{shape}, sequence {a.seq}, {card}, {time.time() - started:.0f} s in all")
     if a.json:
-        Path(a.json).write_text(json.dumps({"card": card, "torch": torch.__version__, "shape": shape, "seq": a.seq,
-                                            "rows": rows}, indent=2, default=str) + "\n")
+        write_json(a.json, {"card": card, "torch": torch.__version__, "shape": shape, "seq": a.seq, "rows": rows},
+                   quiet=True)
 
 
 def scaling(config, a):
@@ -319,8 +310,7 @@ def scaling(config, a):
             rows.append({"part": "scaling", "recipe": "efficiency = global / (GPUs x one GPU)",
                          "efficiency": efficiency})
         if a.json:
-            Path(a.json).write_text(json.dumps({"card": card, "processes": parallel.world, "rows": rows},
-                                               indent=2, default=str) + "\n")
+            write_json(a.json, {"card": card, "processes": parallel.world, "rows": rows}, quiet=True)
     parallel.barrier()
     parallel.close()
 

@@ -1,6 +1,6 @@
 """LoRA training throughput and quality: the reference recipe against spruce's loop, same run.
 
-    python bench/bench_train.py --model smollm2-135m --pruned out/pruned --blocks 256 --json train.json
+    python -m bench.bench_train --model smollm2-135m --pruned out/pruned --blocks 256 --json train.json
 
 The reference recipe is what the Wanda LoRA workflow runs: Hugging Face Trainer + peft, LoRA
 r=8 on q_proj and v_proj, batch 1 of 1024 tokens, lr 1e-4, fp16 mixed precision. spruce's
@@ -13,20 +13,17 @@ perplexity each one reaches.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spruce import data  # noqa: E402
-from spruce.models import load_model  # noqa: E402
-from spruce.recover.lora import attach_lora  # noqa: E402
-from spruce.recover.train import TrainArgs, eval_loss, train  # noqa: E402
+from bench.common import write_json
+from spruce import data
+from spruce.models import load_model
+from spruce.recover.lora import attach_lora
+from spruce.recover.train import TrainArgs, eval_loss, train
 
 
 def model_factory(src: str, random_init: bool, device: str):
@@ -133,7 +130,7 @@ def main():
     base = rows[0]["tokens_per_s"]
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     if a.json:
-        Path(a.json).write_text(json.dumps({"card": card, "blocks": a.blocks, "rows": rows}, indent=2))
+        write_json(a.json, {"card": card, "blocks": a.blocks, "rows": rows}, quiet=True)
     print(f"\nLoRA training, {a.blocks} blocks x 1024 tokens of {a.corpus}/train, on {card}")
     print(f"{'recipe':<62} {'tok/s':>9} {'x ref':>6} {'val ppl':>9}")
     for r in rows:

@@ -1,4 +1,4 @@
-"""python bench/prune_speed.py --runs wanda:16x16,sparsegpt:16x16 --nsamples 128 --seqlen 2048
+"""python -m bench.prune_speed --runs wanda:16x16,sparsegpt:16x16 --nsamples 128 --seqlen 2048
 
 Pruning time on a Llama-2-7B-shaped model (32 layers, hidden 4096, MLP 11008, random float16
 weights built on the GPU, so no download), with random calibration tokens. The clock runs from
@@ -9,27 +9,23 @@ the call of prune_model to its return: calibration capture, statistics, masks, w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spruce.masks import overall_sparsity  # noqa: E402
-from spruce.prune import prune_model  # noqa: E402
-from spruce.prune.engine import Reconstruct  # noqa: E402
+from bench.common import llama2_7b_config
+from spruce.masks import overall_sparsity
+from spruce.prune import prune_model
+from spruce.prune import Reconstruct
 
 
 def build_llama7b_shape(layers: int, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = LlamaForCausalLM(llama2_7b_config(layers)).to(dtype)
     return model.eval()
 
 

@@ -2,7 +2,7 @@
 case, --state_every 0) against no state, measured in the same run, and whether the results are
 bit for bit the same.
 
-    python bench/prune_state.py [--model smollm2-135m] [--nsamples 16] [--seqlen 512]
+    python -m bench.prune_state [--model smollm2-135m] [--nsamples 16] [--seqlen 512]
                                 [--reconstruct_epochs 2] [--device auto] [--json out.json]
 
 The default recipe for 16x16 blocks runs (OBS, attention at 40%, reconstruction with the epochs
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -43,10 +39,13 @@ def main(argv=None) -> int:
 
     import torch
 
+    from bench.common import write_json
     from spruce import data
     from spruce.models import load_model, resolve_device
     from spruce.prune import state as state_mod
-    from spruce.prune.recipes import prune_with_recipe, resolve_recipe
+    from spruce.models import prunable_linears
+    from spruce.prune import prune_model
+    from spruce.prune.defaults import resolve_recipe, spec_for_model
 
     device = resolve_device(a.device)
     base, tok = load_model(a.model, "cpu")
@@ -70,8 +69,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        prune_with_recipe(model, "16x16", 0.5, recipe, lambda: samples, device=device, progress=False,
-                          state_dir=folder if every is not None else None, state_every=every or 0.0)
+        spec, _ = spec_for_model(recipe, "16x16", 0.5, prunable_linears(model))
+        prune_model(model, spec, samples, device=device, progress=False,
+                    state_dir=folder if every is not None else None, state_every=every or 0.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rows[name] = round(time.perf_counter() - start, 2)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     print(f"ratio {ratio:.3f} | {saves['n']} saves | state up to {saves['bytes'] / 2**20:.0f} MiB | "
           f"same weights: {same}")
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(a.json, result, quiet=True)
     return 0 if same else 1
 
 

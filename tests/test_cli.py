@@ -225,3 +225,13 @@ def test_a_flag_the_command_does_not_take_names_the_command_and_the_nearest_flag
     assert "did you mean --learning-rate -> --learning_rate?" in err and "(see 'spruce finetune --help')" in err
     assert main(["bench", "kernels", "--nope"]) == 2
     assert "spruce bench kernels: error: unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_bench_outside_a_source_checkout_says_where_to_run_it(capsys, monkeypatch):
+    import sys
+
+    for name in ("bench", "bench.kernels", "bench.generate"):   # as if the bench/ folder were not importable
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["bench", "kernels", "--json", "k.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m bench.kernels" in err

@@ -139,3 +139,59 @@ def test_hybrid_tiers_without_top_k_tier_fix_the_sparsity():
     assert (n_dense, n_nm, k, extra) == (1166, 130, 0, 0)
     with pytest.raises(SpruceError, match="cannot reach sparsity"):
         hybrid_tier_counts(36 * 36, 256, 0.2, (0.9, 0.1))
+
+
+def test_every_registered_kind_parses_its_own_syntax_and_describes_itself():
+    from spruce.prune.patterns import PATTERNS, kinds, pattern_help
+
+    assert set(PATTERNS) == {"unstructured", "unstructured-layer", "nm", "block", "hybrid"}
+    examples = {"unstructured": "unstructured", "unstructured-layer": "unstructured-layer", "nm": "2:4",
+                "block": "16x16", "hybrid": "hybrid:16x16"}
+    for cls in kinds():
+        assert cls.description and cls.syntax in pattern_help()
+        assert type(parse_pattern(examples[cls.kind])) is cls
+
+
+def test_a_new_pattern_kind_is_one_registered_class():
+    """A kind registered from outside the package parses, masks, divides and runs in the sweep."""
+    from dataclasses import dataclass
+
+    from spruce.prune.methods import METHODS
+    from spruce.prune.patterns import PATTERNS, Pattern, register
+
+    @register
+    @dataclass(frozen=True)
+    class EveryOtherColumn(Pattern):
+        kind = "test-columns"
+        syntax = "test-columns"
+        description = "odd input columns pruned"
+
+        @classmethod
+        def parse(cls, name, selection, tile_score, tiers):
+            return cls(name) if name == cls.kind else None
+
+        def mask(self, score, sparsity):
+            return (torch.arange(score.shape[1]) % 2 == 1).expand_as(score)
+
+        sweep_group = 2
+
+        def sweep_mask(self, err, sparsity):
+            return self.mask(err, sparsity)
+
+        def check_divides(self, shapes):
+            if any(cols % 2 for _, cols in shapes.values()):
+                raise SpruceError("odd input count")
+
+    try:
+        pattern = parse_pattern("test-columns")
+        assert "test-columns" in str(pytest.raises(SpruceError, parse_pattern, "nope").value)
+        with pytest.raises(SpruceError, match="odd input count"):
+            check_divides("test-columns", {"x": (4, 5)})
+        w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+        stats = {"hessian": x.T @ x, "sq_norm": (x * x).sum(0)}
+        for method in ("magnitude", "sparsegpt"):
+            out = METHODS[method].prune(w, stats, pattern, 0.5)
+            assert (out[:, 1::2] == 0).all() and (out[:, ::2] != 0).all()
+    finally:
+        PATTERNS.pop("test-columns")

@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_with_the_missing_stages(tiny_model_dir, corpus_
 
 def test_a_run_killed_while_saving_its_pruned_model_does_not_prune_again(tiny_model_dir, corpus_file, tmp_path,
                                                                          monkeypatch, capsys):
-    from spruce import pipeline
+    from spruce.prune import run as prune_run  # the prune stage saves through run_prune
     from spruce.prune.state import state_folder
 
     out = tmp_path / "run"
@@ -111,11 +111,11 @@ def test_a_run_killed_while_saving_its_pruned_model_does_not_prune_again(tiny_mo
     def killed(*_args):
         raise KeyboardInterrupt
 
-    real = pipeline.write_sparsity_json
-    monkeypatch.setattr(pipeline, "write_sparsity_json", killed)
+    real = prune_run.write_sparsity_json
+    monkeypatch.setattr(prune_run, "write_sparsity_json", killed)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(cfg, say=quiet([]), progress=False)
-    monkeypatch.setattr(pipeline, "write_sparsity_json", real)
+    monkeypatch.setattr(prune_run, "write_sparsity_json", real)
     assert not (out / "pruned").exists() and (state_folder(out / "pruned") / "carry.pt").is_file()
     capsys.readouterr()
     run_recipe(cfg, say=quiet([]), progress=False)

@@ -186,7 +186,7 @@ def test_dense_target_prunes_to_the_pattern(tiny_model):
 
 
 def test_default_recipes_per_pattern():
-    from spruce.prune.recipes import fit_to_model, resolve_recipe
+    from spruce.prune.defaults import fit_to_model, resolve_recipe
     block = resolve_recipe("16x16")
     assert block["method"] == "obs" and not block["dense_target"] and block["module_sparsity"] == {"attn": 0.4}
     assert block["reconstruct_epochs"] == 12 and block["reconstruct_lr"] == 3e-3
@@ -208,7 +208,7 @@ def test_default_recipes_per_pattern():
 
 
 def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model):
-    from spruce.prune.recipes import fit_to_model, resolve_recipe
+    from spruce.prune.defaults import fit_to_model, resolve_recipe
 
     linears = prunable_linears(tiny_model)
     default = resolve_recipe("16x16")

@@ -93,3 +93,31 @@ def _check_range(values: list[float], what: str) -> list[float]:
         raise SpruceError(f"{what} would need layer sparsities outside [0, 1) "
                           f"({min(values):.3f} to {max(values):.3f}); use milder settings")
     return values
+
+
+def block_index(model, linears: dict) -> dict[str, int]:
+    """Decoder block index of each linear, from its position among the decoder layers."""
+    from ..models import decoder_layers
+
+    index = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        ids = {id(m) for m in layer.modules()}
+        for n, m in linears.items():
+            if id(m) in ids:
+                index[n] = i
+    return index
+
+
+def plan(linears: dict, block_of: dict[str, int], target: float, allocation: str = "uniform",
+         ratios: list[float] | None = None, lam: float = OWL_LAMBDA,
+         overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """Sparsity per linear for a model: `uniform`, or `owl` from each decoder block's outlier
+    ratio (`ratios`, one per block), then the module overrides; the total stays at `target`."""
+    sizes = {n: m.weight.numel() for n, m in linears.items()}
+    block_sparsity = None
+    if allocation == "owl":
+        per_block = [0.0] * len(ratios)
+        for n, size in sizes.items():
+            per_block[block_of[n]] += size
+        block_sparsity = owl_sparsities(ratios, target, lam, per_block)
+    return allocate(sizes, block_of, target, block_sparsity, overrides)

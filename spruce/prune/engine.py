@@ -6,17 +6,16 @@ input statistics the method reads (squared input norms for Wanda, X^T X for Spar
 linears that read the same input, such as q/k/v, share one accumulator), pruned, and run again
 so that the next layer sees the outputs of the pruned layer. Only the current layer needs to be
 on the work device. OWL allocation first runs one dense pass over the layers to measure each
-layer's outlier ratio.
+layer's outlier ratio. What to prune is a PruneSpec (spec.py); how much per linear is planned in
+allocate.py and the optional layer reconstruction is reconstruct.py.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import asdict
 
 import torch
 from ..progress import progress_bar
@@ -25,8 +24,10 @@ from ..errors import SpruceError
 from ..masks import overall_sparsity, weight_sparsity
 from ..models import decoder_layers, prunable_linears
 from . import allocate as alloc
-from .methods import METHODS, validate_method, wanda_score
-from .patterns import Pattern, check_divides, parse_pattern
+from .methods import METHODS, wanda_score
+from .patterns import Pattern, check_divides
+from .reconstruct import Reconstruct, layer_output, reconstruct_layer  # noqa: F401  (Reconstruct: re-exported)
+from .spec import PruneSpec, report_fields, spec_from_options
 from .state import FORMAT as PRUNE_STATE_FORMAT
 from .state import PruneState
 from .state import fingerprint as state_fingerprint
@@ -70,10 +71,6 @@ def capture_layer_inputs(model, samples: torch.Tensor, device: torch.device, bat
     finally:
         handle.remove()
     return batches
-
-
-def _layer_output(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -140,7 +137,7 @@ def gather_statistics(layer, batches, needs: tuple[str, ...], dense=None, only=N
 
 
 def _run_layer(layer, batches):
-    return [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+    return [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
 
 
 @torch.no_grad()
@@ -159,226 +156,90 @@ def owl_outlier_ratios(model, batches, device, m: float, progress: bool) -> list
     return ratios
 
 
-def _resolve_sparsity(pattern: Pattern, sparsity: float) -> float:
-    fixed = pattern.fixed_sparsity
-    if fixed is None or sparsity == 0 or abs(sparsity - fixed) < 1e-9:
-        return sparsity
-    warnings.warn(f"{pattern.name} fixes the sparsity at {fixed:g}; the requested {sparsity:g} is not used")
-    return fixed
-
-
 @torch.no_grad()
-def prune_model(model, method: str, pattern: str, sparsity: float,
-                samples: torch.Tensor | None = None, device: str | torch.device | None = None,
-                batch_size: int = 8, progress: bool = True, selection: str = "global",
-                tile_score: str = "mean", tiers: tuple[float, float] | None = None,
-                allocation: str = "uniform", owl_m: float = alloc.OWL_M, owl_lambda: float = alloc.OWL_LAMBDA,
-                module_sparsity: dict[str, float] | None = None, dense_target: bool = False,
-                sequential: bool = False, reconstruct: Reconstruct | None = None,
-                state_dir: str | os.PathLike | None = None, state_every: float = 60.0) -> dict:
-    """Prune every decoder nn.Linear of `model` in place; return a report for sparsity.json.
+def prune_model(model, spec: PruneSpec | str, *args, samples: torch.Tensor | None = None,
+                device: str | torch.device | None = None, progress: bool = True,
+                state_dir: str | os.PathLike | None = None, state_every: float = 60.0, **options) -> dict:
+    """Prune every decoder nn.Linear of `model` in place as `spec` says; return the sparsity report.
 
-    method: a name of METHODS; pattern: a pattern name (see patterns.py) with its `selection`,
-    `tile_score` and hybrid `tiers`; allocation: uniform or owl (with owl_m, owl_lambda);
-    module_sparsity: per-module overrides such as {"self_attn": 0.35}; dense_target: Hessian
-    methods refit each layer toward the dense model's outputs on the same samples (the error of
-    earlier pruned layers is compensated too), at the cost of a second pass per layer;
-    sequential: within a layer, prune the linears in forward order, each group calibrated on the
-    outputs of those already pruned; reconstruct: train each pruned layer's kept weights toward
-    the dense outputs (see Reconstruct); state_dir: keep the finished layers and the next layer's
-    inputs there (at most every `state_every` seconds), so that the same call after a kill
-    continues from the last saved layer (see state.py); the caller removes it once the result is
-    saved."""
-    validate_method(method)
-    if not 0 <= sparsity < 1:
-        raise SpruceError(f"sparsity must be in [0, 1), got {sparsity}")
-    spec = parse_pattern(pattern, selection, tile_score, tiers)
-    sparsity = _resolve_sparsity(spec, sparsity)
-    if allocation not in alloc.ALLOCATIONS:
-        raise SpruceError(f"unknown allocation '{allocation}'; use {' or '.join(alloc.ALLOCATIONS)}")
-    if spec.kind == "nm" and (allocation != "uniform" or module_sparsity):
-        raise SpruceError(f"{spec.name} fixes every layer's sparsity; use uniform allocation without overrides")
+    Called as prune_model(model, spec, samples) with a PruneSpec (see spec.py for every option),
+    or in the keyword form prune_model(model, method, pattern, sparsity, samples=..., **options)
+    whose options are PruneSpec fields (and `reconstruct=Reconstruct(...)`). samples: calibration
+    token ids (nsamples, seqlen), needed when spec.needs_calibration; state_dir: keep the finished
+    layers and the next layer's inputs there (at most every `state_every` seconds), so that the
+    same call after a kill continues from the last saved layer (see state.py); the caller removes
+    it once the result is saved."""
+    if isinstance(spec, str):
+        spec = spec_from_options(spec, *args, **options)
+    elif options or len(args) > 1:
+        raise TypeError("prune_model(model, spec, samples): set the options in the PruneSpec")
+    elif args:
+        samples = args[0]
     linears = prunable_linears(model)
-    check_divides(spec, {n: tuple(m.weight.shape) for n, m in linears.items()})
-    needs = METHODS[method].needs
-    reconstruct = reconstruct if reconstruct and reconstruct.epochs else None
-    data_needed = bool(needs) or allocation == "owl" or reconstruct is not None
-    if sparsity > 0 and data_needed and samples is None:
-        what = "layer reconstruction" if reconstruct else f"method '{method}' with {allocation} allocation"
+    pattern = spec.parsed
+    check_divides(pattern, {n: tuple(m.weight.shape) for n, m in linears.items()})
+    if spec.needs_calibration and samples is None:
+        what = "layer reconstruction" if spec.reconstruct else \
+            f"method '{spec.method}' with {spec.allocation} allocation"
         raise SpruceError(f"{what} needs calibration samples")
     start = time.time()
     work = torch.device(device) if device else next(model.parameters()).device
     per_linear, ratios = {n: 0.0 for n in linears}, None
-    if sparsity > 0:
-        batches = capture_layer_inputs(model, samples, work, batch_size) if samples is not None \
-            and data_needed else None
-        block_of = _block_index(model, linears)
-        block_sparsity = None
-        if allocation == "owl":
-            ratios = owl_outlier_ratios(model, batches, work, owl_m, progress)
-            sizes_per_block = [0.0] * len(ratios)
-            for n, m in linears.items():
-                sizes_per_block[block_of[n]] += m.weight.numel()
-            block_sparsity = alloc.owl_sparsities(ratios, sparsity, owl_lambda, sizes_per_block)
-        per_linear = alloc.allocate({n: m.weight.numel() for n, m in linears.items()}, block_of, sparsity,
-                                    block_sparsity, module_sparsity)
+    if spec.sparsity > 0:
+        batches = capture_layer_inputs(model, samples, work, spec.batch_size) if spec.needs_calibration else None
+        if spec.allocation == "owl":
+            ratios = owl_outlier_ratios(model, batches, work, spec.owl_m, progress)
+        per_linear = alloc.plan(linears, alloc.block_index(model, linears), spec.sparsity, spec.allocation, ratios,
+                                spec.owl_lambda, spec.module_sparsity)
         state = None
         if state_dir is not None:
-            settings = {"method": method, "pattern": pattern, "sparsity": sparsity, "selection": selection,
-                        "tile_score": tile_score, "tiers": tiers, "allocation": allocation, "owl": (owl_m, owl_lambda),
-                        "per_linear": per_linear, "dense_target": dense_target, "sequential": sequential,
-                        "reconstruct": None if reconstruct is None else vars(reconstruct),
-                        "batch_size": batch_size, "format": PRUNE_STATE_FORMAT}
-            state = PruneState(state_dir, state_fingerprint(model, settings, samples if data_needed else None),
-                               state_every)
-        _prune_layers(model, method, spec, per_linear, batches, work, progress, dense_target, sequential,
-                      reconstruct, state)
+            settings = {"spec": asdict(spec), "per_linear": per_linear, "format": PRUNE_STATE_FORMAT}
+            used = samples if spec.needs_calibration else None
+            state = PruneState(state_dir, state_fingerprint(model, settings, used), state_every)
+        _prune_layers(model, spec, pattern, per_linear, batches, work, progress, state)
+    return prune_report(spec, model, per_linear, ratios, samples, time.time() - start)
+
+
+def prune_report(spec: PruneSpec, model, per_linear: dict[str, float], ratios: list[float] | None,
+                 samples: torch.Tensor | None, seconds: float) -> dict:
+    """sparsity.json: the spec (see spec.report_fields) and what the pruning measured."""
     return {
         "format": "spruce-sparsity/1",
-        "method": method,
-        "pattern": spec.name,
-        "selection": _selection_name(spec),
-        "tile_score": spec.tile_score if spec.kind in ("block", "hybrid") else None,
-        "hybrid_tiers": {"dense": spec.tiers[0], "2:4": spec.tiers[1]} if spec.kind == "hybrid" else None,
-        "allocation": allocation,
-        "owl": {"m": owl_m, "lambda": owl_lambda, "outlier_ratios": ratios} if allocation == "owl" else None,
-        "module_sparsity": module_sparsity or None,
-        "dense_target": dense_target,
-        "sequential": sequential,
-        "reconstruct": None if reconstruct is None else
-        {"epochs": reconstruct.epochs, "lr": reconstruct.lr, "target": reconstruct.target,
-         "norms": reconstruct.norms},
-        "target_sparsity": sparsity,
+        **report_fields(spec),
+        "owl": {"m": spec.owl_m, "lambda": spec.owl_lambda, "outlier_ratios": ratios}
+        if spec.allocation == "owl" else None,
+        "target_sparsity": spec.sparsity,
         "measured_sparsity": overall_sparsity(model),
         "target_layers": per_linear,
         "layers": weight_sparsity(model),
-        "calibration": None if samples is None or not data_needed or sparsity == 0
-        else {"nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])},
-        "seconds": round(time.time() - start, 2),
+        "calibration": {"nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])}
+        if spec.needs_calibration and samples is not None else None,
+        "seconds": round(seconds, 2),
     }
 
 
-def _selection_name(spec: Pattern) -> str:
-    if spec.kind in ("block", "hybrid"):
-        return spec.selection
-    return {"unstructured": "per-row", "unstructured-layer": "per-layer", "nm": "per-group"}[spec.kind]
-
-
-def _block_index(model, linears) -> dict[str, int]:
-    """Decoder block index of each linear, from its position among the decoder layers."""
-    index = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        ids = {id(m) for m in layer.modules()}
-        for n, m in linears.items():
-            if id(m) in ids:
-                index[n] = i
-    return index
-
-
-def _prune_weight(module, method: str, spec: Pattern, stats: dict, sparsity: float) -> None:
+def _prune_weight(module, prune, pattern: Pattern, stats: dict, sparsity: float) -> None:
     w = module.weight.data
-    new = METHODS[method].prune(w, stats, spec, sparsity)
-    w.copy_(new)
+    w.copy_(prune(w, stats, pattern, sparsity))
 
 
-@dataclass(frozen=True)
-class Reconstruct:
-    """Layer reconstruction after pruning: `epochs` passes of Adam over the calibration batches on
-    the kept weights of the layer's linears (pruned weights held at zero), minimising the squared
-    error to the dense layer's outputs, relative to their energy. target "dense": the dense
-    model's outputs on its own inputs (also undoes the drift of earlier pruned layers); "local":
-    the dense layer's outputs on the pruned model's inputs. norms: also train the layer's norm
-    weights (they hold no zeros to keep)."""
-    epochs: int = 4
-    lr: float = 1e-4
-    target: str = "dense"
-    norms: bool = False
-
-    def __post_init__(self):
-        if self.epochs < 0 or self.lr <= 0:
-            raise SpruceError(f"reconstruction needs epochs >= 0 and lr > 0, got {self.epochs} and {self.lr}")
-        if self.target not in ("dense", "local"):
-            raise SpruceError(f"reconstruction target must be 'dense' or 'local', not '{self.target}'")
-
-
-def _float_kwargs(obj):
-    if torch.is_tensor(obj):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_float_kwargs(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _float_kwargs(v) for k, v in obj.items()}
-    return obj
-
-
-def reconstruct_layer(layer, batches, targets, epochs: int, lr: float, norms: bool = False) -> tuple[float, float]:
-    """Train the kept weights of `layer`'s linears (and with `norms` its norm weights) so that
-    layer(batches) approaches `targets` (see Reconstruct); return the relative error (first step,
-    after the last). The layer trains in float32 (bf16 autocast on CUDA) and returns to its dtype;
-    pruned weights stay exactly zero."""
-    dtype = next(layer.parameters()).dtype
-    weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    masks = [w != 0 for w in weights]
-    extra = [p for n, p in layer.named_parameters() if "norm" in n.rsplit(".", 1)[0].lower()] if norms else []
-    grad_flags = [p.requires_grad for p in layer.parameters()]
-    layer.float()
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    for w in weights + extra:
-        w.requires_grad_(True)
-    steps = epochs * len(batches)
-    opt = torch.optim.Adam(weights + extra, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    device = weights[0].device
-    first = last = float("nan")
-    try:
-        with torch.enable_grad():
-            for step in range(steps):
-                (hidden, kwargs), target = batches[step % len(batches)], targets[step % len(batches)]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = _layer_output(layer(hidden.float(), **_float_kwargs(kwargs)))
-                target = target.float()
-                loss = (out.float() - target).square().mean() / target.square().mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for w, m in zip(weights, masks):
-                    w.grad.mul_(m)
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    for w, m in zip(weights, masks):
-                        w.mul_(m)
-                first = loss.item() if step == 0 else first
-            if steps:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    (hidden, kwargs), target = batches[0], targets[0]
-                    out = _layer_output(layer(hidden.float(), **_float_kwargs(kwargs))).float()
-                    last = ((out - target.float()).square().mean() / target.float().square().mean()).item()
-    finally:
-        for w in weights + extra:
-            w.grad = None
-        layer.to(dtype)
-        for p, flag in zip(layer.parameters(), grad_flags):
-            p.requires_grad_(flag)
-    return first, last
-
-
-def _prune_layers(model, method, spec, per_linear, batches, device, progress, dense_target=False,
-                  sequential=False, reconstruct: Reconstruct | None = None, state: PruneState | None = None):
-    """Prune layer by layer. sequential: within a layer, the linears that share an input (q/k/v,
-    then o, then gate/up, then down) are pruned in forward order, each group calibrated on the
-    outputs of the groups already pruned. reconstruct: see Reconstruct."""
+def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches, device, progress,
+                  state: PruneState | None = None):
+    """Prune layer by layer. spec.sequential: within a layer, the linears that share an input
+    (q/k/v, then o, then gate/up, then down) are pruned in forward order, each group calibrated on
+    the outputs of the groups already pruned. spec.reconstruct: see Reconstruct."""
     layers = decoder_layers(model)
     full_names = {id(m): n for n, m in prunable_linears(model).items()}
-    needs = METHODS[method].needs
-    reconstruct = reconstruct if reconstruct and reconstruct.epochs and batches is not None else None
-    aim = dense_target and "hessian" in needs and batches is not None
+    method = METHODS[spec.method]
+    needs, sequential = method.needs, spec.sequential
+    reconstruct = spec.reconstruct if batches is not None else None
+    aim = spec.dense_target and "hessian" in needs and batches is not None
     dense = list(batches) if aim or (reconstruct and reconstruct.target == "dense") else None
     start = 0
     resumed = state.resume(layers, device) if state is not None else None
     if resumed is not None:
         start, batches, dense = resumed
-    bar = progress_bar(range(start, len(layers)), show=progress, desc=f"{method} {spec.name}", unit="layer",
+    bar = progress_bar(range(start, len(layers)), show=progress, desc=f"{spec.method} {pattern.name}", unit="layer",
                        initial=start, total=len(layers))
     for index in bar:
         layer = layers[index]
@@ -400,7 +261,8 @@ def _prune_layers(model, method, spec, per_linear, batches, device, progress, de
             for name in group:
                 if name in todo:
                     module = layer.get_submodule(name)
-                    _prune_weight(module, method, spec, stats.get(name, {}), per_linear[full_names[id(module)]])
+                    _prune_weight(module, method.prune, pattern, stats.get(name, {}),
+                                  per_linear[full_names[id(module)]])
         if reconstruct:
             first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr,
                                             reconstruct.norms)

@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 
 from ..errors import SpruceError
-from .patterns import Pattern, _lowest, expand_tiles, mask_from_pattern, nm_mask, tile_view
+from ..masks import tile_view
+from .patterns import Pattern, expand_tiles
 
 PERCDAMP = 0.01      # damping: this share of the mean Hessian diagonal is added to the diagonal
 SWEEP_BLOCK = 128    # columns per lazy batch of the SparseGPT sweep
@@ -109,20 +110,7 @@ def _obs_error(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def sweep_chooser(pattern: Pattern, sparsity: float) -> tuple[Chooser, int]:
     """(chooser, group) that picks the pattern's mask inside the sweep by OBS error."""
-    if pattern.kind == "nm":
-        return (lambda col, w, d: nm_mask(_obs_error(w, d), pattern.keep, pattern.cols)), pattern.cols
-    if pattern.kind == "block":
-        bh = pattern.rows
-
-        def choose_tiles(col, w, d):
-            tiles = _obs_error(w, d).reshape(-1, bh, w.shape[1]).sum(dim=(1, 2))
-            return _lowest(tiles, round(tiles.numel() * sparsity)).repeat_interleave(bh).unsqueeze(1).expand_as(w)
-        return choose_tiles, pattern.cols
-    if pattern.kind == "unstructured":   # per output row, inside every lazy batch
-        return (lambda col, w, d: _lowest(_obs_error(w, d), round(w.shape[1] * sparsity))), SWEEP_BLOCK
-    # unstructured-layer: the reference SparseGPT threshold, over all rows of each lazy batch
-    return (lambda col, w, d: _lowest(_obs_error(w, d).flatten(), round(w.numel() * sparsity)).view_as(w)), \
-        SWEEP_BLOCK
+    return (lambda col, w, d: pattern.sweep_mask(_obs_error(w, d), sparsity)), pattern.sweep_group or SWEEP_BLOCK
 
 
 def obs_saliency(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:
@@ -144,14 +132,14 @@ def aim_at_dense(weight: torch.Tensor, stats: dict, percdamp: float = PERCDAMP) 
 
 
 def prune_magnitude(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
-    return weight.masked_fill(mask_from_pattern(pattern, magnitude_score(weight), sparsity), 0)
+    return weight.masked_fill(pattern.mask(magnitude_score(weight), sparsity), 0)
 
 
 def prune_wanda(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
-    return weight.masked_fill(mask_from_pattern(pattern, wanda_score(weight, stats["sq_norm"]), sparsity), 0)
+    return weight.masked_fill(pattern.mask(wanda_score(weight, stats["sq_norm"]), sparsity), 0)
 
 
-def fixed_mask_update(weight, hessian, mask: torch.Tensor, group: int = 1) -> torch.Tensor:
+def fixed_mask_update(weight, hessian, mask: torch.Tensor) -> torch.Tensor:
     """The SparseGPT sweep with a mask chosen beforehand: prune it and compensate to the right."""
     return sparsegpt_sweep(weight, hessian, lambda col, w, d: mask[:, col:col + w.shape[1]],
                            group=SWEEP_BLOCK)
@@ -159,8 +147,8 @@ def fixed_mask_update(weight, hessian, mask: torch.Tensor, group: int = 1) -> to
 
 def prune_sparsegpt(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
     h, dtype, weight = stats["hessian"], weight.dtype, aim_at_dense(weight, stats)
-    if pattern.kind == "hybrid" or (pattern.kind == "block" and pattern.selection == "row-balanced"):
-        mask = mask_from_pattern(pattern, obs_saliency(weight, h).sqrt(), sparsity)
+    if not pattern.in_sweep:   # whole-matrix decisions: chosen up front by OBS saliency
+        mask = pattern.mask(obs_saliency(weight, h).sqrt(), sparsity)
         return fixed_mask_update(weight, h, mask).to(dtype)
     choose, group = sweep_chooser(pattern, sparsity)
     return sparsegpt_sweep(weight, h, choose, group).to(dtype)
@@ -168,7 +156,7 @@ def prune_sparsegpt(weight, stats, pattern: Pattern, sparsity: float) -> torch.T
 
 def prune_wanda_update(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
     dtype, weight = weight.dtype, aim_at_dense(weight, stats)
-    mask = mask_from_pattern(pattern, wanda_score(weight, stats["sq_norm"]), sparsity)
+    mask = pattern.mask(wanda_score(weight, stats["sq_norm"]), sparsity)
     return fixed_mask_update(weight, stats["hessian"], mask).to(dtype)
 
 
@@ -226,16 +214,13 @@ def gradual_block_obs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patt
     w, err = refit_block_rows(target, h, ~expand_tiles(pruned, 1, bw), bh, bw)
     for r in range(1, rounds + 1):
         share = sparsity * r / rounds
-        if pattern.selection == "row-balanced":
-            pruned |= _lowest(err, round(pruned.shape[1] * share) - pruned.sum(1))
-        else:
-            pruned |= _lowest(err.flatten(), round(pruned.numel() * share) - int(pruned.sum())).view_as(pruned)
+        pruned |= pattern.obs_select(err, pruned, share)
         w, err = refit_block_rows(target, h, ~expand_tiles(pruned, 1, bw), bh, bw, score=r < rounds)
     return w.masked_fill(expand_tiles(pruned, bh, bw), 0).to(weight.dtype)
 
 
 def prune_obs(weight, stats, pattern: Pattern, sparsity: float) -> torch.Tensor:
-    if pattern.kind != "block":
+    if not pattern.obs_tiles:
         raise SpruceError(f"method 'obs' prunes block patterns (e.g. 16x16), not {pattern.name}; "
                           "use sparsegpt for unstructured and N:M")
     return gradual_block_obs(aim_at_dense(weight, stats), stats["hessian"], pattern, sparsity).to(weight.dtype)
@@ -256,9 +241,3 @@ METHODS = {
     "wanda+update": Method(prune_wanda_update, ("sq_norm", "hessian"), "Wanda mask, SparseGPT update"),
     "obs": Method(prune_obs, ("hessian",), "gradual group OBS with least-squares refit (blocks)"),
 }
-NEEDS_CALIBRATION = {name: bool(m.needs) for name, m in METHODS.items()}
-
-
-def validate_method(name: str) -> None:
-    if name not in METHODS:
-        raise SpruceError(f"unknown prune method '{name}'; use one of {', '.join(METHODS)}")

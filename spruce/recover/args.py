@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import SCHEDULERS
+from .train import SCHEDULERS
 from ..errors import SpruceError
 from .checkpoint import LEGACY_ROOT
 

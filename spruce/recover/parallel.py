@@ -29,10 +29,6 @@ def launch_env() -> tuple[int, int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), local_world
 
 
-def is_main_process() -> bool:
-    return launch_env()[0] == 0
-
-
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor

@@ -36,6 +36,9 @@ from .monitor import Monitor, TensorBoard
 from .parallel import Parallel, local_part, local_view
 
 
+SCHEDULERS = ("linear", "cosine", "constant")   # learning-rate decay after the warm-up
+
+
 @dataclass
 class TrainArgs:
     steps: int                        # optimizer steps in total
@@ -64,7 +67,7 @@ class TrainArgs:
     def __post_init__(self):
         if self.steps <= 0:
             raise SpruceError(f"training needs at least one step, got {self.steps}")
-        if self.scheduler not in ("linear", "cosine", "constant"):
+        if self.scheduler not in SCHEDULERS:
             raise SpruceError(f"unknown lr scheduler '{self.scheduler}'; use linear, cosine or constant")
         if not 0 <= self.distill_alpha <= 1:
             raise SpruceError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")

@@ -1,4 +1,4 @@
-"""The default recipe for each kind of pattern: the best one measured (docs/RESULTS.md).
+"""The default options for each kind of pattern: the best ones measured (docs/RESULTS.md).
 
 `spruce prune --sparsity_type 16x16 --sparsity_ratio 0.5` with no method flag uses these; any
 flag the user gives wins over the default. Naming a method (--prune_method) opts out of the
@@ -22,6 +22,8 @@ from __future__ import annotations
 import warnings
 
 from .patterns import parse_pattern
+from .spec import DEFAULTS as SPEC_DEFAULTS
+from .spec import FIELDS, PruneSpec
 
 DEFAULTS: dict[str, dict] = {
     "unstructured": {"method": "sparsegpt"},
@@ -31,9 +33,8 @@ DEFAULTS: dict[str, dict] = {
               "reconstruct_epochs": 12, "reconstruct_lr": 3e-3},
     "hybrid": {"method": "sparsegpt"},
 }
-BASE = {"method": "wanda", "selection": "global", "tile_score": "mean", "allocation": "uniform",
-        "module_sparsity": None, "dense_target": False, "sequential": False, "reconstruct_epochs": 0,
-        "reconstruct_lr": 1e-4, "reconstruct_target": "dense", "reconstruct_norms": False}
+# a named method runs plainly: the PruneSpec defaults (spec.py), the one place they are defined
+BASE = {k: v for k, v in SPEC_DEFAULTS.items() if k not in ("pattern", "sparsity")}
 # the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the one measured there
 WIDE_RECONSTRUCT = {"reconstruct_epochs": 4, "reconstruct_lr": 3e-4}
 
@@ -77,23 +78,8 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int = OBS_MAX_INPU
     return recipe
 
 
-def prune_with_recipe(model, pattern: str, sparsity: float, recipe: dict, calibration, tiers=None,
-                      device=None, batch_size: int = 8, progress: bool = True, **engine_options) -> tuple[dict, dict]:
-    """Fit `recipe` to the model, draw calibration samples (`calibration()`) only when its method or
-    allocation needs them, and prune in place; return (the sparsity report, the recipe used)."""
-    from ..models import prunable_linears
-    from .engine import Reconstruct, prune_model
-    from .methods import NEEDS_CALIBRATION
-
-    recipe = fit_to_model(recipe, prunable_linears(model))
-    reconstruct = Reconstruct(recipe["reconstruct_epochs"], recipe["reconstruct_lr"], recipe["reconstruct_target"],
-                              recipe["reconstruct_norms"])
-    needs_data = (NEEDS_CALIBRATION[recipe["method"]] or recipe["allocation"] == "owl"
-                  or reconstruct.epochs > 0) and sparsity > 0
-    info = prune_model(model, recipe["method"], pattern, sparsity, samples=calibration() if needs_data else None,
-                       device=device, batch_size=batch_size, progress=progress, tiers=tiers,
-                       selection=recipe["selection"], tile_score=recipe["tile_score"],
-                       allocation=recipe["allocation"], module_sparsity=recipe["module_sparsity"],
-                       dense_target=recipe["dense_target"], sequential=recipe["sequential"],
-                       reconstruct=reconstruct, **engine_options)
-    return info, recipe
+def spec_for_model(recipe: dict, pattern: str, sparsity: float, linears: dict) -> tuple[PruneSpec, dict]:
+    """(the PruneSpec, the recipe fitted to the model's linears) for a resolved recipe."""
+    recipe = fit_to_model(recipe, linears)
+    spec = PruneSpec(pattern=pattern, sparsity=sparsity, **{k: v for k, v in recipe.items() if k in FIELDS})
+    return spec, recipe

@@ -1,0 +1,75 @@
+"""One pruning run on a loaded model, shared by `spruce prune` and the prune stage of `spruce run`:
+fit the resolved options to the model, draw calibration samples only when the spec needs them,
+prune (resumable through a state folder beside the output), optionally measure perplexity, save
+the model and sparsity.json atomically, and remove the state once the result is saved."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..masks import write_sparsity_json
+from ..models import check_context, prunable_linears, save_model
+from ..outdir import NoSpaceError, atomic_dir, folder_size
+from .defaults import spec_for_model
+from .engine import prune_model
+from .spec import PruneSpec
+from .state import state_folder
+
+EVAL_SEQLEN = 1024   # tokens per window of the optional test-split perplexity after pruning
+
+
+def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: str, seed: int = 0, *,
+              out_dir: str | Path | None = None, state_every: float = 60.0, device=None, progress: bool = True,
+              recipe: dict | None = None, eval_corpus: str | None = None, seqlen_name: str = "--seqlen",
+              adjust: Callable | None = None) -> tuple[dict, PruneSpec]:
+    """Prune `model` in place; return (the sparsity report, the PruneSpec used).
+
+    options: resolved by defaults.resolve_recipe (fitted to the model here); corpus, seed: the
+    calibration corpus (train split) and sampling seed; out_dir: save the pruned model there
+    (a state folder beside it makes a killed run resumable unless state_every < 0); recipe: what
+    the caller ran (its flags or YAML recipe), kept in sparsity.json; eval_corpus: measure the
+    test-split perplexity before saving, into report["eval"]; seqlen_name: how the caller spells
+    the calibration length in errors; adjust(model, report): a last change before saving (the
+    progressive rounds keep earlier zeros with it)."""
+    from .. import data
+
+    spec, _ = spec_for_model(options, pattern, sparsity, prunable_linears(model))
+    # a pattern that does not tile the model fails here, before calibration data is read
+    spec.parsed.check_divides({n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
+    samples = None
+    if spec.needs_calibration:
+        check_context(model, spec.seqlen, seqlen_name)
+        samples = data.calibration_samples(corpus, tok, spec.nsamples, spec.seqlen, seed=seed)
+    state_dir = state_folder(out_dir) if out_dir is not None and state_every >= 0 else None
+    info = prune_model(model, spec, samples, device=device, progress=progress, state_dir=state_dir,
+                       state_every=max(state_every, 0.0))
+    if adjust is not None:
+        adjust(model, info)
+    if recipe is not None:
+        info["recipe"] = recipe
+    if eval_corpus:
+        from ..evaluate import perplexity
+
+        result = perplexity(model, data.eval_windows(eval_corpus, "test", tok, EVAL_SEQLEN))
+        info["eval"] = {"dataset": eval_corpus, "split": "test", **result}
+    if out_dir is not None:
+        try:
+            save_pruned(model, tok, out_dir, info)
+        except NoSpaceError as e:
+            if state_dir is None or not state_dir.exists():
+                raise
+            # the state holds every pruned layer: once space is freed the same command saves without pruning again
+            raise NoSpaceError(f"{e}; the prune state {state_dir.name} ({folder_size(state_dir)}) is kept so that "
+                               "the same command resumes from it (delete it to free that space)") from None
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    return info, spec
+
+
+def save_pruned(model, tok, out_dir: str | Path, info: dict) -> None:
+    """The pruned model and its sparsity.json, in a folder that appears only once complete."""
+    with atomic_dir(out_dir) as folder:
+        save_model(model, tok, folder)
+        write_sparsity_json(folder, info)
