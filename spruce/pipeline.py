@@ -53,6 +53,7 @@ class Run:
         self.dir = Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
         self._windows = None
+        self._heldout_windows = None
         self.resume = False
 
     def start(self, fresh: bool) -> None:
@@ -96,6 +97,13 @@ class Run:
             self._windows = all_windows[: d.eval_windows] if d.eval_windows else all_windows
         return self._windows
 
+    def heldout_windows(self, tok) -> torch.Tensor | None:
+        """Windows of data.heldout, cut like the in-domain ones (same split, seqlen and count)."""
+        d = self.cfg.data
+        if d.heldout and self._heldout_windows is None:
+            self._heldout_windows = data.eval_windows(d.heldout, d.eval_split, tok, d.eval_seqlen, d.eval_windows)
+        return self._heldout_windows
+
     def load(self, source: str, dtype: str | None = None):
         return load_model(source, device=self.device, dtype=dtype or self.cfg.dtype)
 
@@ -103,6 +111,10 @@ class Run:
         windows = self.windows(tok)
         result = perplexity(model, windows, progress=self.progress, desc=f"{stage} perplexity")
         result["sparsity"] = overall_sparsity(model)
+        heldout = self.heldout_windows(tok)
+        if heldout is not None:
+            result["heldout"] = {"corpus": self.cfg.data.heldout, **perplexity(
+                model, heldout, progress=self.progress, desc=f"{stage} held-out perplexity")}
         if self.cfg.data.zero_shot_tasks:
             from .evaluate import zero_shot
 
@@ -119,8 +131,18 @@ def stage_baseline(run: Run) -> dict:
             f"{windows.shape[0]} of {run.total_windows} windows of {d.eval_seqlen} tokens"
             + (" (a full run uses all of them)" if windows.shape[0] < run.total_windows else ""))
     result = run.evaluate("dense", model, tok)
-    run.say(f"[baseline] dense perplexity: {result['ppl']:.2f}")
+    run.say(f"[baseline] dense perplexity: {result['ppl']:.2f}" + _heldout_note(run, result))
     return {"dense": result}
+
+
+def _heldout_note(run: Run, result: dict) -> str:
+    """'; held-out moby/test: 41.2 (1.8x dense)' for a say line, or '' without data.heldout."""
+    held = result.get("heldout")
+    if not held:
+        return ""
+    dense = ((run.done("baseline") or {}).get("dense") or {}).get("heldout")
+    ratio = f" ({held['ppl'] / dense['ppl']:.1f}x dense)" if dense and dense["corpus"] == held["corpus"] else ""
+    return f"; held-out {held['corpus']}/{run.cfg.data.eval_split}: {held['ppl']:.2f}{ratio}"
 
 
 PRUNE_OPTIONS = ("selection", "tile_score", "allocation", "module_sparsity", "dense_target", "sequential",
@@ -171,7 +193,8 @@ def stage_prune(run: Run) -> dict:
         result = run.evaluate("pruned" if i == len(rounds) else f"round{i}-pruned", model, tok)
         ratio = result["ppl"] / run.done("baseline")["dense"]["ppl"] if run.done("baseline") else None
         run.say(f"[prune] {tag}pruned perplexity: {result['ppl']:.2f}"
-                + (f" ({ratio:.1f}x dense)" if ratio else "") + f" at {result['sparsity']:.1%} sparsity")
+                + (f" ({ratio:.1f}x dense)" if ratio else "") + f" at {result['sparsity']:.1%} sparsity"
+                + _heldout_note(run, result))
         results[f"round{i}" if len(rounds) > 1 else "pruned"] = result
         if i < len(rounds):
             summary = _recover(run, folder, run.dir / "rounds" / f"round{i}-recover", quiet=True)
@@ -203,6 +226,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         dtype="bfloat16" if r.bf16 and r.mode != "full" else r.dtype or cfg.dtype,
         autocast_bf16=r.bf16 and r.mode == "full", trust_remote_code=False, dataset_name=r.corpus or cfg.data.corpus,
         dataset_config_name=None, mix_weights=None, train_file=None, validation_file=None,
+        heldout_dataset=cfg.data.heldout,
         block_size=r.block_size, max_train_samples=r.max_train_samples, max_eval_samples=r.max_eval_samples,
         do_train=True, do_eval=True, mode=r.mode, num_train_epochs=r.num_train_epochs,
         max_steps=r.max_steps or -1, per_device_train_batch_size=r.batch_size, per_device_eval_batch_size=8,
@@ -232,7 +256,8 @@ def stage_recover(run: Run) -> dict:
     merged, tok = run.load(str(run.dir / "recover" / "merged"))
     kept = summary["merged_zero_set_unchanged"]  # checked against the pruned weights at merge time
     result = run.evaluate("recovered", merged, tok)
-    run.say(f"[recover] recovered perplexity: {result['ppl']:.2f} (merged model, zero set unchanged: {kept})")
+    run.say(f"[recover] recovered perplexity: {result['ppl']:.2f} (merged model, zero set unchanged: {kept})"
+            + _heldout_note(run, result))
     return {"recovered": result, "zero_set_unchanged": kept, "train": {k: summary.get(k) for k in
             ("steps", "train_seconds", "final_train_loss", "eval_before", "eval_after", "best_eval")}}
 

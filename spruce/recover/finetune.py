@@ -30,6 +30,7 @@ from ..models import load_model, save_model
 from ..outdir import atomic_dir, check_output_dir, share_modes
 from ..report import MetricsLog, write_config
 from .checkpoint import LEGACY_ROOT, list_checkpoints, run_checkpoints
+from .heldout import QualityColumns, resolve_heldout
 from .lora import attach_lora, merge_keep_sparsity
 from .monitor import plot_curves
 from .parallel import Parallel, launch_env
@@ -198,6 +199,7 @@ def run_finetune(a, say=print) -> dict:
         raise SpruceError("--do_eval with --train_file needs --validation_file")
     for spec in filter(None, (train_spec, eval_spec)):
         data.check_corpus(spec)
+    heldout = resolve_heldout(getattr(a, "heldout_dataset", "auto"), train_spec) if a.do_eval else None
     hidden = getattr(a, "distill_hidden_weight", 0.0) or 0.0
     if hidden < 0:
         raise SpruceError(f"--distill_hidden_weight must be >= 0, got {hidden}")
@@ -243,6 +245,8 @@ def run_finetune(a, say=print) -> dict:
     if parallel is not None:
         summary["processes"] = {"world_size": parallel.world, "kind": parallel.kind}
     bf16 = a.dtype == "bfloat16" or getattr(a, "autocast_bf16", False)
+    columns = QualityColumns.build(heldout, tok, a.block_size, a.max_eval_samples, a.seed, eval_blocks,
+                                   a.per_device_eval_batch_size, bf16)
     if getattr(a, "gradient_checkpointing", False) and a.do_train:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -267,6 +271,7 @@ def run_finetune(a, say=print) -> dict:
         log.write({"event": "eval", "step": 0, "stage": "before", **summary["eval_before"]})
         say(f"before training: eval loss {loss:.4f} | perplexity {summary['eval_before']['eval_ppl']:.2f} "
             f"({eval_blocks.shape[0]} blocks of {a.block_size} tokens)")
+        columns.measure(student, summary, "heldout_before", parallel)
     if not a.do_train:
         if main:
             _finish(output_dir, summary, log, None, say)
@@ -285,6 +290,7 @@ def run_finetune(a, say=print) -> dict:
             if parallel.kind == "fsdp":
                 say(f"teacher sharded over {world} processes: each holds "
                     f"{parallel.local_fraction(teacher):.0%} of its parameters")
+        columns.measure(teacher, summary, "dense_eval", parallel, teacher=True)
     per_step = a.per_device_train_batch_size * grad_accum * world
     steps = a.max_steps if a.max_steps and a.max_steps > 0 else \
         max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
@@ -341,6 +347,7 @@ def run_finetune(a, say=print) -> dict:
             loss = eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, bf16)
             summary["eval_merged"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
             log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
+    columns.measure(merged if a.merge else student, summary, "heldout_after")
     plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {train_spec}")
     _finish(output_dir, summary, log, result, say)
     _close(parallel)
@@ -399,6 +406,7 @@ def _finish(output_dir: Path, summary: dict, log: MetricsLog, result, say) -> No
     if before and after:
         lines.append(f"perplexity: pruned {before['eval_ppl']:.2f} -> recovered {after['eval_ppl']:.2f} "
                      "(validation blocks; spruce eval gives the test-split number)")
+    lines += QualityColumns.lines(summary)
     if summary.get("eval_merged"):
         lines.append(f"merged model perplexity {summary['eval_merged']['eval_ppl']:.2f} "
                      f"(zero set unchanged: {summary['merged_zero_set_unchanged']})")
