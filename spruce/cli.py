@@ -153,8 +153,8 @@ def build_parser() -> Parser:
              "the Wanda scripts. Without --prune_method each pattern gets its best measured recipe:\n"
              "sparsegpt for unstructured and hybrid; sparsegpt + layer reconstruction for N:M;\n"
              "for blocks, obs with attention at 40% and layer reconstruction (12 epochs, lr 3e-3),\n"
-             "falling back to sparsegpt + reconstruction (4 epochs, lr 3e-4) on layers wider than\n"
-             "4096 inputs. Naming\n"
+             "falling back to sparsegpt + the same reconstruction on layers wider than 4096 inputs\n"
+             "(--obs_max_inputs). Naming\n"
              "--prune_method runs that method plainly, with only the options you add.\n\n"
              "Patterns: 'unstructured' prunes the same share of every output row (Wanda);\n"
              "'unstructured-layer' uses one threshold per matrix; 'N:M' (2:4, 4:8) keeps at most N\n"
@@ -199,7 +199,7 @@ def build_parser() -> Parser:
                         "(default: the pattern's recipe)")
     p.add_argument("--reconstruct_lr", type=float, metavar="LR",
                    help="learning rate of the reconstruction (default: the pattern's recipe: 3e-3 for square "
-                        "blocks, 3e-4 where their layers are too wide for OBS, 1e-4 otherwise)")
+                        "blocks, 1e-4 otherwise)")
     p.add_argument("--reconstruct_norms", action="store_true",
                    help="the reconstruction also trains each layer's norm weights (default: off)")
     p.add_argument("--reconstruct_target", choices=["dense", "local"],
@@ -208,6 +208,10 @@ def build_parser() -> Parser:
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
+    p.add_argument("--obs_max_inputs", type=_nonnegative_int, metavar="N",
+                   help="the default block recipe runs gradual block OBS on layers of up to N inputs and falls back "
+                        "to sparsegpt with block masks chosen in the sweep (same reconstruction) on wider ones, as "
+                        "on 7B-class models; 0 forces the fallback everywhere (default: 4096)")
     p.add_argument("--block_size", type=_positive_int, help="with --sparsity_type block: square block side")
     p.add_argument("--sparsity_ratio", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1) (default: 0.5)")
     p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration samples (default: 128)")
@@ -500,7 +504,7 @@ def cmd_prune(args) -> None:
                             dense_target=args.dense_target, sequential=args.sequential,
                             reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
                             reconstruct_target=args.reconstruct_target,
-                            reconstruct_norms=args.reconstruct_norms or None)
+                            reconstruct_norms=args.reconstruct_norms or None, obs_max_inputs=args.obs_max_inputs)
     validate_pattern(pattern, selection=recipe["selection"], tile_score=recipe["tile_score"], tiers=tiers)
     if not 0 <= args.sparsity_ratio < 1:
         raise SpruceError(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")

@@ -48,6 +48,9 @@ class PruneConfig:
     seqlen: int = 1024            # tokens per calibration sample
     batch_size: int = 8           # calibration samples per forward call
     options: dict = field(default_factory=dict)  # more prune_model options (selection, allocation, ...)
+    # the default block recipe falls back from OBS to sparsegpt (same reconstruction) on layers with
+    # more inputs than this; None = 4096 (spruce.prune.recipes.OBS_MAX_INPUTS); 0 = everywhere
+    obs_max_inputs: int | None = None
     # progressive pruning: one entry per prune -> recover round, a sparsity or a mapping
     # {sparsity: s, <prune option>: value, ...} (e.g. hybrid tiers); the last must equal `sparsity`
     rounds: list | None = None
@@ -56,6 +59,8 @@ class PruneConfig:
         _require(0 <= self.sparsity < 1, f"prune.sparsity must be in [0, 1), got {self.sparsity}")
         _require(self.nsamples > 0 and self.seqlen > 0 and self.batch_size > 0,
                  "prune.nsamples, prune.seqlen and prune.batch_size must be positive")
+        _require(self.obs_max_inputs is None or (isinstance(self.obs_max_inputs, int) and self.obs_max_inputs >= 0),
+                 f"prune.obs_max_inputs must be a whole number >= 0, got {self.obs_max_inputs}")
         if self.rounds:
             levels = [r["sparsity"] if isinstance(r, dict) else r for r in self.rounds]
             _require(all(isinstance(x, (int, float)) and 0 < x < 1 for x in levels),

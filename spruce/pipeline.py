@@ -156,7 +156,8 @@ def _prune_once(run: Run, model, tok, sparsity: float, options: dict, state_dir:
     unknown = set(options) - set(PRUNE_OPTIONS)
     if unknown:
         raise SpruceError(f"unknown prune option(s) {sorted(unknown)}; use {', '.join(PRUNE_OPTIONS)}")
-    recipe = resolve_recipe(p.pattern, method=p.method, **{k: v for k, v in options.items() if k != "tiers"})
+    recipe = resolve_recipe(p.pattern, method=p.method, obs_max_inputs=p.obs_max_inputs,
+                            **{k: v for k, v in options.items() if k != "tiers"})
     info, _ = prune_with_recipe(
         model, p.pattern, sparsity, recipe,
         lambda: data.calibration_samples(cfg.data.corpus, tok, p.nsamples, p.seqlen, seed=cfg.seed),

@@ -154,6 +154,7 @@ def test_compare_runs(capsys, tiny_model_dir, corpus_file, tmp_path):
     ("stages=[prune, deploy]", "unknown stage(s)"),
     ("recover.mode=qlora", "recover.mode must be"),
     ("prune.rounds=[0.3, 0.2]", "must not lower the sparsity"),
+    ("prune.obs_max_inputs=-1", "prune.obs_max_inputs must be a whole number >= 0"),
     ("novalue", "is not key.sub=value"),
 ])
 def test_bad_recipes(override, message):
