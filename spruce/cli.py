@@ -266,6 +266,11 @@ def build_parser() -> Parser:
     g.add_argument("--block_size", type=_positive_int, default=1024, help="tokens per training block (default: 1024)")
     g.add_argument("--max_train_samples", type=_positive_int, help="use at most N training blocks")
     g.add_argument("--max_eval_samples", type=_positive_int, help="use at most N validation blocks")
+    g = p.add_argument_group("generated data (--dataset_name generated, or a mix such as generated:0.7+sotu:0.3): "
+                             "text sampled from the dense model, cached beside the run")
+    from .generated import add_arguments as add_generated_arguments
+
+    add_generated_arguments(g)
     g = p.add_argument_group("training")
     g.add_argument("--do_train", action="store_true", help="train")
     g.add_argument("--do_eval", action="store_true",

@@ -84,7 +84,11 @@ class PruneConfig:
 @dataclass
 class RecoverConfig:
     mode: str = "lora"            # lora | masked-lora | full (masked full fine-tuning)
-    corpus: str | None = None     # training corpus; None = data.corpus
+    corpus: str | None = None     # training corpus; None = data.corpus; `generated` (or a mix such as
+                                  # generated:0.7+sotu:0.3) = text sampled from the dense model
+    # how `generated` text is sampled: spruce.generated.GeneratedSettings fields (sequences,
+    # new_tokens, temperature, top_p, prompts, prompt_tokens, batch_size, seed), cached in the run folder
+    generated: dict = field(default_factory=dict)
     lora_r: int = 8               # LoRA rank
     lora_alpha: int = 16          # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.05    # dropout on the LoRA input
@@ -120,6 +124,10 @@ class RecoverConfig:
         _require(self.distill_temperature > 0,
                  f"recover.distill_temperature must be positive, got {self.distill_temperature}")
         _require(self.distill_hidden >= 0, f"recover.distill_hidden must be >= 0, got {self.distill_hidden}")
+        from .generated import GeneratedSettings
+
+        _require(isinstance(self.generated, dict), "recover.generated must be a mapping of sampling settings")
+        GeneratedSettings.from_mapping(self.generated, "recover.generated")
 
 
 @dataclass
@@ -143,7 +151,10 @@ class RunConfig:
         """data.heldout: `auto` resolved, and refused when calibration or training reads it."""
         from . import data
 
-        used = {"data.corpus": self.data.corpus, "recover.corpus": self.recover.corpus}
+        used = {"data.corpus": self.data.corpus, "recover.corpus": self.recover.corpus,
+                "recover.generated.prompts": self.recover.generated.get("prompts", "diverse")}
+        if used["recover.generated.prompts"] == "diverse":
+            del used["recover.generated.prompts"]
         if self.data.heldout == "auto":
             self.data.heldout = data.default_heldout(list(used.values()))
         data.check_heldout(self.data.heldout, used)

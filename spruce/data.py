@@ -271,6 +271,9 @@ def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
     chosen = []
     for (part, _), b, c in zip(streams, blocks, _mix_counts([p for p, _ in streams], want)):
         n = b.shape[0]
+        if c and not n:
+            raise SpruceError(f"corpus '{part.name}' split '{split}' is shorter than one block of {block_size} tokens, "
+                              "but its mix weight asks for blocks; give it more text or lower the block size")
         if c > n:   # keep the weights: a part shorter than its share repeats, in fresh orders
             warnings.warn(f"{part.name} has {n} blocks of {block_size} tokens but its weight asks for {c}; "
                           f"its blocks repeat (about {c / n:.1f} times each)")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import data
+from . import data, generated
 from .config import RunConfig
 from .errors import SpruceError
 from .evaluate import perplexity
@@ -240,7 +240,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         overwrite_output_dir=True, logging_steps=20, eval_steps=r.eval_steps, save_steps=r.save_steps,
         save_total_limit=2, load_best_model_at_end=False, early_stopping_patience=None,
         resume_from_checkpoint="latest" if resume else None,
-        merge=True)
+        merge=True, **generated.namespace_entries(r.generated, cfg.model, run.dir / "generated"))
     return run_finetune(ns, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data
+from .. import data, generated
 from ..errors import SpruceError
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
 from ..models import load_model, save_model
@@ -200,6 +200,7 @@ def run_finetune(a, say=print) -> dict:
     for spec in filter(None, (train_spec, eval_spec)):
         data.check_corpus(spec)
     heldout = resolve_heldout(getattr(a, "heldout_dataset", "auto"), train_spec) if a.do_eval else None
+    sampling = generated.finetune_settings(a, train_spec, eval_spec)
     hidden = getattr(a, "distill_hidden_weight", 0.0) or 0.0
     if hidden < 0:
         raise SpruceError(f"--distill_hidden_weight must be >= 0, got {hidden}")
@@ -228,11 +229,12 @@ def run_finetune(a, say=print) -> dict:
     if limit and a.block_size > limit:
         raise SpruceError(f"--block_size {a.block_size} is longer than the model's context ({limit} tokens); lower it")
 
-    train_blocks = data.training_blocks(train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed) \
-        if a.do_train else None
+    sources = generated.finetune_sources(a, sampling, tok, parallel, say)  # text the dense model writes
+    train_blocks = data.training_blocks(train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed,
+                                        sources=sources) if a.do_train else None
     eval_split = "train" if a.validation_file else "validation"
     eval_blocks = data.training_blocks(eval_spec, tok, a.block_size, eval_split, a.max_eval_samples, a.seed,
-                                       limit_flag="max_eval_samples") if a.do_eval else None
+                                       limit_flag="max_eval_samples", sources=sources) if a.do_eval else None
 
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
