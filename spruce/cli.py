@@ -118,7 +118,8 @@ def build_parser() -> Parser:
 
     p = _sub(sub, "compare", "put several runs in one table (Markdown and JSON)",
              "Read the run folders written by 'spruce run' / 'spruce demo' and print one Markdown table:\n"
-             "pattern, recovery mode, measured sparsity, dense / pruned / recovered perplexity.")
+             "pattern, recovery mode, measured sparsity, dense / pruned / recovered perplexity and\n"
+             "recovered x dense, in-domain and, where the runs measured one, on the held-out corpus.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the table as a Markdown file")

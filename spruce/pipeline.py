@@ -9,7 +9,8 @@ not run again, so an interrupted run picks up where it stopped (training resumes
 checkpoint), and after editing one line of a recipe only the stages it touches run again. The
 resolved recipe is saved as config.yaml. Stages:
 
-  baseline  perplexity of the dense model
+  baseline  perplexity of the dense model, on data.corpus and (held out) on data.heldout; every
+            later model is measured on both
   prune     layer-by-layer pruning -> pruned/ (safetensors with zeros + sparsity.json), its perplexity;
             with prune.rounds, progressive rounds of prune -> recover, each round's zero set a
             superset of the last
