@@ -12,6 +12,7 @@ it; the held-out pair (pruned -> recovered, and x dense) shows what carries over
 from __future__ import annotations
 
 import math
+import warnings
 
 from .. import data
 from ..errors import SpruceError
@@ -50,8 +51,11 @@ class QualityColumns:
     @classmethod
     def build(cls, heldout: str | None, tok, block_size: int, max_eval_samples: int | None, seed: int,
               eval_blocks, batch_size: int, bf16: bool) -> QualityColumns:
-        blocks = data.training_blocks(heldout, tok, block_size, "validation", max_eval_samples, seed,
-                                      limit_flag="max_eval_samples") if heldout and eval_blocks is not None else None
+        blocks = None
+        if heldout and eval_blocks is not None:
+            with warnings.catch_warnings():  # a small held-out split gives what it has; the summary says how many
+                warnings.simplefilter("ignore")
+                blocks = data.training_blocks(heldout, tok, block_size, "validation", max_eval_samples, seed)
         return cls(heldout if blocks is not None else None, blocks, eval_blocks, batch_size, bf16)
 
     def measure(self, model, summary: dict, key: str, parallel=None, teacher: bool = False) -> None:
@@ -63,7 +67,7 @@ class QualityColumns:
         if teacher and self.eval_blocks is not None:
             point["in_domain"] = _point(eval_loss(model, self.eval_blocks, self.batch_size, self.bf16, parallel))
         if self.heldout_blocks is not None:
-            point["heldout"] = {"corpus": self.heldout, **_point(
+            point["heldout"] = {"corpus": self.heldout, "blocks": int(self.heldout_blocks.shape[0]), **_point(
                 eval_loss(model, self.heldout_blocks, self.batch_size, self.bf16, parallel))}
         summary[key] = point
 
@@ -85,7 +89,8 @@ class QualityColumns:
                          f"-> recovered {cell(after, dense['in_domain'])}")
         if held_before:
             base = dense.get("heldout")
-            text = f"held-out ({held_before['corpus']}/validation, never trained on): pruned {cell(held_before, base)}"
+            text = (f"held-out ({held_before['corpus']}/validation, {held_before['blocks']} blocks, never trained on): "
+                    f"pruned {cell(held_before, base)}")
             if held_after:
                 text += f" -> recovered {cell(held_after, base)}"
             lines.append(text)
