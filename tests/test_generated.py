@@ -1,0 +1,164 @@
+"""Training text sampled from the dense model: sampling, the cache, mixing, and recovery on it."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spruce import data, generated
+from spruce.cli import main
+from spruce.errors import SpruceError
+from spruce.generated import GeneratedSettings, generate_tokens, top_p_filter
+from spruce.masks import zero_masks
+
+SMALL = {"sequences": 8, "new_tokens": 12, "batch_size": 8}
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    kept = top_p_filter(probs, 0.7)
+    assert torch.allclose(kept, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+    assert torch.equal(top_p_filter(probs, 1e-6).argmax(-1), probs.argmax(-1))
+    assert (top_p_filter(probs, 1e-6) > 0).sum() == 2  # at least the most likely token
+
+
+def test_sampling_is_reproducible_and_respects_lengths(tiny_model, tokenizer):
+    prompts = [[5, 6, 7], [8]]
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return generated.sample_continuations(tiny_model, prompts, 10, 1.0, 0.95, gen, 0, None)
+
+    a, b = run(0), run(0)
+    assert a == b and run(1) != a
+    assert [len(r) for r in a] == [13, 11] and a[0][:3] == [5, 6, 7] and a[1][:1] == [8]
+    # left padding does not change a row: the short prompt alone samples the same first token greedily
+    greedy = generated.sample_continuations(tiny_model, prompts, 1, 1.0, 1e-9, torch.Generator(), 0, None)
+    alone = generated.sample_continuations(tiny_model, [[8]], 1, 1.0, 1e-9, torch.Generator(), 0, None)
+    assert greedy[1] == alone[0]
+
+
+def settings(tiny_model_dir, **extra):
+    return GeneratedSettings(model=str(tiny_model_dir), **{**SMALL, **extra})
+
+
+def test_the_cache_is_reused_and_a_changed_setting_samples_again(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    lines = []
+    tokens, lengths = generate_tokens(settings(tiny_model_dir), tokenizer, tmp_path, say=lines.append, progress=False)
+    assert lengths.numel() == 8 and int(lengths.sum()) == tokens.numel()
+    assert (tmp_path / "generated.safetensors").is_file() and (tmp_path / "generated.json").is_file()
+    assert not list(tmp_path.glob("*.partial"))
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded although the cache matches")
+
+    monkeypatch.setattr("spruce.models.load_model", no_model)
+    again = generate_tokens(settings(tiny_model_dir), tokenizer, tmp_path, say=lines.append, progress=False)
+    assert torch.equal(again[0], tokens) and "from the cache" in lines[-1]
+    with pytest.raises(AssertionError, match="was loaded"):   # temperature is part of the key
+        generate_tokens(settings(tiny_model_dir, temperature=0.7), tokenizer, tmp_path, say=lines.append,
+                        progress=False)
+    assert "other settings" in lines[-1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cache_is_never_used(damage, tiny_model_dir, tokenizer, tmp_path):
+    first = generate_tokens(settings(tiny_model_dir), tokenizer, tmp_path, say=lambda _: None, progress=False)
+    path = tmp_path / "generated.safetensors"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) - 40]
+    else:
+        raw[-3] ^= 0xFF     # same size, one token changed
+    path.write_bytes(bytes(raw))
+    key = generated.cache_key(settings(tiny_model_dir), tokenizer, "float32")
+    assert generated.read_cache(path, key) is None
+    lines = []
+    second = generate_tokens(settings(tiny_model_dir), tokenizer, tmp_path, say=lines.append, progress=False)
+    assert "sampling again" in lines[0] and torch.equal(second[0], first[0])  # the same seed, sampled anew
+    assert generated.read_cache(path, key) is not None
+
+
+def test_a_mix_with_a_corpus_takes_blocks_from_both(tiny_model_dir, tokenizer, corpus_file, tmp_path):
+    found = generated.sources(settings(tiny_model_dir), tokenizer, tmp_path, say=lambda _: None, progress=False)
+    gen_blocks = data.cut_blocks(found["generated"]("train"), 16)
+    blocks = data.training_blocks(f"generated:0.5+{corpus_file}:0.5", tokenizer, 16, "train", max_samples=10,
+                                  sources=found)
+    rows = {tuple(r) for r in gen_blocks.tolist()}
+    from_generated = [tuple(r) in rows for r in blocks.tolist()]
+    assert blocks.shape == (10, 16) and sum(from_generated) == 5
+    # validation is the last sequences, apart from train
+    val = found["generated"]("validation")
+    assert 0 < val.numel() < found["generated"]("train").numel()
+    with pytest.raises(SpruceError, match="train and validation splits only"):
+        found["generated"]("test")
+
+
+def test_generated_text_is_a_training_source_only(capsys, tiny_model_dir):
+    code = main(["eval", "--model", str(tiny_model_dir), "--dataset", "generated", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "for training only" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "pass --teacher_model"),
+    (["--teacher_model", "{teacher}", "--generated_top_p", "1.5"], "top_p must be in (0, 1]"),
+    (["--teacher_model", "{teacher}", "--generated_prompts", "nosuch"], "unknown corpus 'nosuch'"),
+])
+def test_bad_generated_settings_end_in_one_line(extra, message, capsys, pruned_dir, tiny_model_dir, tmp_path):
+    argv = ["finetune", "--model_name_or_path", str(pruned_dir), "--dataset_name", "generated", "--do_train",
+            "--device", "cpu", "--output_dir", str(tmp_path / "ft"),
+            *[e.format(teacher=tiny_model_dir) for e in extra]]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ft").exists()
+
+
+def test_finetune_on_generated_text_lowers_its_loss_and_keeps_the_zero_set(capsys, pruned_dir, tiny_model_dir,
+                                                                            tmp_path):
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model_name_or_path", str(pruned_dir), "--teacher_model", str(tiny_model_dir),
+            "--dataset_name", "generated", "--generated_sequences", "32", "--generated_new_tokens", "40",
+            "--generated_batch_size", "32", "--generated_temperature", "0.5", "--mode", "full", "--do_train",
+            "--do_eval", "--max_steps", "20",
+            "--learning_rate", "3e-3", "--block_size", "32", "--per_device_train_batch_size", "4",
+            "--max_eval_samples", "4", "--merge", "--device", "cpu", "--report_to", "none", "--output_dir", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "generated" and "sampled 32 sequences" in text
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert summary["merged_zero_set_unchanged"] is True
+    before = zero_masks(AutoModelForCausalLM.from_pretrained(pruned_dir))
+    after = zero_masks(AutoModelForCausalLM.from_pretrained(out / "merged"))
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert (out / "generated" / "generated.safetensors").is_file()
+
+    # run again (evaluation only): the text comes from the cache
+    assert main([a for a in argv if a != "--do_train"] + ["--overwrite_output_dir"]) == 0
+    assert "from the cache" in capsys.readouterr().out
+
+
+def test_a_recipe_recovers_on_generated_text_cached_in_the_run(tiny_model_dir, corpus_file, tmp_path):
+    from spruce.config import load_recipe, recipes_dir
+    from spruce.pipeline import run_recipe
+
+    from .test_pipeline import quiet, tiny_overrides
+
+    out = tmp_path / "run"
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml", tiny_overrides(
+        tiny_model_dir, corpus_file, out, "stages=[prune, recover]", "recover.max_steps=2",
+        f"recover.corpus=generated:0.5+{corpus_file}:0.5", "recover.generated={sequences: 32, new_tokens: 32, batch_size: 32}"))
+    lines = []
+    results = run_recipe(cfg, say=quiet(lines), progress=False)
+    assert results["recover"]["zero_set_unchanged"] is True
+    assert (out / "generated" / "generated.safetensors").is_file()
+    assert json.loads((out / "generated" / "generated.json").read_text())["settings"]["model"] == str(tiny_model_dir)
+    with pytest.raises(SpruceError, match="unknown recover.generated setting"):
+        load_recipe(None, ["recover.generated={nosuch: 1}"])
+    # prompts drawn from the held-out corpus would train on it
+    with pytest.raises(SpruceError, match="is also in recover.generated.prompts"):
+        load_recipe(None, ["recover.corpus=generated", "recover.generated={prompts: moby}", "data.heldout=moby"])
