@@ -147,12 +147,19 @@ def load_config(spec: str, trust_remote_code: bool = False):
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-               trust_remote_code: bool = False, tokenizer: str | None = None):
-    """Load (model, tokenizer) from a model source; the model is in eval mode on `device`."""
+               trust_remote_code: bool = False, tokenizer: str | None = None, block_sparse: bool = False):
+    """Load (model, tokenizer) from a model source; the model is in eval mode on `device`.
+
+    A compressed folder (`spruce compress`) loads its block-sparse layers as BlockSparseLinear
+    without dense weights, then, unless `block_sparse`, turns them into nn.Linear with the exact
+    pruned weights, so every command (eval, finetune, merge) sees the model as it was pruned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .compress import decompress_model, prepare_load
+
     config, source, hub = load_config(spec, trust_remote_code)
+    compressed = prepare_load(config)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not trust_remote_code:
         raise SpruceError(f"{spec} is a '{config.model_type}' model, not a causal language model; "
                           "spruce prunes decoder-only LMs such as Llama, Mistral, Qwen or Gemma")
@@ -160,6 +167,8 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     load = (lambda f, **kw: _from_hub(AutoModelForCausalLM.from_pretrained, f, **kw)) if hub \
         else AutoModelForCausalLM.from_pretrained
     model = load(source, **kwargs)
+    if compressed and not block_sparse:
+        decompress_model(model)
     tok_source = tokenizer or source
     try:
         tok = (_from_hub(AutoTokenizer.from_pretrained, tok_source) if hub and tokenizer is None
