@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import SpruceError
 from .kernels.bsr import BLOCK_SIZES, BlockSparseWeight
-from .kernels.linear import DEFAULT_MIN_SPARSITY, BlockSparseLinear, dense_reason
+from .kernels.linear import DEFAULT_MIN_SPARSITY, BlockSparseLinear, dense_reason, weight_dense_reason
 
 QUANT_METHOD = "spruce_block_sparse"
 FORMAT = "spruce-block-sparse"
@@ -93,7 +93,7 @@ def compress_state_dict(state_dict: dict[str, torch.Tensor], linears: list[str],
     layers = {}
     for name in linears:
         weight = state_dict[f"{name}.weight"]
-        if _block_reason(weight, block, min_sparsity) is not None:
+        if weight_dense_reason(weight, block, min_sparsity) is not None:
             continue
         tensors, layers[name] = compress_weight(weight, block)
         del out[f"{name}.weight"]
@@ -110,12 +110,6 @@ def decompress_state_dict(tensors: dict[str, torch.Tensor], qconfig: dict) -> di
         out[f"{name}.weight"] = decompress_weight({k: v for k, v in stored.items() if v is not None},
                                                   entry, qconfig["block_size"])
     return out
-
-
-def _block_reason(weight: torch.Tensor, block: int, min_sparsity: float) -> str | None:
-    probe = nn.Linear(0, 0, bias=False)
-    probe.weight = nn.Parameter(weight, requires_grad=False)
-    return dense_reason(probe, block, min_sparsity)
 
 
 def check_config(qconfig: dict) -> None:
@@ -268,7 +262,7 @@ def compress_folder(source: str, output: str | os.PathLike, block: int | None = 
     """`spruce compress`: load a pruned model (any model source), write its compressed folder with
     the source's sparsity.json; the weights keep their dtype. Returns sizes and layer counts."""
     from .masks import copy_sparsity_json, read_sparsity_json
-    from .models import load_config, load_model
+    from .models import load_config, load_model, prunable_linears
     from .outdir import atomic_dir, check_output_dir
 
     check_output_dir(output, overwrite)
@@ -281,15 +275,13 @@ def compress_folder(source: str, output: str | os.PathLike, block: int | None = 
     dtype = getattr(config, "dtype", None)
     model, tok = load_model(source, "cpu", dtype if isinstance(dtype, torch.dtype) else "float32")
     dense = dense_size(model)
+    linears = len(prunable_linears(model))
     with atomic_dir(output) as folder:
         qconfig = save_compressed(model, tok, folder, block, min_sparsity)
         if Path(source).is_dir():
             copy_sparsity_json(source, folder)
         stored = weights_bytes(folder)
-    from .models import prunable_linears
-
-    return {"block_size": block, "compressed_layers": len(qconfig["layers"]),
-            "decoder_linears": len(prunable_linears(model)), "dense_bytes": dense, "compressed_bytes": stored}
+    return {"block_size": block, "compressed_layers": len(qconfig["layers"]), "decoder_linears": linears, "dense_bytes": dense, "compressed_bytes": stored}
 
 
 def weights_bytes(folder: str | os.PathLike) -> int:

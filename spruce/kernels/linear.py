@@ -96,7 +96,11 @@ def dense_reason(linear: nn.Module, block_size: int, min_sparsity: float) -> str
     """Why this layer stays dense, or None when it is eligible."""
     if type(linear) is not nn.Linear:
         return f"{type(linear).__name__} is not a plain nn.Linear"
-    weight = linear.weight
+    return weight_dense_reason(linear.weight, block_size, min_sparsity)
+
+
+def weight_dense_reason(weight: torch.Tensor, block_size: int, min_sparsity: float) -> str | None:
+    """Why a linear layer's [N, K] weight stays dense, or None when it is eligible."""
     n, k = weight.shape
     if n % block_size or k % block_size:
         return f"shape {n}x{k} is not divisible by block {block_size}"
