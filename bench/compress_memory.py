@@ -6,8 +6,9 @@ Builds a Llama-2-7B-shaped model (hidden 4096, MLP 11008, vocabulary 32000) with
 layers and random float16 weights, prunes every decoder linear to 50% zero 16x16 blocks (the
 half of the blocks with the smallest L1 norm in each matrix: cheap, and the stored bytes do not
 depend on which blocks go), saves it dense and compressed, and loads each in a fresh process with
-plain `AutoModelForCausalLM.from_pretrained` (after `import spruce`). The peak resident memory of
-that process above its resident memory before the call is what loading cost.
+plain `AutoModelForCausalLM.from_pretrained` (after `import spruce`) followed by a one-token
+forward pass (safetensors maps the file, so only the pass reads every weight in). The peak
+resident memory of that process (VmHWM) above its resident memory before the load is reported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def status(key):  # this process's own counters (ru_maxrss would carry the paren
 
 before = status('VmRSS')
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16)
+with torch.no_grad():  # safetensors maps the file: a forward pass reads every weight into memory
+    model(torch.tensor([[1]]))
 kinds = sorted({type(m).__name__ for m in model.modules() if 'Linear' in type(m).__name__})
 print(before, status('VmHWM'), ','.join(kinds))
 """
