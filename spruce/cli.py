@@ -745,7 +745,10 @@ def _unknown_flags(parser, args, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .card import set_command
+
     parser = build_parser()
+    set_command(sys.argv[1:] if argv is None else list(argv))  # for the model cards of saved folders
     args, extra = parser.parse_known_args(argv)
     if extra:
         return _unknown_flags(parser, args, extra)
