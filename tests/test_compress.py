@@ -178,3 +178,20 @@ def test_save_compressed_with_a_pattern_without_whole_blocks_is_one_line(capsys,
     code, _, err = run_cli(capsys, "prune", "--model", tiny_model_dir, "--sparsity_type", "2:4",
                            "--save_model", tmp_path / "p", "--save_compressed")
     assert code == 2 and "--save_compressed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_and_merge_accept_a_compressed_folder(capsys, folders, corpus_file, tmp_path):
+    dense_dir, compressed_dir = folders
+    out = tmp_path / "ft"
+    code, _, err = run_cli(capsys, "finetune", "--model_name_or_path", compressed_dir, "--train_file", corpus_file,
+                           "--block_size", "32", "--do_train", "--mode", "masked-lora", "--max_steps", "2",
+                           "--learning_rate", "1e-2", "--report_to", "none", "--output_dir", out)
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    code, _, err = run_cli(capsys, "merge", "--model", compressed_dir, "--lora_weights", out, "--output_dir", merged)
+    assert code == 0, err
+    pruned, _ = load_model(str(dense_dir))
+    after, _ = load_model(str(merged))
+    for name, m in prunable_linears(pruned).items():
+        assert torch.equal(m.weight == 0, prunable_linears(after)[name].weight == 0)
+    assert any(not torch.equal(m.weight, prunable_linears(after)[n].weight) for n, m in prunable_linears(pruned).items())
