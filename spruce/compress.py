@@ -24,7 +24,13 @@ when transformers' quantizer registry is first imported, so `import spruce` itse
 read and fills their buffers straight from the file: the dense weights never exist, so loading
 peaks below the dense model's size. The layers run the Triton kernels on CUDA (bfloat16 / float16)
 and the torch reference on the CPU. `model.dequantize()` (or `spruce.models.load_model`, which
-every spruce command uses) turns them back into nn.Linear with the exact pruned weights.
+every spruce command uses) turns them back into nn.Linear with the exact pruned weights: every
+stored value comes back bit for bit, and the dropped blocks as +0.0 (a -0.0 that a masked
+multiply left in a pruned block is the one bit pattern not kept).
+
+Without `import spruce`, transformers does not know the entry: it warns about an unknown
+quantization type and leaves the block-sparse layers' weights uninitialised, so load these
+folders after importing spruce (their model card says so).
 """
 
 from __future__ import annotations
