@@ -195,3 +195,16 @@ def test_finetune_and_merge_accept_a_compressed_folder(capsys, folders, corpus_f
     for name, m in prunable_linears(pruned).items():
         assert torch.equal(m.weight == 0, prunable_linears(after)[name].weight == 0)
     assert any(not torch.equal(m.weight, prunable_linears(after)[n].weight) for n, m in prunable_linears(pruned).items())
+
+
+@pytest.mark.gpu
+def test_compressed_folder_on_the_gpu_runs_the_kernels(folders):
+    dense_dir, compressed_dir = folders
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    model = AutoModelForCausalLM.from_pretrained(compressed_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, BlockSparseLinear) and layer.values.is_cuda and layer.values.dtype == torch.bfloat16
+    ids = torch.randint(0, dense.config.vocab_size, (1, 40), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), dense(ids).logits.float(), rtol=2e-2, atol=2e-2)
+    assert model.generate(ids[:, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
