@@ -25,6 +25,7 @@ import torch
 
 from .. import data
 from ..errors import SpruceError
+from ..card import write_model_card
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
 from ..models import load_model, save_model
 from ..outdir import atomic_dir, check_output_dir, share_modes
@@ -341,6 +342,9 @@ def run_finetune(a, say=print) -> dict:
             loss = eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, bf16)
             summary["eval_merged"] = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
             log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
+            write_model_card(output_dir / "merged", [{
+                "model": f"merged ({a.mode})", "dataset": eval_spec, "split": "validation", "seqlen": a.block_size,
+                "windows": eval_blocks.shape[0], "ppl": summary["eval_merged"]["eval_ppl"]}])
     plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {train_spec}")
     _finish(output_dir, summary, log, result, say)
     _close(parallel)
