@@ -237,8 +237,28 @@ def build_parser() -> Parser:
                         "and the next layer's inputs in a hidden folder beside DIR, so that the same command run "
                         "again after a kill continues from there; 0 saves after every layer, a negative value never "
                         "(default: 60)")
+    p.add_argument("--save_compressed", action="store_true",
+                   help="with --save_model and a block pattern: write DIR as a compressed checkpoint (block-sparse "
+                        "layers as values + block indices, about half the bytes at 50%%; see 'spruce compress') "
+                        "instead of a dense one with zeros")
     p.add_argument("--eval_dataset", metavar="CORPUS", help="measure perplexity (test split, 1024-token windows) after pruning")
     p.add_argument("--save", metavar="DIR", help="write log_<method>.txt with sparsity and perplexity here (Wanda style)")
+
+    p = _sub(sub, "compress", "store a block-sparse pruned model compactly: block values + block indices",
+             "Write MODEL (a pruned model, dense with zeros) as a compressed checkpoint in OUT: every decoder\n"
+             "linear with at least --min_sparsity zero blocks is stored in the kernels' block-sparse layout\n"
+             "(values of the kept blocks plus their block indices, in safetensors), everything else as it was;\n"
+             "config.json names the format and its version. After 'import spruce', plain\n"
+             "AutoModelForCausalLM.from_pretrained(OUT) builds the block-sparse layers directly (Triton\n"
+             "kernels on CUDA, the torch reference on CPU), and every spruce command accepts OUT.",
+             "Example: spruce compress out/pruned out/pruned-compressed\n\n" + EPILOG_MODELS)
+    p.add_argument("model", metavar="MODEL", help="pruned model to compress (see below)")
+    p.add_argument("output", metavar="OUT", help="folder to write")
+    p.add_argument("--block_size", type=int, choices=[16, 32, 64],
+                   help="stored block side (default: the tile of MODEL's sparsity.json pattern, else 16)")
+    p.add_argument("--min_sparsity", type=float, default=0.3,
+                   help="layers with fewer zero blocks than this stay dense (default: 0.3)")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing OUT")
 
     p = _sub(sub, "finetune", "recover a pruned model: LoRA, masked LoRA or masked full fine-tuning",
              "Fine-tune a pruned model to win back perplexity while keeping its zeros. Takes the flags\n"
@@ -515,6 +535,13 @@ def cmd_prune(args) -> None:
         check_output_dir(args.save_model, args.overwrite_output_dir)
     if args.save:
         check_writable(Path(args.save) / "log.txt")
+    compressed_block = None
+    if args.save_compressed:
+        from .compress import check_compressible
+
+        if not args.save_model:
+            raise SpruceError("--save_compressed says how to write --save_model DIR; pass --save_model too")
+        compressed_block = check_compressible(pattern)
     if args.eval_dataset:
         data.check_corpus(args.eval_dataset)
     data.check_corpus(args.calib_dataset)
@@ -530,7 +557,8 @@ def cmd_prune(args) -> None:
               "--seqlen 1024 or --reconstruct_epochs 4 shorten it", file=sys.stderr)
     info, spec = run_prune(model, tok, recipe, pattern, args.sparsity_ratio, args.calib_dataset, args.seed,
                            out_dir=args.save_model, state_every=args.state_every, eval_corpus=args.eval_dataset,
-                           recipe={k: v for k, v in vars(args).items() if k != "command"})
+                           recipe={k: v for k, v in vars(args).items() if k != "command"},
+                           compressed_block=compressed_block)
     print(f"pruned {args.model}: {spec.method}, {info['pattern']}, measured sparsity "
           f"{info['measured_sparsity']:.4f} of decoder linear weights ({info['seconds']:.0f} s)")
     if args.eval_dataset:
@@ -545,6 +573,17 @@ def cmd_prune(args) -> None:
         with open(Path(args.save, f"log_{spec.method}.txt"), "w") as f:
             f.write("method\tactual_sparsity\tppl_test\n")
             f.write(f"{spec.method}\t{info['measured_sparsity']:.4f}\t{ppl:.4f}\n")
+
+
+def cmd_compress(args) -> None:
+    from .compress import compress_folder
+
+    if not 0 <= args.min_sparsity < 1:
+        raise SpruceError(f"--min_sparsity must be in [0, 1), got {args.min_sparsity}")
+    r = compress_folder(args.model, args.output, args.block_size, args.min_sparsity, args.overwrite_output_dir)
+    print(f"compressed {args.model}: {r['compressed_layers']} of {r['decoder_linears']} decoder linears stored "
+          f"block-sparse ({r['block_size']}x{r['block_size']} blocks); {r['dense_bytes'] / 2**20:.1f} MiB dense -> "
+          f"{r['compressed_bytes'] / 2**20:.1f} MiB ({r['compressed_bytes'] / r['dense_bytes']:.1%}); saved to {args.output}")
 
 
 def cmd_finetune(args) -> None:
@@ -684,7 +723,7 @@ def cmd_compare(args) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "eval": cmd_eval, "prune": cmd_prune, "finetune": cmd_finetune,
-            "merge": cmd_merge, "generate": cmd_generate, "bench": cmd_bench, "fetch": cmd_fetch}
+            "merge": cmd_merge, "compress": cmd_compress, "generate": cmd_generate, "bench": cmd_bench, "fetch": cmd_fetch}
 
 
 def _quiet_libraries() -> None:
@@ -731,7 +770,10 @@ def _unknown_flags(parser, args, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .card import set_command
+
     parser = build_parser()
+    set_command(sys.argv[1:] if argv is None else list(argv))  # for the model cards of saved folders
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "any_flags", False):
         return _unknown_flags(parser, args, extra)

@@ -64,7 +64,13 @@ def zero_masks(model) -> dict[str, torch.Tensor]:
 
 
 def write_sparsity_json(folder: str | Path, info: dict) -> None:
+    """Write sparsity.json (with the spruce command that made it) and the folder's model card."""
+    from .card import current_command, write_model_card
+
+    if "command" not in info and current_command():
+        info = {**info, "command": current_command()}
     Path(folder, SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(folder)
 
 
 def read_sparsity_json(folder: str | Path) -> dict | None:
@@ -78,7 +84,11 @@ def read_sparsity_json(folder: str | Path) -> dict | None:
 
 
 def copy_sparsity_json(source: str | Path, folder: str | Path) -> None:
-    """Carry the pruned model's sparsity.json into a folder derived from it (merged, fine-tuned)."""
+    """Carry the pruned model's sparsity.json into a folder derived from it (merged, fine-tuned,
+    compressed), and write that folder's model card."""
+    from .card import write_model_card
+
     src = Path(source, SPARSITY_FILE)
     if src.is_file():
         Path(folder, SPARSITY_FILE).write_text(src.read_text())
+    write_model_card(folder)

@@ -218,16 +218,25 @@ def _load_weights(load, source: str, spec: str, **kwargs):
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-               trust_remote_code: bool = False, tokenizer: str | None = None):
-    """Load (model, tokenizer) from a model source; the model is in eval mode on `device`."""
+               trust_remote_code: bool = False, tokenizer: str | None = None, block_sparse: bool = False):
+    """Load (model, tokenizer) from a model source; the model is in eval mode on `device`.
+
+    A compressed folder (`spruce compress`) loads its block-sparse layers as BlockSparseLinear
+    without dense weights, then, unless `block_sparse`, turns them into nn.Linear with the exact
+    pruned weights, so every command (eval, finetune, merge) sees the model as it was pruned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .compress import decompress_model, prepare_load
 
     config, source, hub = load_config(spec, trust_remote_code)
     check_causal_lm(config, spec, trust_remote_code)
+    compressed = prepare_load(config)
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     load = (lambda f, **kw: _from_hub(AutoModelForCausalLM.from_pretrained, f, **kw)) if hub \
         else AutoModelForCausalLM.from_pretrained
     model = _load_weights(load, source, spec, **kwargs)
+    if compressed and not block_sparse:
+        decompress_model(model)
     tok_source = tokenizer or source
     tok_kwargs = {"trust_remote_code": trust_remote_code}
     try:

@@ -92,11 +92,15 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
-def _dense_reason(linear: nn.Module, block_size: int, min_sparsity: float) -> str | None:
+def dense_reason(linear: nn.Module, block_size: int, min_sparsity: float) -> str | None:
     """Why this layer stays dense, or None when it is eligible."""
     if type(linear) is not nn.Linear:
         return f"{type(linear).__name__} is not a plain nn.Linear"
-    weight = linear.weight
+    return weight_dense_reason(linear.weight, block_size, min_sparsity)
+
+
+def weight_dense_reason(weight: torch.Tensor, block_size: int, min_sparsity: float) -> str | None:
+    """Why a linear layer's [N, K] weight stays dense, or None when it is eligible."""
     n, k = weight.shape
     if n % block_size or k % block_size:
         return f"shape {n}x{k} is not divisible by block {block_size}"
@@ -125,7 +129,7 @@ def sparsify(model: nn.Module, block_size: int = 16, min_sparsity: float = DEFAU
     report = SparsifyReport()
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, linear in linears:
-        reason = _dense_reason(linear, block_size, min_sparsity)
+        reason = dense_reason(linear, block_size, min_sparsity)
         if reason is not None:
             report.kept.append((name, reason))
             continue

@@ -23,7 +23,7 @@ EVAL_SEQLEN = 1024   # tokens per window of the optional test-split perplexity a
 def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: str, seed: int = 0, *,
               out_dir: str | Path | None = None, state_every: float = 60.0, device=None, progress: bool = True,
               recipe: dict | None = None, eval_corpus: str | None = None, seqlen_name: str = "--seqlen",
-              adjust: Callable | None = None) -> tuple[dict, PruneSpec]:
+              adjust: Callable | None = None, compressed_block: int | None = None) -> tuple[dict, PruneSpec]:
     """Prune `model` in place; return (the sparsity report, the PruneSpec used).
 
     options: resolved by defaults.resolve_recipe (fitted to the model here); corpus, seed: the
@@ -32,7 +32,8 @@ def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: 
     the caller ran (its flags or YAML recipe), kept in sparsity.json; eval_corpus: measure the
     test-split perplexity before saving, into report["eval"]; seqlen_name: how the caller spells
     the calibration length in errors; adjust(model, report): a last change before saving (the
-    progressive rounds keep earlier zeros with it)."""
+    progressive rounds keep earlier zeros with it); compressed_block: save out_dir compressed
+    (spruce compress's format, blocks of this side) instead of dense with zeros."""
     from .. import data
 
     spec, _ = spec_for_model(options, pattern, sparsity, prunable_linears(model))
@@ -56,7 +57,7 @@ def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: 
         info["eval"] = {"dataset": eval_corpus, "split": "test", **result}
     if out_dir is not None:
         try:
-            save_pruned(model, tok, out_dir, info)
+            save_pruned(model, tok, out_dir, info, compressed_block)
         except NoSpaceError as e:
             if state_dir is None or not state_dir.exists():
                 raise
@@ -68,8 +69,14 @@ def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: 
     return info, spec
 
 
-def save_pruned(model, tok, out_dir: str | Path, info: dict) -> None:
-    """The pruned model and its sparsity.json, in a folder that appears only once complete."""
+def save_pruned(model, tok, out_dir: str | Path, info: dict, compressed_block: int | None = None) -> None:
+    """The pruned model (dense with zeros, or compressed in blocks of `compressed_block`) and its
+    sparsity.json, in a folder that appears only once complete."""
     with atomic_dir(out_dir) as folder:
-        save_model(model, tok, folder)
+        if compressed_block:
+            from ..compress import save_compressed
+
+            save_compressed(model, tok, folder, compressed_block)
+        else:
+            save_model(model, tok, folder)
         write_sparsity_json(folder, info)

@@ -27,6 +27,7 @@ import torch
 
 from .. import data, generated
 from ..errors import SpruceError
+from ..card import write_model_card
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
 from ..models import load_config, load_model, save_model
 from ..outdir import atomic_dir, check_output_dir, check_writable, share_modes
@@ -386,6 +387,9 @@ def save_outputs(run: FinetuneRun, student, tok, before, eval_blocks, summary: d
         if eval_blocks is not None:
             summary["eval_merged"] = _eval_row(eval_loss(merged, eval_blocks, a.per_device_eval_batch_size, run.bf16))
             log.write({"event": "eval", "step": result.steps, "stage": "merged", **summary["eval_merged"]})
+            write_model_card(output_dir / "merged", [{
+                "model": f"merged ({a.mode})", "dataset": run.eval_spec, "split": "validation", "seqlen": a.block_size,
+                "windows": eval_blocks.shape[0], "ppl": summary["eval_merged"]["eval_ppl"]}])
     plot_curves(result.monitor, output_dir / "curves.png", f"spruce finetune ({a.mode}) on {run.train_spec}")
     return merged if a.merge else None
 
