@@ -31,6 +31,11 @@ DEFAULTS: dict[str, dict] = {
               "reconstruct_epochs": 12, "reconstruct_lr": 3e-3},
     "hybrid": {"method": "sparsegpt"},
 }
+DEFAULTS["grouped"] = DEFAULTS["block"]   # grouped blocks (16x16g4) take the block recipe
+# Block-rows that share their kept block-columns when the default block recipe prunes `RxC`: 1 keeps
+# every block-row independent; 4 prunes `16x16` as `16x16g4`, the layout the kernels run with
+# 64-feature tiles (patterns/grouped.py). A recipe's "block_group" (or a named method) overrides it.
+DEFAULT_BLOCK_GROUP = 1
 BASE = {"method": "wanda", "selection": "global", "tile_score": "mean", "allocation": "uniform",
         "module_sparsity": None, "dense_target": False, "sequential": False, "reconstruct_epochs": 0,
         "reconstruct_lr": 1e-4, "reconstruct_target": "dense", "reconstruct_norms": False}
@@ -77,6 +82,16 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int = OBS_MAX_INPU
     return recipe
 
 
+def default_grouping(pattern: str, recipe: dict) -> str:
+    """The pattern the recipe prunes: a block pattern under the default block recipe becomes its
+    grouped form with recipe["block_group"] (default DEFAULT_BLOCK_GROUP) block-rows per group."""
+    group = recipe.get("block_group", DEFAULT_BLOCK_GROUP if recipe.get("method_is_default") else 1)
+    if group == 1 or parse_pattern(pattern).kind != "block":
+        return pattern
+    from .patterns.grouped import grouped_name
+    return grouped_name(pattern, group)
+
+
 def prune_with_recipe(model, pattern: str, sparsity: float, recipe: dict, calibration, tiers=None,
                       device=None, batch_size: int = 8, progress: bool = True, **engine_options) -> tuple[dict, dict]:
     """Fit `recipe` to the model, draw calibration samples (`calibration()`) only when its method or
@@ -86,6 +101,7 @@ def prune_with_recipe(model, pattern: str, sparsity: float, recipe: dict, calibr
     from .methods import NEEDS_CALIBRATION
 
     recipe = fit_to_model(recipe, prunable_linears(model))
+    pattern = default_grouping(pattern, recipe)
     reconstruct = Reconstruct(recipe["reconstruct_epochs"], recipe["reconstruct_lr"], recipe["reconstruct_target"],
                               recipe["reconstruct_norms"])
     needs_data = (NEEDS_CALIBRATION[recipe["method"]] or recipe["allocation"] == "owl"
