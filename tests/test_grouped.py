@@ -136,3 +136,98 @@ def test_default_block_group_turns_the_block_recipe_grouped():
     assert resolve_recipe("16x16g4")["method"] == resolve_recipe("16x16")["method"] == "obs"
     _, info = _pruned("sparsegpt", "16x16", block_group=4)
     assert info["pattern"] == "16x16g4"
+
+
+# ---------------------------------------------------------------- dense dispatch (simulated timings)
+
+def _simulated(monkeypatch, dense_us: float, kernel_us: float):
+    """Time every candidate with a fixed number instead of CUDA graphs: DENSE at dense_us, every
+    kernel tile at kernel_us (the first tile a little faster than the rest)."""
+    from spruce.kernels import bsr
+
+    calls = []
+
+    def fake_time(cfg, launch, copies):
+        for c in copies:
+            launch(cfg, c)             # the candidate still runs: a broken one would fail here
+        calls.append(cfg)
+        return dense_us if cfg == bsr.DENSE else kernel_us + len(calls) * 1e-3
+
+    monkeypatch.setattr(bsr, "_time_candidate", fake_time)
+    monkeypatch.setattr(bsr, "_rotation", lambda w: [w])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)   # CPU-only builds
+    monkeypatch.setattr(bsr, "_tuned", {})
+    monkeypatch.setattr(bsr, "_tune_ms", {})
+    monkeypatch.setattr(bsr, "_workspaces", {})
+    monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:2])
+    monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", [])
+    return calls
+
+
+def _grouped_weight(dtype=torch.float16):
+    from spruce.kernels import BlockSparseWeight
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 64)
+    w = w.masked_fill(parse_pattern("16x16g4").mask(torch.rand(128, 64), 0.5), 0).to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16)
+    sparse.dense = w.clone()
+    return w, sparse
+
+
+@pytest.mark.parametrize("dense_faster", [True, False])
+def test_tuner_runs_dense_where_dense_is_timed_faster(monkeypatch, dense_faster):
+    pytest.importorskip("triton")
+    import os
+
+    import torch.nn.functional as F
+
+    from spruce.kernels import bsr
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
+    calls = _simulated(monkeypatch, dense_us=1.0 if dense_faster else 9.0, kernel_us=5.0)
+    w, sparse = _grouped_weight()
+    x, bias = torch.randn(1, 64).half(), torch.randn(128).half()
+    y = torch.full((1, 128), float("nan"), dtype=torch.float16)
+    bsr.launch_decode(x, sparse, bias, y)
+    assert bsr.DENSE in calls and len(calls) >= 2          # dense timed beside the kernel tiles
+    assert bsr.runs_dense("decode", sparse, 1, x.dtype) is dense_faster
+    if dense_faster:
+        assert torch.equal(y, F.linear(x, w, bias))          # exactly what dense computes
+    else:
+        ref = F.linear(x.double(), w.double(), bias.double())
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    without = bsr.BlockSparseWeight.from_dense(w, 16)       # no dense copy: dense is no candidate
+    calls.clear()
+    bsr.launch_decode(x, without, bias, y)
+    assert bsr.DENSE not in calls and bsr.runs_dense("decode", without, 1, x.dtype) is False
+
+
+def test_release_dense_keeps_the_copy_only_where_dense_won(monkeypatch):
+    from torch import nn
+
+    from spruce.kernels import BlockSparseLinear, bsr, dispatch_summary, release_dense, sparsify
+
+    monkeypatch.setattr(bsr, "_tuned", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128, bias=False), nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        for lin in model:
+            lin.weight.masked_fill_(parse_pattern("16x16").mask(torch.rand_like(lin.weight), 0.5), 0)
+    sparsify(model, dense_fallback=True)
+    a, b = model[0], model[1]
+    assert isinstance(a, BlockSparseLinear) and a.dense_weight is not None
+    assert "dense_weight" not in a.state_dict()               # the saved model is unchanged
+    assert "not tuned yet: 2" in dispatch_summary(model)
+    # simulated tuning results: layer a ran dense at 2048 tokens, layer b the kernel everywhere
+    bsr._tuned[bsr.tuning_key("prefill", a.sparse_weight, 2048, torch.float16)] = bsr.DENSE
+    bsr._tuned[bsr.tuning_key("decode", a.sparse_weight, 1, torch.float16)] = (4, 1024, 4, 1, False, 1)
+    bsr._tuned[bsr.tuning_key("decode", b.sparse_weight, 1, torch.float16)] = (4, 1024, 4, 1, False, 1)
+    line = dispatch_summary(model)
+    assert line.startswith("block-sparse kernel at every tuned launch: 1 of 2 layers")
+    assert "dense cuBLAS at some: 0 (prefill 2048)" in line
+    assert release_dense(model) == 64 * 64 * 4
+    assert a.dense_weight is not None and b.dense_weight is None
+    x = torch.randn(3, 64)
+    assert torch.allclose(a(x), x @ a.dense_weight.T, atol=1e-5)   # CPU: the reference, same result
