@@ -93,7 +93,7 @@ def main() -> None:
             up = name.replace("gate_proj", "up_proj")
             norm = torch.diagonal(hess[name]).sqrt().unsqueeze(0)
             score = (linears[name].weight.abs() + linears[up].weight.abs()).float() * norm
-            group = max(parse_pattern(p.split("+")[0]).rows for p in a.patterns.split(","))
+            group = max(getattr(parse_pattern(p.split("+")[0]), "rows", 1) for p in a.patterns.split(","))
             perms[name.removesuffix("gate_proj")] = similar_rows_order(block_column_importance(score, 16), group)
     rows = []
     for name in names:
