@@ -177,7 +177,8 @@ def build_parser() -> Parser:
                    help="how weights are scored and updated (default: the best recipe for the pattern)")
     p.add_argument("--sparsity_type", default="unstructured",
                    help="unstructured, unstructured-layer, N:M such as 2:4, BxB / RxC blocks such as 16x16, "
-                        "hybrid:16x16, or 'block' with --block_size (default: unstructured)")
+                        "grouped blocks such as 16x16g4 (groups of 4 block-rows share their kept columns: the "
+                        "kernels' wide tiles), hybrid:16x16, or 'block' with --block_size (default: unstructured)")
     p.add_argument("--block_selection", choices=SELECTIONS,
                    help="blocks: one threshold per matrix, or the same tile count in every block-row "
                         "(default: the pattern's recipe)")

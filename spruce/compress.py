@@ -184,12 +184,20 @@ def decompress_model(model) -> int:
 
 # ---------------------------------------------------------------- models in memory
 
+def _zero_blocks(pattern: str | None) -> tuple[int, int] | None:
+    """The (rows, cols) of the whole zero blocks a sparsity pattern leaves, None for other patterns."""
+    from .prune.patterns import parse_pattern
+
+    try:
+        return parse_pattern(pattern).zero_blocks if pattern else None
+    except SpruceError:
+        return None
+
+
 def block_size_of(pattern: str | None) -> int:
     """The storage block for a sparsity pattern: its tile side for BxB / RxC tiles that the
     kernel's block sizes divide, else the default (16)."""
-    from .masks import parse_block
-
-    tile = parse_block(pattern or "")
+    tile = _zero_blocks(pattern)
     if tile:
         for block in sorted(BLOCK_SIZES, reverse=True):
             if tile[0] % block == 0 and tile[1] % block == 0:
@@ -254,9 +262,7 @@ def save_compressed(model, tokenizer, folder: str | os.PathLike, block: int = DE
 def check_compressible(pattern: str) -> int:
     """The storage block for `spruce prune --save_compressed` with this pattern; SpruceError for a
     pattern whose zeros are not whole blocks (nothing could be stored compressed)."""
-    from .masks import parse_block
-
-    tile = parse_block(pattern)
+    tile = _zero_blocks(pattern)
     if tile is None or tile[0] % min(BLOCK_SIZES) or tile[1] % min(BLOCK_SIZES):
         raise SpruceError(f"--save_compressed stores block patterns (16x16, 32x32, 64x64); --sparsity_type "
                           f"{pattern} leaves no whole zero blocks, so save it dense (drop --save_compressed)")

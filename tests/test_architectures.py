@@ -18,7 +18,8 @@ from spruce.kernels import BlockSparseLinear, sparsify
 from spruce.masks import tile_zero_fraction, zero_masks
 from spruce.models import prunable_linears
 from spruce.prune import prune_model
-from spruce.prune.recipes import prune_with_recipe, resolve_recipe
+from spruce.prune.defaults import resolve_recipe
+from spruce.prune.run import prune_with_options
 from spruce.recover.lora import attach_lora, merge_keep_sparsity
 from spruce.recover.train import TrainArgs, train
 
@@ -93,7 +94,7 @@ def recovered(request, tmp_path_factory):
 def test_default_block_recipe_prunes_exact_blocks(arch):
     model = build(arch, seed=1, num_hidden_layers=1)  # OBS is the slow part: one layer shows it
     recipe = resolve_recipe("16x16", reconstruct_epochs=2)  # the default recipe, a shorter reconstruction
-    info, used = prune_with_recipe(model, "16x16", 0.5, recipe, lambda: ids(2, 16, 3), progress=False)
+    info, _, used = prune_with_options(model, recipe, "16x16", 0.5, lambda spec: ids(2, 16, 3), progress=False)
     assert used["method"] == "obs" and used["module_sparsity"]
     # attention is pruned less (40%) and the rest more; a 64x64 matrix has only 16 tiles to share it out
     assert_blocks(model, tolerance=0.02)

@@ -144,9 +144,9 @@ def test_hybrid_tiers_without_top_k_tier_fix_the_sparsity():
 def test_every_registered_kind_parses_its_own_syntax_and_describes_itself():
     from spruce.prune.patterns import PATTERNS, kinds, pattern_help
 
-    assert set(PATTERNS) == {"unstructured", "unstructured-layer", "nm", "block", "hybrid"}
+    assert set(PATTERNS) == {"unstructured", "unstructured-layer", "nm", "block", "grouped", "hybrid"}
     examples = {"unstructured": "unstructured", "unstructured-layer": "unstructured-layer", "nm": "2:4",
-                "block": "16x16", "hybrid": "hybrid:16x16"}
+                "block": "16x16", "grouped": "16x16g4", "hybrid": "hybrid:16x16"}
     for cls in kinds():
         assert cls.description and cls.syntax in pattern_help()
         assert type(parse_pattern(examples[cls.kind])) is cls

@@ -11,7 +11,7 @@ from spruce.kernels.bsr import (
     reference_linear,
     triton_available,
 )
-from spruce.kernels.linear import BlockSparseLinear, SparsifyReport, densify, sparsify
+from spruce.kernels.linear import BlockSparseLinear, SparsifyReport, densify, dispatch_summary, release_dense, sparsify
 
 __all__ = [
     "BlockSparseLinear",
@@ -19,6 +19,8 @@ __all__ = [
     "SparsifyReport",
     "block_sparse_linear",
     "densify",
+    "dispatch_summary",
+    "release_dense",
     "reference_linear",
     "sparsify",
     "triton_available",

@@ -26,7 +26,10 @@ Column-index gathers carry contiguity hints (runs of B from multiples of B), so 
 with 16-byte loads and the prefill loop is software pipelined with cp.async like the weights.
 Each launch shape (weight shape, block, group width, density in eighths, tokens, dtype) picks its
 tile configuration on first use by timing every candidate as CUDA-graph replays of back-to-back
-launches over weight copies larger than L2 (`_fastest`).
+launches over weight copies larger than L2 (`_fastest`). A weight that carries a dense copy
+(`BlockSparseWeight.dense`) also times dense cuBLAS on it (`DENSE`), so that launch shape runs
+dense where dense is faster ("never slower than dense"; the copy's memory is the price, see
+`linear.py`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class BlockSparseWeight:
     group: int
     nonzero_blocks: int  # B x B blocks with a nonzero entry (what the pattern keeps)
     uniform_count: int = -1  # stored block-columns of every group when all groups have the same, else -1
+    dense: torch.Tensor | None = None  # optional dense [N, K] copy: then dense GEMM is a tuning candidate
 
     @property
     def group_features(self) -> int:
@@ -81,12 +85,14 @@ class BlockSparseWeight:
         return sum(t.numel() * t.element_size() for t in (self.values, self.cols, self.group_ptr))
 
     def to(self, device=None, dtype=None) -> BlockSparseWeight:
+        dense = None if self.dense is None else self.dense.to(device=device, dtype=dtype)
         return dataclasses.replace(self, values=self.values.to(device=device, dtype=dtype),
-                                   cols=self.cols.to(device), group_ptr=self.group_ptr.to(device))
+                                   cols=self.cols.to(device), group_ptr=self.group_ptr.to(device), dense=dense)
 
     def clone(self) -> BlockSparseWeight:
         return dataclasses.replace(self, values=self.values.clone(), cols=self.cols.clone(),
-                                   group_ptr=self.group_ptr.clone())
+                                   group_ptr=self.group_ptr.clone(),
+                                   dense=None if self.dense is None else self.dense.clone())
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: int = 16, group: int | None = None) -> BlockSparseWeight:
@@ -217,13 +223,13 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
 @torch.library.custom_op("spruce::block_sparse_linear", mutates_args=())
 def block_sparse_linear_op(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, group_ptr: torch.Tensor,
                            bias: torch.Tensor | None, n: int, k: int, block: int, group: int,
-                           nonzero_blocks: int, uniform_count: int) -> torch.Tensor:
-    weight = BlockSparseWeight(values, cols, group_ptr, (n, k), block, group, nonzero_blocks, uniform_count)
+                           nonzero_blocks: int, uniform_count: int, dense: torch.Tensor | None = None) -> torch.Tensor:
+    weight = BlockSparseWeight(values, cols, group_ptr, (n, k), block, group, nonzero_blocks, uniform_count, dense)
     return block_sparse_linear(x, weight, bias)
 
 
 @block_sparse_linear_op.register_fake
-def _(x, values, cols, group_ptr, bias, n, k, block, group, nonzero_blocks, uniform_count):
+def _(x, values, cols, group_ptr, bias, n, k, block, group, nonzero_blocks, uniform_count, dense=None):
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -269,6 +275,11 @@ DENSITY_STEPS = 8
 TUNE_CALLS = 32  # back-to-back launches per timed graph replay
 TUNE_REPLAYS = 3
 
+# Dense as a candidate: where the weight carries a dense copy (`BlockSparseWeight.dense`), cuBLAS on
+# it is timed next to the kernel tiles, so a launch shape runs dense where dense is faster. The
+# tuning key then ends in "+dense" (weights without a copy tune among the kernel tiles alone).
+DENSE = ("dense",)
+
 _tuned: dict[tuple, tuple] = {}
 _tune_ms: dict[tuple, dict] = {}
 _workspaces: dict[tuple, tuple] = {}
@@ -313,38 +324,72 @@ def _fastest(candidates: list[tuple], launch, weight: BlockSparseWeight) -> tupl
     do not count, every launch reads its weight from device memory.
     """
     copies = _rotation(weight)
-    calls = max(TUNE_CALLS, len(copies))
     best, best_us, failure, times = None, float("inf"), None, {}
     for cfg in candidates:
         try:
-            for c in copies:  # compile, and warm every copy
-                launch(cfg, c)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(calls):
-                    launch(cfg, copies[i % len(copies)])
-            graph.replay()
-            torch.cuda.synchronize()
+            us = _time_candidate(cfg, launch, copies)
         except Exception as exc:  # noqa: BLE001 - a tile that does not fit this card's shared memory
             failure = exc
             continue
-        spans = []
-        for _ in range(TUNE_REPLAYS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            spans.append(start.elapsed_time(end) * 1e3 / calls)
-        del graph
-        us = min(spans)
         times[str(cfg)] = round(us, 2)
         if us < best_us:
             best, best_us = cfg, us
     if best is None:
         raise failure
     return best, times
+
+
+def _time_candidate(cfg: tuple, launch, copies: list[BlockSparseWeight]) -> float:
+    """Microseconds per call of one candidate: the best of TUNE_REPLAYS replays of a CUDA graph of
+    back-to-back launches cycling through `copies` (see `_fastest`)."""
+    calls = max(TUNE_CALLS, len(copies))
+    for c in copies:  # compile, and warm every copy
+        launch(cfg, c)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            launch(cfg, copies[i % len(copies)])
+    graph.replay()
+    torch.cuda.synchronize()
+    spans = []
+    for _ in range(TUNE_REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return min(spans)
+
+
+def dense_linear_into(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y = x dense^T (+ bias) through cuBLAS, as F.linear computes it (addmm with the bias)."""
+    if bias is not None:
+        torch.addmm(bias, x, dense.t(), out=y)
+    else:
+        torch.mm(x, dense.t(), out=y)
+
+
+def _with_dense(candidates: list[tuple], launch, w: BlockSparseWeight, x, bias, y):
+    """(candidates, launch) with dense cuBLAS added where the weight carries a dense copy."""
+    if w.dense is None:
+        return candidates, launch
+
+    def either(c, weight):
+        if c == DENSE:
+            dense_linear_into(x, weight.dense, bias, y)
+        else:
+            launch(c, weight)
+
+    return candidates + [DENSE], either
+
+
+def runs_dense(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> bool | None:
+    """Whether this launch shape runs dense cuBLAS (True), the kernel (False), or is not tuned yet (None)."""
+    cfg = chosen_config(kind, w, m, dtype)
+    return None if cfg is None else cfg == DENSE
 
 
 def tuned_configs() -> dict:
@@ -367,7 +412,8 @@ def tuning_key(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> t
     """The launch shape one tuned configuration serves: kernel, weight shape, block, group width,
     density bucket, tokens (prefill: the next power of two) and dtype."""
     tokens = m if kind == "decode" else 1 << (m - 1).bit_length()
-    return (kind, *w.shape, w.block, w.group_features, density_bucket(w), tokens, str(dtype))
+    key = (kind, *w.shape, w.block, w.group_features, density_bucket(w), tokens, str(dtype))
+    return key if w.dense is None else (*key, "+dense")
 
 
 def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple | None:
@@ -457,10 +503,11 @@ def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
             **({"launch_pdl": True} if pdl else {}),
         )
 
+    candidates, launch = _with_dense(decode_candidates(w, m), launch, w, x, bias, y)
     if cfg is not None:
         launch(cfg, w)
         return
-    _launch_tuned(tuning_key("decode", w, m, x.dtype), decode_candidates(w, m), launch, w)
+    _launch_tuned(tuning_key("decode", w, m, x.dtype), candidates, launch, w)
 
 
 def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
@@ -477,10 +524,11 @@ def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | N
             num_stages=stages,
         )
 
+    candidates, launch = _with_dense(prefill_candidates(w), launch, w, x, bias, y)
     if cfg is not None:
         launch(cfg, w)
         return
-    _launch_tuned(tuning_key("prefill", w, m, x.dtype), prefill_candidates(w), launch, w)
+    _launch_tuned(tuning_key("prefill", w, m, x.dtype), candidates, launch, w)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -3,6 +3,15 @@
 A pruned checkpoint is an ordinary dense model with zeros in place; `sparsify` converts each
 eligible layer once, at load time, into the block-sparse format of `bsr.py`. The swapped model
 still works with Hugging Face `generate`; on CPU the layers compute with the torch reference.
+
+Never slower than dense: `sparsify(..., dense_fallback=True)` keeps each layer's dense weight
+beside its block-sparse one, so the tuner (bsr.py) times dense cuBLAS next to the kernel tiles for
+every launch shape and runs dense where it is faster. The copy costs the layer's dense bytes (at
+50% zero blocks that is twice its block-sparse storage, so the layer holds 1.5x its dense size) until
+`release_dense` drops it from every layer whose tuned shapes all chose the kernel: warm the model
+up on the token counts it will serve (a prefill length and the decode batch), then release. A
+layer that keeps its copy runs dense where it won; a shape first met after the release tunes among
+the kernel tiles alone. `dispatch_summary` says which layers run sparse.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import torch
 from torch import nn
 
 from spruce.errors import SpruceError
+from spruce.kernels import bsr
 from spruce.kernels.bsr import (
     BLOCK_SIZES,
     KERNEL_DTYPES,
@@ -38,18 +48,23 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("values", weight.values)
         self.register_buffer("cols", weight.cols)
         self.register_buffer("group_ptr", weight.group_ptr)
+        # the dense copy for dense dispatch (module docstring); not saved with the state dict
+        self.register_buffer("dense_weight", weight.dense, persistent=False)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None) -> BlockSparseLinear:
+    def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None,
+                    keep_dense: bool = False) -> BlockSparseLinear:
         weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size, group)
+        if keep_dense:
+            weight.dense = linear.weight.detach().clone()
         return cls(weight, linear.bias)
 
     @property
     def sparse_weight(self) -> BlockSparseWeight:
         return BlockSparseWeight(
             self.values, self.cols, self.group_ptr, (self.out_features, self.in_features),
-            self.block_size, self.group, self.nonzero_blocks, self.uniform_count,
+            self.block_size, self.group, self.nonzero_blocks, self.uniform_count, self.dense_weight,
         )
 
     @property
@@ -70,7 +85,7 @@ class BlockSparseLinear(nn.Module):
         if torch.compiler.is_compiling():  # one opaque op in the compiled graph, no graph break
             return block_sparse_linear_op(x, self.values, self.cols, self.group_ptr, self.bias, self.out_features,
                                           self.in_features, self.block_size, self.group, self.nonzero_blocks,
-                                          self.uniform_count)
+                                          self.uniform_count, self.dense_weight)
         return block_sparse_linear(x, self.sparse_weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -114,12 +129,14 @@ def weight_dense_reason(weight: torch.Tensor, block_size: int, min_sparsity: flo
 
 
 def sparsify(model: nn.Module, block_size: int = 16, min_sparsity: float = DEFAULT_MIN_SPARSITY,
-             group: int | None = None) -> SparsifyReport:
+             group: int | None = None, dense_fallback: bool = False) -> SparsifyReport:
     """Swap every eligible nn.Linear of `model` (in place) for a BlockSparseLinear.
 
     A layer is eligible when it is a plain nn.Linear whose shape the block divides, whose dtype the
     kernel runs on its device, and whose fraction of all-zero blocks is at least `min_sparsity`.
     `group` fixes the block-rows per stored group (None: the widest that stores no zero block).
+    `dense_fallback` keeps each layer's dense weight too, so the tuner can run it dense where dense
+    is faster (see the module docstring for the memory and `release_dense`).
     Raises SpruceError when no layer is eligible; returns the report otherwise.
     """
     if block_size not in BLOCK_SIZES:
@@ -133,7 +150,7 @@ def sparsify(model: nn.Module, block_size: int = 16, min_sparsity: float = DEFAU
         if reason is not None:
             report.kept.append((name, reason))
             continue
-        sparse = BlockSparseLinear.from_linear(linear, block_size, group)
+        sparse = BlockSparseLinear.from_linear(linear, block_size, group, keep_dense=dense_fallback)
         _set_submodule(model, name, sparse)
         report.swapped.append((name, f"{sparse.block_sparsity:.1%} zero blocks, group {sparse.group}"))
     if not report.swapped:
@@ -143,6 +160,46 @@ def sparsify(model: nn.Module, block_size: int = 16, min_sparsity: float = DEFAU
         raise SpruceError(f"no layer was made block-sparse: all {len(linears)} nn.Linear layers were kept "
                           f"dense (first: {name}: {reason})")
     return report
+
+
+def _choices(layer: BlockSparseLinear) -> dict[str, bool]:
+    """{"decode 8": False, "prefill 2048": True, ...}: the launch shapes tuned so far for this
+    layer's weight (shape, block, group, density, dense copy or not), True where dense won."""
+    w = layer.sparse_weight
+    sig = bsr.tuning_key("decode", w, 1, w.values.dtype)[1:6]
+    dense_key = w.dense is not None
+    out = {}
+    for key, cfg in bsr._tuned.items():
+        if key[1:6] == sig and (key[-1] == "+dense") == dense_key:
+            out[f"{key[0]} {key[6]}"] = cfg == bsr.DENSE
+    return out
+
+
+def release_dense(model: nn.Module) -> int:
+    """Drop the dense copy of every BlockSparseLinear whose tuned launch shapes all chose the kernel
+    (and of those not tuned at all); returns the bytes freed. Run it after warming the model up."""
+    freed = 0
+    for module in model.modules():
+        if isinstance(module, BlockSparseLinear) and module.dense_weight is not None:
+            if not any(_choices(module).values()):
+                freed += module.dense_weight.numel() * module.dense_weight.element_size()
+                module.dense_weight = None
+    return freed
+
+
+def dispatch_summary(model: nn.Module) -> str:
+    """One line: how many block-sparse layers run the kernel at every tuned launch shape, and which
+    run dense at some (with those shapes), e.g. for `spruce generate`."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
+    dense_at = {n: [shape for shape, dense in _choices(m).items() if dense] for n, m in layers}
+    untuned = [n for n, m in layers if not _choices(m)]
+    some = {n: shapes for n, shapes in dense_at.items() if shapes}
+    line = f"block-sparse kernel at every tuned launch: {len(layers) - len(some) - len(untuned)} of {len(layers)} layers"
+    if some:
+        line += "; dense cuBLAS at some: " + ", ".join(f"{n} ({', '.join(s)})" for n, s in some.items())
+    if untuned:
+        line += f"; not tuned yet: {len(untuned)}"
+    return line
 
 
 def densify(model: nn.Module) -> int:

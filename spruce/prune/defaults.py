@@ -35,6 +35,11 @@ DEFAULTS: dict[str, dict] = {
               "reconstruct_epochs": 12, "reconstruct_lr": 3e-3},
     "hybrid": {"method": "sparsegpt"},
 }
+DEFAULTS["grouped"] = DEFAULTS["block"]   # grouped blocks (16x16g4) take the block recipe
+# Block-rows that share their kept block-columns when the default block recipe prunes `RxC`: 1 keeps
+# every block-row independent; 4 prunes `16x16` as `16x16g4`, the layout the kernels run with
+# 64-feature tiles (patterns/grouped.py). A recipe's "block_group" (or a named method) overrides it.
+DEFAULT_BLOCK_GROUP = 1
 # a named method runs plainly: the PruneSpec defaults (spec.py), the one place they are defined
 BASE = {k: v for k, v in SPEC_DEFAULTS.items() if k not in ("pattern", "sparsity")}
 # the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there
@@ -85,8 +90,20 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int | None = None)
     return recipe
 
 
+def default_grouping(pattern: str, recipe: dict) -> str:
+    """The pattern the recipe prunes: a block pattern under the default block recipe becomes its
+    grouped form with recipe["block_group"] (default DEFAULT_BLOCK_GROUP) block-rows per group."""
+    group = recipe.get("block_group", DEFAULT_BLOCK_GROUP if recipe.get("method_is_default") else 1)
+    if group == 1 or parse_pattern(pattern).kind != "block":
+        return pattern
+    from .patterns.grouped import grouped_name
+    return grouped_name(pattern, group)
+
+
 def spec_for_model(recipe: dict, pattern: str, sparsity: float, linears: dict) -> tuple[PruneSpec, dict]:
-    """(the PruneSpec, the recipe fitted to the model's linears) for a resolved recipe."""
+    """(the PruneSpec, the recipe fitted to the model's linears) for a resolved recipe; the default
+    block recipe prunes block patterns in their grouped form (default_grouping)."""
     recipe = fit_to_model(recipe, linears)
-    spec = PruneSpec(pattern=pattern, sparsity=sparsity, **{k: v for k, v in recipe.items() if k in FIELDS})
+    spec = PruneSpec(pattern=default_grouping(pattern, recipe), sparsity=sparsity,
+                     **{k: v for k, v in recipe.items() if k in FIELDS})
     return spec, recipe

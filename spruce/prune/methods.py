@@ -110,7 +110,7 @@ def _obs_error(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def sweep_chooser(pattern: Pattern, sparsity: float) -> tuple[Chooser, int]:
     """(chooser, group) that picks the pattern's mask inside the sweep by OBS error."""
-    return (lambda col, w, d: pattern.sweep_mask(_obs_error(w, d), sparsity)), pattern.sweep_group or SWEEP_BLOCK
+    return (lambda col, w, d: pattern.sweep_mask_at(col, _obs_error(w, d), sparsity)), pattern.sweep_group or SWEEP_BLOCK
 
 
 def obs_saliency(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:

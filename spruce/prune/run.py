@@ -36,16 +36,13 @@ def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: 
     (spruce compress's format, blocks of this side) instead of dense with zeros."""
     from .. import data
 
-    spec, _ = spec_for_model(options, pattern, sparsity, prunable_linears(model))
-    # a pattern that does not tile the model fails here, before calibration data is read
-    spec.parsed.check_divides({n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
-    samples = None
-    if spec.needs_calibration:
+    def calibration(spec: PruneSpec):
         check_context(model, spec.seqlen, seqlen_name)
-        samples = data.calibration_samples(corpus, tok, spec.nsamples, spec.seqlen, seed=seed)
+        return data.calibration_samples(corpus, tok, spec.nsamples, spec.seqlen, seed=seed)
+
     state_dir = state_folder(out_dir) if out_dir is not None and state_every >= 0 else None
-    info = prune_model(model, spec, samples, device=device, progress=progress, state_dir=state_dir,
-                       state_every=max(state_every, 0.0))
+    info, spec, _ = prune_with_options(model, options, pattern, sparsity, calibration, device=device,
+                                       progress=progress, state_dir=state_dir, state_every=max(state_every, 0.0))
     if adjust is not None:
         adjust(model, info)
     if recipe is not None:
@@ -67,6 +64,20 @@ def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: 
         if state_dir is not None:
             shutil.rmtree(state_dir, ignore_errors=True)
     return info, spec
+
+
+def prune_with_options(model, options: dict, pattern: str, sparsity: float, calibration: Callable, *, device=None,
+                       progress: bool = True, **engine_options) -> tuple[dict, PruneSpec, dict]:
+    """Prune `model` in place with resolved options (defaults.resolve_recipe) fitted to it; the
+    calibration samples come from `calibration(spec)`, called only when the spec needs them.
+    Returns (the sparsity report, the PruneSpec, the options as fitted to the model)."""
+    linears = prunable_linears(model)
+    spec, fitted = spec_for_model(options, pattern, sparsity, linears)
+    # a pattern that does not tile the model fails here, before calibration data is read
+    spec.parsed.check_divides({n: tuple(m.weight.shape) for n, m in linears.items()})
+    samples = calibration(spec) if spec.needs_calibration else None
+    info = prune_model(model, spec, samples, device=device, progress=progress, **engine_options)
+    return info, spec, fitted
 
 
 def save_pruned(model, tok, out_dir: str | Path, info: dict, compressed_block: int | None = None) -> None:

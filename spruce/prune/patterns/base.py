@@ -65,8 +65,19 @@ class Pattern:
         """The prune mask of one sweep group given its OBS errors w^2 / d^2 (out, group)."""
         raise NotImplementedError
 
+    def sweep_mask_at(self, col: int, err: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """`sweep_mask` for the sweep group starting at input column `col` (kinds whose counts
+        depend on the position override it; the default ignores it)."""
+        return self.sweep_mask(err, sparsity)
+
     def check_divides(self, shapes: dict[str, tuple[int, int]]) -> None:
         """Fail before any work when the pattern does not tile some layer (default: any shape)."""
+
+    @property
+    def zero_blocks(self) -> tuple[int, int] | None:
+        """(rows, cols) of the whole blocks its zeros come in (what a block-sparse store keeps
+        or drops), None when its zeros are not whole blocks."""
+        return None
 
     @property
     def selection_name(self) -> str:

@@ -29,6 +29,10 @@ class Block(Tiled):
     order = 3
     obs_tiles = True
 
+    @property
+    def zero_blocks(self):
+        return (self.rows, self.cols)
+
     @classmethod
     def parse(cls, name, selection, tile_score, tiers):
         block = parse_block(name)

@@ -1,0 +1,106 @@
+"""Kernel time on the masks the pruner emits, against dense cuBLAS, on one CUDA GPU.
+
+For each Llama-2-7B shape, a random weight is pruned with spruce's own pattern functions (Wanda-like
+score |W| * input norm with random log-normal input norms, so global selection gives groups of
+unequal counts as real layers do) for `16x16` (independent), `16x16g4` and `16x16g8`, global and
+row-balanced; the result goes through `BlockSparseWeight.from_dense` (the group it finds, whether the
+counts are uniform) and is timed with the tuned kernels, once without and once with the dense copy
+(dense dispatch: the tuner may pick cuBLAS). Times: CUDA-graph replays of 64 calls over weight
+copies larger than L2, median of 9. `--check` builds the masks and formats on CPU at small shapes
+and prints the stored layout only.
+
+    python -m bench.emitted --json $OUT/emitted.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from spruce.kernels import bsr
+from spruce.prune.patterns import parse_pattern
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+PATTERNS = ["16x16", "16x16g4", "16x16g8"]
+
+
+def emitted_weight(n, k, pattern, selection, sparsity, gen, device):
+    w = torch.randn(n, k, generator=gen) * 0.02
+    norms = torch.exp(torch.randn(k, generator=gen))
+    mask = parse_pattern(pattern, selection).mask(w.abs() * norms, sparsity)
+    return w.masked_fill(mask, 0).to(device, torch.bfloat16)
+
+
+def graph_us(fn, copies, calls=64, replays=9):
+    for c in copies:
+        fn(c)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(copies[i % len(copies)])
+    spans = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        spans.append(s.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(spans)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 2048])
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--check", action="store_true", help="CPU: build masks and formats at small shapes only")
+    p.add_argument("--json")
+    a = p.parse_args()
+    device = "cpu" if a.check else "cuda"
+    shapes = [(256, 256), (512, 256)] if a.check else SHAPES
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in shapes:
+        dense_w = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
+        for pattern in PATTERNS:
+            for selection in ("global", "row-balanced"):
+                w = emitted_weight(n, k, pattern, selection, a.sparsity, gen, device)
+                sp = bsr.BlockSparseWeight.from_dense(w, 16)
+                head = {"shape": f"{n}x{k}", "pattern": pattern, "selection": selection, "group": sp.group,
+                        "uniform": sp.uniform_count >= 0, "zero_blocks": round(sp.block_sparsity, 3),
+                        "stored_zero_blocks": sp.values.shape[0] * sp.group - sp.nonzero_blocks}
+                if a.check:
+                    rows.append(head)
+                    print(json.dumps(head), flush=True)
+                    continue
+                copies = bsr._rotation(sp)
+                dcopies = [dense_w.clone() for _ in copies]
+                with_dense = [bsr.BlockSparseWeight(**{**vars(c), "dense": d}) for c, d in zip(copies, dcopies)]
+                for m in a.tokens:
+                    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                    dense_us = graph_us(lambda d: F.linear(x, d), dcopies)
+                    sparse_us = graph_us(lambda c: bsr.block_sparse_linear(x, c), copies)
+                    either_us = graph_us(lambda c: bsr.block_sparse_linear(x, c), with_dense)
+                    kind = "decode" if m <= bsr.DECODE_MAX_TOKENS else "prefill"
+                    row = {**head, "tokens": m, "dense_us": round(dense_us, 1), "sparse_us": round(sparse_us, 1),
+                           "x_dense": round(dense_us / sparse_us, 2), "dispatch_us": round(either_us, 1),
+                           "dispatch_x_dense": round(dense_us / either_us, 2),
+                           "dispatch_runs_dense": bsr.runs_dense(kind, with_dense[0], m, x.dtype),
+                           "config": str(bsr.chosen_config(kind, sp, m, x.dtype))}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if a.json:
+                        with open(a.json, "w") as f:
+                            json.dump(rows, f, indent=1)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
