@@ -19,6 +19,7 @@ validation split; there is no test split (evaluate on a real corpus).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -104,12 +105,23 @@ class GeneratedSettings:
 
 # --- command-line flags: --generated_<field>, one per setting, help from the field ---------------
 
+class _Setting(argparse.Action):
+    """--generated_<field> VALUE stores VALUE under `field` in the namespace's `generated` mapping
+    (FinetuneArgs.generated), leaving the parser's default mapping untouched."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, "generated", {**(getattr(namespace, "generated", None) or {}), self.metavar_field: value})
+
+
 def add_arguments(group) -> None:
-    """`--generated_<field>` for every GeneratedSettings field, and --generated_cache."""
+    """`--generated_<field>` for every GeneratedSettings field (into `generated`), and --generated_cache."""
+    group.set_defaults(generated={})
     for f in dataclasses.fields(GeneratedSettings):
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         metavar = {int: "N", float: "X"}.get(kind, "MODEL" if f.name == "model" else "SPEC")
-        group.add_argument(f"--generated_{f.name}", type=kind, default=None, metavar=metavar, help=f.metadata["help"])
+        action = group.add_argument(f"--generated_{f.name}", type=kind, metavar=metavar, help=f.metadata["help"],
+                                    action=_Setting, dest=f"generated_{f.name}", default=argparse.SUPPRESS)
+        action.metavar_field = f.name
     group.add_argument("--generated_cache", metavar="DIR",
                        help="folder of the cached tokens (default: OUTPUT_DIR/generated)")
 

@@ -115,8 +115,6 @@ class FinetuneArgs:
         """FinetuneArgs from parsed flags; every key of `ns` but those in `ignore` must be a field."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in vars(ns).items() if k not in ignore}
-        settings = {k: values.pop(k) for k in list(values) if k.startswith("generated_") and k != "generated_cache"}
-        values["generated"] = {k[len("generated_"):]: v for k, v in settings.items() if v is not None}
         unknown = sorted(set(values) - names)
         if unknown:
             raise TypeError(f"flags without a FinetuneArgs field: {unknown}")
