@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import graph_time_us
 from spruce.kernels import bsr
 from spruce.prune.patterns import parse_pattern
 
@@ -33,25 +33,6 @@ def emitted_weight(n, k, pattern, selection, sparsity, gen, device):
     norms = torch.exp(torch.randn(k, generator=gen))
     mask = parse_pattern(pattern, selection).mask(w.abs() * norms, sparsity)
     return w.masked_fill(mask, 0).to(device, torch.bfloat16)
-
-
-def graph_us(fn, copies, calls=64, replays=9):
-    for c in copies:
-        fn(c)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(copies[i % len(copies)])
-    spans = []
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        spans.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(spans)
 
 
 def main():
@@ -83,9 +64,9 @@ def main():
                 with_dense = [bsr.BlockSparseWeight(**{**vars(c), "dense": d}) for c, d in zip(copies, dcopies)]
                 for m in a.tokens:
                     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-                    dense_us = graph_us(lambda d: F.linear(x, d), dcopies)
-                    sparse_us = graph_us(lambda c: bsr.block_sparse_linear(x, c), copies)
-                    either_us = graph_us(lambda c: bsr.block_sparse_linear(x, c), with_dense)
+                    dense_us = graph_time_us([lambda d=d: F.linear(x, d) for d in dcopies], replays=9)
+                    sparse_us = graph_time_us([lambda c=c: bsr.block_sparse_linear(x, c) for c in copies], replays=9)
+                    either_us = graph_time_us([lambda c=c: bsr.block_sparse_linear(x, c) for c in with_dense], replays=9)
                     kind = "decode" if m <= bsr.DECODE_MAX_TOKENS else "prefill"
                     row = {**head, "tokens": m, "dense_us": round(dense_us, 1), "sparse_us": round(sparse_us, 1),
                            "x_dense": round(dense_us / sparse_us, 2), "dispatch_us": round(either_us, 1),
