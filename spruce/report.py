@@ -78,8 +78,10 @@ def plot_layer_sparsity(layers: dict[str, float], path: Path) -> bool:
     return True
 
 
-def perplexity_table(results: dict[str, dict]) -> str:
-    """Markdown table of stage -> perplexity, ratio to dense, sparsity."""
+def perplexity_table(results: dict[str, dict], labels: dict[str, str] | None = None) -> str:
+    """Markdown table of stage -> perplexity, ratio to dense, sparsity; `labels` names the rows
+    (default: the stage keys)."""
+    labels = labels or {}
     dense = results.get("dense", {}).get("ppl")
     lines = ["| model | perplexity | x dense | sparsity of decoder linears |",
              "| --- | ---: | ---: | ---: |"]
@@ -90,13 +92,14 @@ def perplexity_table(results: dict[str, dict]) -> str:
     for stage, r in results.items():
         ratio = f"{r['ppl'] / dense:.2f}" if dense else "-"
         scores = "".join(f" {100 * r['zero_shot'][t]:.1f} |" if t in r.get("zero_shot", {}) else " - |" for t in tasks)
-        lines.append(f"| {stage} | {r['ppl']:,.2f} | {ratio} | {100 * r['sparsity']:.2f}% |{scores}")
+        lines.append(f"| {labels.get(stage, stage)} | {r['ppl']:,.2f} | {ratio} | {100 * r['sparsity']:.2f}% |{scores}")
     return "\n".join(lines)
 
 
 def write_run_report(folder: Path, config: dict, results: dict[str, dict], sparsity: dict | None,
-                     seconds: dict) -> None:
-    """report.md: what was done, the perplexity table, plots, timings and the recipe."""
+                     seconds: dict, labels: dict[str, str] | None = None) -> None:
+    """report.md: what was done, the perplexity table (rows named by `labels`), plots, timings
+    and the recipe."""
     d, p, r = config["data"], config["prune"], config["recover"]
     any_result = next(iter(results.values()), None)
     parts = [f"# spruce run: {Path(config['output_dir']).name}", ""]
@@ -105,11 +108,20 @@ def write_run_report(folder: Path, config: dict, results: dict[str, dict], spars
               + (f" in {len(p['rounds'])} progressive rounds" if p.get("rounds") else "")
               + f"; recovered with {r['mode']} on `{r['corpus'] or d['corpus']}`"
               + (", distilled from the dense model" if r["teacher"] else "") + ".", ""]
+    ref = config.get("prune_reference")
+    if ref and "reference" in results:
+        parts += [f"For comparison, the same model pruned one-shot to {ref['sparsity']:.0%} in `{ref['pattern']}` "
+                  f"with {ref['method'] or 'the default recipe'}"
+                  + (f" ({', '.join(f'{k} {v}' for k, v in ref['options'].items() if v not in (None, {}))})"
+                     if ref.get("options") else "") + ", not recovered.", ""]
     if results:
-        parts += [perplexity_table(results), ""]
+        parts += [perplexity_table(results, labels), ""]
         parts += [f"Perplexity on `{d['corpus']}` split `{d['eval_split']}`, seqlen {any_result['seqlen']}, "
                   f"{any_result['windows']} windows ({any_result['tokens']:,} tokens). The recovered row is the "
                   "merged model (adapter folded in, zero set kept).", ""]
+        if "reference" in results and "pruned" in results:
+            parts += [f"One-shot, the reference recipe's perplexity is "
+                      f"{results['reference']['ppl'] / results['pruned']['ppl']:,.1f}x that of the `prune` recipe.", ""]
         if "pruned" in results and "recovered" in results:
             parts += [f"Recovery brought perplexity from {results['pruned']['ppl']:,.2f} to "
                       f"{results['recovered']['ppl']:,.2f} at the same sparsity.", ""]
