@@ -247,3 +247,21 @@ def test_fresh_starts_over(capsys, tiny_model_dir, corpus_file, tmp_path):
     assert main(["run", recipe, *base]) == 0
     assert main(["run", recipe, *base]) == 0 and "done earlier" in capsys.readouterr().out
     assert main(["run", recipe, *base, "--fresh"]) == 0 and "done earlier" not in capsys.readouterr().out
+
+
+def test_a_run_computes_with_the_recipes_thread_count_and_restores_it(tmp_path, monkeypatch):
+    from spruce import pipeline
+
+    seen = {}
+
+    def stage(run):
+        seen.update(threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled())
+        return {}
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "baseline", stage)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    cfg = load_recipe(None, [f"output_dir={tmp_path / 'run'}", "device=cpu", f"threads={want}", "stages=[baseline]"])
+    run_recipe(cfg, say=quiet([]), progress=False)
+    assert seen == {"threads": want, "deterministic": True}
+    assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
