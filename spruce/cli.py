@@ -108,9 +108,10 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. recover.max_steps=300")
 
     p = _sub(sub, "run", "run a recipe: prune -> recover -> merge -> evaluate -> report",
-             "Run the stages of a YAML recipe in order (baseline, prune, recover, report) into its\n"
-             "output_dir. A finished stage is not run again, so an interrupted run resumes where it\n"
-             "stopped; the resolved recipe is saved as config.yaml. Shipped recipes are in recipes/,\n"
+             "Run the stages of a YAML recipe in order (baseline, prune, recover, report; with a\n"
+             "prune_reference section, a one-shot 'reference' prune before 'prune', to compare) into\n"
+             "its output_dir. A finished stage is not run again, so an interrupted run resumes where\n"
+             "it stopped; the resolved recipe is saved as config.yaml. Shipped recipes are in recipes/,\n"
              "each headed by its command. Override any key on the command line: prune.sparsity=0.6.",
              "Example: spruce run recipes/smollm2-block16.yaml recover.max_steps=300 --stages prune recover")
     p.add_argument("recipe", help="YAML recipe file")
