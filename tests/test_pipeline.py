@@ -265,3 +265,19 @@ def test_a_run_computes_with_the_recipes_thread_count_and_restores_it(tmp_path, 
     run_recipe(cfg, say=quiet([]), progress=False)
     assert seen == {"threads": want, "deterministic": True}
     assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("device, recipe, says", [("cpu", "smollm2-block16.yaml", "CPU-sized"),
+                                                  ("cuda", "smollm2-block16-distill.yaml", "full-size")])
+def test_demo_runs_the_full_size_recipe_on_a_gpu(device, recipe, says, monkeypatch, capsys):
+    from spruce import cli, models
+
+    seen = {}
+    monkeypatch.setattr(models, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(cli, "_run_and_show", lambda cfg, fresh: seen.update(cfg=cfg))
+    assert main(["demo"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.output_dir == load_recipe(recipes_dir() / recipe).output_dir and says in capsys.readouterr().out
+    assert cfg.prune_reference is not None and cfg.prune_reference.method == "wanda"
+    if device == "cuda":
+        assert cfg.prune.nsamples == 128 and cfg.data.eval_windows is None and cfg.recover.teacher
