@@ -96,28 +96,34 @@ def build_parser() -> Parser:
     sub.required = True
     parser.commands = sub.choices  # for errors about a command's own flags
 
-    p = _sub(sub, "demo", "prune the embedded model to 16x16 blocks, recover with LoRA, report",
-             "Run the shipped recipe recipes/smollm2-block16.yaml on the embedded SmolLM2-135M model\n"
-             "and State of the Union corpus: dense perplexity -> Wanda pruning to 50% in 16x16 blocks\n"
-             "chosen the reference way (which collapses the model) -> pruned perplexity -> a short\n"
-             "masked-LoRA recovery that keeps the zeros -> recovered perplexity -> report.md.\n"
-             "Sized for a laptop: about 10 minutes on 2 CPU cores, with fewer evaluation windows and\n"
-             "calibration samples than a full run. Run it again and finished stages are skipped.")
-    p.add_argument("--output_dir", help="run folder (default: the recipe's, runs/smollm2-block16, so that "
-                                        "'spruce run recipes/smollm2-block16.yaml' continues it)")
+    p = _sub(sub, "demo", "prune the embedded model to 16x16 blocks two ways, recover, report",
+             "On the embedded SmolLM2-135M model and State of the Union corpus: the dense perplexity;\n"
+             "the reference block recipe one-shot (Wanda, mean tile score, one threshold per matrix),\n"
+             "which collapses the model; spruce's 16x16 recipe one-shot on the same model; a recovery\n"
+             "of spruce's pruned model that keeps its zeros; one table of the four and report.md.\n"
+             "Without a GPU it runs recipes/smollm2-block16.yaml, sized for 2 CPU cores (about 15\n"
+             "minutes, fewer windows and calibration samples than a full run). With CUDA (--device\n"
+             "cuda, or auto on a GPU) it runs the full size, recipes/smollm2-block16-distill.yaml: 128\n"
+             "calibration samples, all windows, spruce's default 16x16 recipe and distillation.\n"
+             "Run it again and finished stages are skipped.")
+    p.add_argument("--output_dir", help="run folder (default: the recipe's, runs/smollm2-block16 or on a GPU "
+                                        "runs/smollm2-block16-distill, so that 'spruce run RECIPE' continues it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first and run every stage again")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. recover.max_steps=300")
 
     p = _sub(sub, "run", "run a recipe: prune -> recover -> merge -> evaluate -> report",
-             "Run the stages of a YAML recipe in order (baseline, prune, recover, report) into its\n"
-             "output_dir. A finished stage is not run again, so an interrupted run resumes where it\n"
-             "stopped; the resolved recipe is saved as config.yaml. Shipped recipes are in recipes/,\n"
+             "Run the stages of a YAML recipe in order (baseline, prune, recover, report; with a\n"
+             "prune_reference section, a one-shot 'reference' prune before 'prune', to compare) into\n"
+             "its output_dir. A finished stage is not run again, so an interrupted run resumes where\n"
+             "it stopped; the resolved recipe is saved as config.yaml. Shipped recipes are in recipes/,\n"
              "each headed by its command. Override any key on the command line: prune.sparsity=0.6.",
              "Example: spruce run recipes/smollm2-block16.yaml recover.max_steps=300 --stages prune recover")
     p.add_argument("recipe", help="YAML recipe file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as recover.learning_rate=5e-4")
-    p.add_argument("--stages", nargs="+", choices=["baseline", "prune", "recover", "report"],
+    from .config import STAGES
+
+    p.add_argument("--stages", nargs="+", choices=STAGES,
                    help="run only these stages (default: the recipe's stages)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first and run every stage again")
 
@@ -692,15 +698,28 @@ def _run_and_show(cfg, fresh: bool, stages=None) -> None:
     table = (results.get("report") or {}).get("results")
     if table:
         print()
-        print(perplexity_table(table, f"{cfg.data.corpus}/{cfg.data.eval_split}"))
+        print(perplexity_table(table, f"{cfg.data.corpus}/{cfg.data.eval_split}", results["report"].get("labels")))
         print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
+
+
+DEMO_RECIPES = {"cpu": "smollm2-block16.yaml", "cuda": "smollm2-block16-distill.yaml"}
 
 
 def cmd_demo(args) -> None:
     from .config import load_recipe, recipes_dir
+    from .models import resolve_device
 
+    kind = resolve_device(args.device).type
+    recipe = recipes_dir() / DEMO_RECIPES.get(kind, DEMO_RECIPES["cpu"])
+    if kind == "cuda":
+        print(f"spruce demo: CUDA found, so the full-size demo ({recipe.name}: 128 calibration samples, all "
+              "evaluation windows, the default 16x16 recipe, distillation; a few minutes); --device cpu runs "
+              "the CPU-sized one")
+    else:
+        print(f"spruce demo: no GPU, so the CPU-sized demo ({recipe.name}; about 15 minutes on 2 cores); "
+              "on a GPU it runs the full-size one")
     where = [f"output_dir={args.output_dir}"] if args.output_dir else []
-    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml", [*where, f"device={args.device}", *args.overrides])
+    cfg = load_recipe(recipe, [*where, f"device={args.device}", *args.overrides])
     _run_and_show(cfg, args.fresh)
 
 
@@ -770,7 +789,15 @@ def _unknown_flags(parser, args, extra: list[str]) -> int:
     return 2
 
 
+# MKL picks its CPU code path by processor: Intel and AMD CPUs then add up the same matrix
+# product differently. Its AVX2 path is the same on both (and what MKL runs on AMD anyway), so
+# spruce asks for it unless told otherwise; it must be set before torch first calls MKL.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "AVX2"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for key, value in REPRODUCIBLE_ENV.items():
+        os.environ.setdefault(key, value)
     from .card import set_command
 
     parser = build_parser()

@@ -19,7 +19,7 @@ from .prune.spec import DEFAULTS as PRUNE
 from .prune.spec import OPTIONS as PRUNE_OPTIONS
 from .recover.train import SCHEDULERS, TrainArgs
 
-STAGES = ("baseline", "prune", "recover", "report")
+STAGES = ("baseline", "reference", "prune", "recover", "report")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -61,6 +61,7 @@ class PruneConfig:
     # progressive pruning: one entry per prune -> recover round, a sparsity or a mapping
     # {sparsity: s, <prune option>: value, ...} (e.g. hybrid tiers); the last must equal `sparsity`
     rounds: list | None = None
+    label: str | None = None      # this model's row name in the tables (default: the stage's name)
 
     def __post_init__(self):
         _require(0 <= self.sparsity < 1, f"prune.sparsity must be in [0, 1), got {self.sparsity}")
@@ -128,6 +129,7 @@ class RecoverConfig:
     distill_hidden: float = 0.0   # weight of the per-layer hidden-state term (needs teacher)
     dtype: str | None = None      # training dtype; None = the run's dtype
     bf16: bool = False            # bf16 mixed precision (full mode keeps float32 master weights)
+    label: str | None = None      # the recovered model's row name in the tables
 
     def __post_init__(self):
         _require(self.mode in ("lora", "masked-lora", "full"),
@@ -159,14 +161,24 @@ class RunConfig:
     device: str = "auto"          # auto | cpu | cuda
     dtype: str = "float32"        # float32 | bfloat16 | float16
     seed: int = 0                 # seeds calibration sampling and training order
+    # CPU threads (torch.set_num_threads) for the whole run; sums split across threads add up in
+    # another order with another count, so a fixed count gives the same numbers on every machine.
+    # None = torch's default (one per core)
+    threads: int | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # which stages to run, in order
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    # a second prune recipe run one-shot (no recovery) beside `prune`, for comparison: the
+    # "reference" stage writes its model to reference/ and its row to the tables; None = no such stage
+    prune_reference: PruneConfig | None = None
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         _require(not unknown, f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        _require(self.threads is None or self.threads > 0, f"threads must be positive, got {self.threads}")
+        _require(self.prune_reference is None or not self.prune_reference.rounds,
+                 "prune_reference is one-shot: it takes no rounds")
         self._resolve_heldout()
 
     def _resolve_heldout(self) -> None:
@@ -180,6 +192,11 @@ class RunConfig:
         if self.data.heldout == "auto":
             self.data.heldout = data.default_heldout(list(used.values()))
         data.check_heldout(self.data.heldout, used)
+
+    def active_stages(self, only: list[str] | None = None) -> list[str]:
+        """The stages to run, in order: `only` or `stages`, without "reference" when there is no
+        prune_reference section."""
+        return [s for s in (only or self.stages) if s != "reference" or self.prune_reference is not None]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,6 +215,9 @@ def _build(cls, values: dict, where: str):
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         sub = _nested.get((cls, name))
+        if sub and value is None and (cls, name) in _optional:
+            kwargs[name] = None
+            continue
         if not sub:
             value = _check_type(value, hints[name], f"{where}{name}")
         kwargs[name] = _build(sub, value or {}, f"{where}{name}.") if sub else value
@@ -251,7 +271,8 @@ def _check_type(value, hint, key: str):
 
 
 _nested = {(RunConfig, "data"): DataConfig, (RunConfig, "prune"): PruneConfig,
-           (RunConfig, "recover"): RecoverConfig}
+           (RunConfig, "recover"): RecoverConfig, (RunConfig, "prune_reference"): PruneConfig}
+_optional = {(RunConfig, "prune_reference")}   # sections that may be null (absent)
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -11,6 +11,8 @@ resolved recipe is saved as config.yaml. Stages:
 
   baseline  perplexity of the dense model, on data.corpus and (held out) on data.heldout; every
             later model is measured on both
+  reference (with a prune_reference section) a second prune recipe, one-shot -> reference/, its
+            perplexity: the row that `prune` is compared against (nothing later reads it)
   prune     layer-by-layer pruning -> pruned/ (safetensors with zeros + sparsity.json), its perplexity;
             with prune.rounds, progressive rounds of prune -> recover, each round's zero set a
             superset of the last
@@ -25,6 +27,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +46,27 @@ from .report import MetricsLog, versions, write_run_report
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def reproducible(threads: int | None, deterministic: bool = True):
+    """Settings under which a run gives the same numbers every time: `threads` CPU threads (a sum
+    split over threads is added in an order that depends on their count), torch's deterministic
+    algorithms where it has them (`deterministic`; warn_only: an op without one runs and warns),
+    no cuDNN autotuning. The previous settings come back afterwards."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.cudnn.benchmark = before[3]
 
 
 class Run:
@@ -177,6 +201,26 @@ def stage_prune(run: Run) -> dict:
     return results
 
 
+def stage_reference(run: Run) -> dict:
+    """The prune_reference recipe, one-shot, saved to reference/ and evaluated."""
+    from .prune.defaults import resolve_recipe
+    from .prune.run import run_prune
+
+    p, cfg = run.cfg.prune_reference, run.cfg
+    model, tok = run.load(cfg.model)
+    run.say(f"[reference] {p.method or 'default recipe'}, {p.pattern}, {p.sparsity:.0%} sparsity, "
+            f"{p.nsamples} calibration samples of {p.seqlen} tokens" + (f", options {p.options}" if p.options else ""))
+    recipe = resolve_recipe(p.pattern, **p.given(dict(p.options)))
+    run_prune(model, tok, recipe, p.pattern, p.sparsity, cfg.data.corpus, cfg.seed, out_dir=run.dir / "reference",
+              device=run.device, progress=run.progress, recipe=cfg.to_dict(), seqlen_name="prune_reference.seqlen")
+    result = run.evaluate("reference", model, tok)
+    baseline = run.done("baseline")
+    ratio = f" ({result['ppl'] / baseline['dense']['ppl']:.1f}x dense)" if baseline else ""
+    run.say(f"[reference] one-shot perplexity: {result['ppl']:.2f}{ratio} at {result['sparsity']:.1%} sparsity"
+            + _heldout_note(run, result))
+    return {"reference": result}
+
+
 @torch.no_grad()
 def _keep_superset(model, previous: dict[str, torch.Tensor], info: dict) -> None:
     """Progressive rounds only add zeros: weights pruned in an earlier round stay zero."""
@@ -234,32 +278,50 @@ def stage_recover(run: Run) -> dict:
             ("steps", "train_seconds", "final_train_loss", "eval_before", "eval_after", "best_eval")}}
 
 
+RESULT_STAGES = {"dense": "baseline", "reference": "reference", "pruned": "prune", "recovered": "recover"}
+
+
+def row_labels(cfg: RunConfig) -> dict[str, str]:
+    """Row names of the table: a prune section's label where it has one."""
+    recovered = cfg.recover.label or (f"recovered ({cfg.recover.mode}" + (", distilled" if cfg.recover.teacher else "")
+                                      + ", merged)")
+    return {"dense": "dense", "reference": (cfg.prune_reference.label if cfg.prune_reference else None) or "reference",
+            "pruned": cfg.prune.label or "pruned", "recovered": recovered}
+
+
 def stage_report(run: Run) -> dict:
     results = {}
-    for stage in ("baseline", "prune", "recover"):
+    for key, stage in RESULT_STAGES.items():  # the table's row order
         marker = run.done(stage) or {}
-        for key in ("dense", "pruned", "recovered"):
-            if key in marker:
-                results[key] = marker[key]
+        if key in marker and (stage != "reference" or run.cfg.prune_reference is not None):
+            results[key] = marker[key]
+    labels = row_labels(run.cfg)
     sparsity = read_sparsity_json(run.dir / "pruned") if (run.dir / "pruned").exists() else None
-    write_run_report(run.dir, run.cfg.to_dict(), results, sparsity, _stage_seconds(run))
+    write_run_report(run.dir, run.cfg.to_dict(), results, sparsity, _stage_seconds(run), labels=labels)
     run.say(f"[report] {run.dir / 'report.md'}")
-    return {"results": results}
+    return {"results": results, "labels": {k: labels[k] for k in results}}
 
 
 def _stage_seconds(run: Run) -> dict:
-    return {s: (run.done(s) or {}).get("seconds") for s in ("baseline", "prune", "recover")}
+    return {s: (run.done(s) or {}).get("seconds") for s in ("baseline", "reference", "prune", "recover")}
 
 
-STAGE_FUNCTIONS = {"baseline": stage_baseline, "prune": stage_prune, "recover": stage_recover,
-                   "report": stage_report}
+STAGE_FUNCTIONS = {"baseline": stage_baseline, "reference": stage_reference, "prune": stage_prune,
+                   "recover": stage_recover, "report": stage_report}
+# stages whose outputs no later stage reads: running one again does not run the later ones again
+SIDE_STAGES = {"reference"}
 
 
 def stage_inputs(cfg: RunConfig, stage: str) -> dict:
     """The parts of the recipe a stage's result depends on: change one and the stage (and every
     later stage) runs again; change nothing and a finished stage is skipped."""
     c = cfg.to_dict()
+    for section in ("prune", "prune_reference", "recover"):   # a row's name changes no result
+        if c[section]:
+            c[section].pop("label")
     inputs = {"model": c["model"], "dtype": c["dtype"], "data": c["data"]}
+    if stage == "reference":
+        inputs.update(seed=c["seed"], prune_reference=c["prune_reference"])
     if stage in ("prune", "recover"):
         inputs.update(seed=c["seed"], prune=c["prune"])
         if stage == "recover" or c["prune"]["rounds"]:
@@ -270,22 +332,26 @@ def stage_inputs(cfg: RunConfig, stage: str) -> dict:
 def run_recipe(cfg: RunConfig, fresh: bool = False, say=print, progress: bool = True,
                only: list[str] | None = None) -> dict:
     """Run the stages of `cfg` in order, skipping those finished with the same inputs; return
-    {stage: result}."""
-    seed_everything(cfg.seed)
-    run = Run(cfg, say, progress)
-    run.start(fresh)
-    results, rerun = {}, False
-    for stage in only or cfg.stages:
-        inputs = stage_inputs(cfg, stage)
-        done = run.done(stage)
-        if stage != "report" and not rerun and done and done.get("inputs") == inputs:
-            say(f"[{stage}] done earlier; skipped (results in {run.dir / 'stages' / (stage + '.json')})")
-            results[stage] = done
-            continue
-        rerun = True
-        run.resume = run.begin(stage, inputs) and done is None
-        start = time.time()
-        result = STAGE_FUNCTIONS[stage](run)
-        result.update(seconds=round(time.time() - start, 1), inputs=inputs)
-        results[stage] = run.mark(stage, result)
+    {stage: result}. Every stage starts from the seed, under `reproducible(cfg.threads)`, so a
+    stage gives the same result whether it runs alone or after the others."""
+    # on a GPU, deterministic kernels are left to the user: several (index_add, scatter) would warn
+    # on every run, and none of them is needed for the CPU demo's numbers
+    with reproducible(cfg.threads, deterministic=resolve_device(cfg.device).type == "cpu"):
+        run = Run(cfg, say, progress)
+        run.start(fresh)
+        results, rerun = {}, False
+        for stage in cfg.active_stages(only):
+            inputs = stage_inputs(cfg, stage)
+            done = run.done(stage)
+            if stage != "report" and not rerun and done and done.get("inputs") == inputs:
+                say(f"[{stage}] done earlier; skipped (results in {run.dir / 'stages' / (stage + '.json')})")
+                results[stage] = done
+                continue
+            rerun = rerun or stage not in SIDE_STAGES
+            run.resume = run.begin(stage, inputs) and done is None
+            seed_everything(cfg.seed)
+            start = time.time()
+            result = STAGE_FUNCTIONS[stage](run)
+            result.update(seconds=round(time.time() - start, 1), inputs=inputs)
+            results[stage] = run.mark(stage, result)
     return results

@@ -78,10 +78,13 @@ def plot_layer_sparsity(layers: dict[str, float], path: Path) -> bool:
     return True
 
 
-def perplexity_table(results: dict[str, dict], in_domain: str | None = None) -> str:
+def perplexity_table(results: dict[str, dict], in_domain: str | None = None,
+                     labels: dict[str, str] | None = None) -> str:
     """Markdown table of stage -> perplexity, ratio to dense, sparsity; with a held-out corpus
     (results carrying "heldout"), its perplexity and ratio to dense as two more columns.
-    `in_domain` names the in-domain corpus/split in the header."""
+    `in_domain` names the in-domain corpus/split in the header; `labels` names the rows
+    (default: the stage keys)."""
+    labels = labels or {}
     dense = results.get("dense", {}).get("ppl")
     dense_held = results.get("dense", {}).get("heldout", {}).get("ppl")
     held_name = next((r["heldout"]["corpus"] for r in results.values() if r.get("heldout")), None)
@@ -99,7 +102,7 @@ def perplexity_table(results: dict[str, dict], in_domain: str | None = None) -> 
         lines[1] += " ---: |" * len(tasks)
     for stage, r in results.items():
         ratio = f"{r['ppl'] / dense:.2f}" if dense else "-"
-        row = f"| {stage} | {r['ppl']:,.2f} | {ratio} |"
+        row = f"| {labels.get(stage, stage)} | {r['ppl']:,.2f} | {ratio} |"
         if held_name:
             held = r.get("heldout", {}).get("ppl")
             row += (f" {held:,.2f} | {held / dense_held:.2f} |" if held and dense_held else
@@ -110,8 +113,9 @@ def perplexity_table(results: dict[str, dict], in_domain: str | None = None) -> 
 
 
 def write_run_report(folder: Path, config: dict, results: dict[str, dict], sparsity: dict | None,
-                     seconds: dict) -> None:
-    """report.md: what was done, the perplexity table, plots, timings and the recipe."""
+                     seconds: dict, labels: dict[str, str] | None = None) -> None:
+    """report.md: what was done, the perplexity table (rows named by `labels`), plots, timings
+    and the recipe."""
     d, p, r = config["data"], config["prune"], config["recover"]
     any_result = next(iter(results.values()), None)
     parts = [f"# spruce run: {Path(config['output_dir']).name}", ""]
@@ -120,8 +124,14 @@ def write_run_report(folder: Path, config: dict, results: dict[str, dict], spars
               + (f" in {len(p['rounds'])} progressive rounds" if p.get("rounds") else "")
               + f"; recovered with {r['mode']} on `{r['corpus'] or d['corpus']}`"
               + (", distilled from the dense model" if r["teacher"] else "") + ".", ""]
+    ref = config.get("prune_reference")
+    if ref and "reference" in results:
+        parts += [f"For comparison, the same model pruned one-shot to {ref['sparsity']:.0%} in `{ref['pattern']}` "
+                  f"with {ref['method'] or 'the default recipe'}"
+                  + (f" ({', '.join(f'{k} {v}' for k, v in ref['options'].items() if v not in (None, {}))})"
+                     if ref.get("options") else "") + ", not recovered.", ""]
     if results:
-        parts += [perplexity_table(results, f"{d['corpus']}/{d['eval_split']}"), ""]
+        parts += [perplexity_table(results, f"{d['corpus']}/{d['eval_split']}", labels), ""]
         parts += [f"Perplexity on `{d['corpus']}` split `{d['eval_split']}`, seqlen {any_result['seqlen']}, "
                   f"{any_result['windows']} windows ({any_result['tokens']:,} tokens). The recovered row is the "
                   "merged model (adapter folded in, zero set kept).", ""]
@@ -130,6 +140,9 @@ def write_run_report(folder: Path, config: dict, results: dict[str, dict], spars
             parts += [f"Held-out: `{held['corpus']}` split `{d['eval_split']}`, a corpus this recipe never calibrated "
                       f"or trained on, seqlen {held['seqlen']}, {held['windows']} windows ({held['tokens']:,} "
                       "tokens): in-domain numbers alone flatter recovery.", ""]
+        if "reference" in results and "pruned" in results:
+            parts += [f"One-shot, the reference recipe's perplexity is "
+                      f"{results['reference']['ppl'] / results['pruned']['ppl']:,.1f}x that of the `prune` recipe.", ""]
         if "pruned" in results and "recovered" in results:
             held = [results[k].get("heldout", {}).get("ppl") for k in ("pruned", "recovered")]
             parts += [f"Recovery brought perplexity from {results['pruned']['ppl']:,.2f} to "

@@ -1,6 +1,10 @@
 """`spruce run` / `spruce demo`: shipped recipes, stages, resume, progressive rounds, reports."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,12 +33,15 @@ def test_every_shipped_recipe_validates_and_names_its_command(path):
     assert cfg.prune.round_plan()[-1][0] == cfg.prune.sparsity
 
 
-def tiny_overrides(tiny_model_dir, corpus_file, out, *extra):
+def tiny_overrides(tiny_model_dir, corpus_file, out, *extra, reference: bool = False):
+    """Overrides that shrink a recipe to the tiny model; without `reference`, no prune_reference
+    section (no reference stage)."""
+    shrink_reference = ["prune_reference.nsamples=4", "prune_reference.seqlen=64", "prune_reference.batch_size=2"]
     return [f"model={tiny_model_dir}", f"output_dir={out}", "device=cpu", f"data.corpus={corpus_file}",
             "data.eval_seqlen=64", "data.eval_windows=6", "prune.nsamples=4", "prune.seqlen=64",
             "prune.batch_size=2", "recover.block_size=64", "recover.max_steps=40", "recover.learning_rate=0.003",
             "recover.batch_size=2", "recover.warmup_steps=4", "recover.max_eval_samples=4", "recover.lora_dropout=0",
-            *extra]
+            *(shrink_reference if reference else ["prune_reference=null"]), *extra]
 
 
 def quiet(lines):
@@ -43,28 +50,69 @@ def quiet(lines):
 
 def test_demo_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, tmp_path):
     out = tmp_path / "run"
-    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml", tiny_overrides(tiny_model_dir, corpus_file, out))
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
+                      tiny_overrides(tiny_model_dir, corpus_file, out, reference=True))
+    assert cfg.prune_reference.method == "wanda" and cfg.prune.method != "wanda" and cfg.threads == 2
     lines = []
     results = run_recipe(cfg, say=quiet(lines), progress=False)
     for name in ["config.yaml", "metrics.jsonl", "report.md", "pruned/sparsity.json", "pruned/config.json",
+                 "reference/sparsity.json", "reference/config.json",
                  "recover/adapter_config.json", "recover/merged/config.json", "recover/curves.png",
-                 "plots/layer_sparsity.png", "stages/recover.json"]:
+                 "plots/layer_sparsity.png", "stages/recover.json", "stages/reference.json"]:
         assert (out / name).exists(), name
     table = results["report"]["results"]
+    assert list(table) == ["dense", "reference", "pruned", "recovered"]  # the table's rows, in order
+    assert table["reference"]["sparsity"] == 0.5
     assert table["pruned"]["sparsity"] == 0.5 and table["recovered"]["sparsity"] == 0.5
     assert table["recovered"]["ppl"] < table["pruned"]["ppl"]
     assert results["recover"]["zero_set_unchanged"] is True
     merged = AutoModelForCausalLM.from_pretrained(out / "recover" / "merged")
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
     assert all(torch.equal(a, b) for a, b in zip(zero_masks(pruned).values(), zero_masks(merged).values()))
+    reference = AutoModelForCausalLM.from_pretrained(out / "reference")
+    assert not all(torch.equal(a, b) for a, b in zip(zero_masks(pruned).values(), zero_masks(reference).values()))
+    labels = results["report"]["labels"]
     report = (out / "report.md").read_text()
-    assert "| recovered |" in report and "layer_sparsity.png" in report
+    for key in table:
+        assert f"| {labels[key]} |" in report
+    assert "layer_sparsity.png" in report and "reference recipe's perplexity is" in report
     assert yaml.safe_load((out / "config.yaml").read_text())["prune"]["pattern"] == "16x16"
 
     # started again: every finished stage is skipped
     again = []
     run_recipe(cfg, say=quiet(again), progress=False)
-    assert sum("skipped" in line for line in again) == 3
+    assert sum("skipped" in line for line in again) == 4
+
+    # the reference is a side branch: changing it runs it alone again
+    again = []
+    cfg = load_recipe(recipes_dir() / "smollm2-block16.yaml",
+                      tiny_overrides(tiny_model_dir, corpus_file, out, "prune_reference.sparsity=0.25", reference=True))
+    results = run_recipe(cfg, say=quiet(again), progress=False)
+    assert [line.split()[0] for line in again if "skipped" in line] == ["[baseline]", "[prune]", "[recover]"]
+    assert results["report"]["results"]["reference"]["sparsity"] == 0.25
+
+
+def test_the_demo_prune_stages_give_the_same_weights_in_two_fresh_processes(tiny_model_dir, corpus_file, tmp_path):
+    # two processes started with different thread settings: the recipe's `threads` decides
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = str(recipes_dir() / "smollm2-block16.yaml")
+    procs = []
+    for name, threads in (("a", "1"), ("b", "2")):
+        argv = [sys.executable, "-m", "spruce.cli", "run", recipe,
+                *tiny_overrides(tiny_model_dir, corpus_file, tmp_path / name, reference=True), "--stages", "reference",
+                "prune"]
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+        procs.append(subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    for folder in ("reference", "pruned"):
+        a, b = (load_file(tmp_path / name / folder / "model.safetensors") for name in ("a", "b"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 def test_distill_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, tmp_path):
@@ -72,7 +120,8 @@ def test_distill_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, 
     # fine-tuning distilled from the dense model under bf16 mixed precision
     out = tmp_path / "run"
     cfg = load_recipe(recipes_dir() / "smollm2-block16-distill.yaml",
-                      tiny_overrides(tiny_model_dir, corpus_file, out, "recover.max_steps=6", "recover.eval_steps=3"))
+                      tiny_overrides(tiny_model_dir, corpus_file, out, "recover.max_steps=6", "recover.eval_steps=3",
+                                     reference=True))
     assert cfg.prune.method is None and cfg.recover.bf16 and cfg.recover.distill_temperature == 1.0
     results = run_recipe(cfg, say=quiet([]), progress=False)
     info = yaml.safe_load((out / "pruned" / "sparsity.json").read_text())
@@ -209,3 +258,37 @@ def test_prune_obs_max_inputs_reaches_the_default_block_recipe(tiny_model_dir, c
         run_recipe(cfg, say=quiet([]), progress=False)
     info = json.loads((out / "pruned" / "sparsity.json").read_text())
     assert info["method"] == "sparsegpt" and info["measured_sparsity"] == 0.5
+
+
+def test_a_run_computes_with_the_recipes_thread_count_and_restores_it(tmp_path, monkeypatch):
+    from spruce import pipeline
+
+    seen = {}
+
+    def stage(run):
+        seen.update(threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled())
+        return {}
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "baseline", stage)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    cfg = load_recipe(None, [f"output_dir={tmp_path / 'run'}", "device=cpu", f"threads={want}", "stages=[baseline]"])
+    run_recipe(cfg, say=quiet([]), progress=False)
+    assert seen == {"threads": want, "deterministic": True}
+    assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("device, recipe, says", [("cpu", "smollm2-block16.yaml", "CPU-sized"),
+                                                  ("cuda", "smollm2-block16-distill.yaml", "full-size")])
+def test_demo_runs_the_full_size_recipe_on_a_gpu(device, recipe, says, monkeypatch, capsys):
+    from spruce import cli, models
+
+    seen = {}
+    monkeypatch.setattr(models, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(cli, "_run_and_show", lambda cfg, fresh: seen.update(cfg=cfg))
+    assert main(["demo"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.output_dir == load_recipe(recipes_dir() / recipe).output_dir and says in capsys.readouterr().out
+    assert cfg.prune_reference is not None and cfg.prune_reference.method == "wanda"
+    if device == "cuda":
+        assert cfg.prune.nsamples == 128 and cfg.data.eval_windows is None and cfg.recover.teacher
