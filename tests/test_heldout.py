@@ -64,7 +64,8 @@ def test_a_run_reports_both_columns(capsys, tiny_model_dir, corpus_file, other_f
     report = (out / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| model |"))
     assert header.count("x dense") == 2 and f"held-out {other_file}/test perplexity" in header
-    row = next(line for line in report.splitlines() if line.startswith("| recovered |"))
+    label = results["report"]["labels"]["recovered"]   # the recipe names its rows
+    row = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
     ratio = table["recovered"]["heldout"]["ppl"] / table["dense"]["heldout"]["ppl"]
     assert f"| {ratio:.2f} |" in row
     # the finetune summary has the held-out pair too
