@@ -29,8 +29,8 @@ from .. import data, generated
 from ..errors import SpruceError
 from ..card import write_model_card
 from ..masks import copy_sparsity_json, overall_sparsity, zero_masks
-from ..models import load_config, load_model, save_model
-from ..outdir import atomic_dir, check_output_dir, check_writable, share_modes
+from ..models import check_context, load_config, load_model, save_model
+from ..outdir import atomic_dir, check_output_dir, check_writable, share_modes, write_json
 from ..report import MetricsLog, write_config
 from .args import LATEST, MODES, FinetuneArgs  # noqa: F401  (MODES: the public list of modes)
 from .checkpoint import (LEGACY_ROOT, check_checkpoint_files, check_resumable, checkpoint_step, list_checkpoints,
@@ -234,9 +234,7 @@ def load_student_model(run: FinetuneRun):
         model, tok = load_model(a.model_name_or_path, load_device, a.dtype, a.trust_remote_code, run.tokenizer_source)
     if parallel is not None:
         parallel.check_wrapping(model)  # before anything is written
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and a.block_size > limit:
-        raise SpruceError(f"--block_size {a.block_size} is longer than the model's context ({limit} tokens); lower it")
+    check_context(model, a.block_size, "--block_size")
     return model, tok
 
 
@@ -508,6 +506,4 @@ def _finish(output_dir: Path, summary: dict, log: MetricsLog, result, say) -> No
     for line in lines:
         say(line)
     log.write({"event": "summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
-    tmp = output_dir / "summary.json.partial"
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(output_dir / "summary.json")
+    write_json(output_dir / "summary.json", summary)
