@@ -182,7 +182,10 @@ def stage_prune(run: Run) -> dict:
                 f"{p.nsamples} calibration samples of {p.seqlen} tokens"
                 + (f", options {options}" if options else ""))
         folder = run.dir / ("pruned" if i == len(rounds) else f"rounds/round{i}-pruned")
-        recipe = resolve_recipe(p.pattern, **p.given(options))
+        given = p.given(options)
+        if i > 1:   # round 1 ordered the MLP features; the earlier zeros (_keep_superset) are kept in that order
+            given["permute"] = False
+        recipe = resolve_recipe(p.pattern, **given)
         # a killed run continues from its last saved layer (the state folder beside `folder`)
         run_prune(model, tok, recipe, p.pattern, sparsity, cfg.data.corpus, cfg.seed, out_dir=folder,
                   device=run.device, progress=run.progress, recipe=cfg.to_dict(), seqlen_name="prune.seqlen",

@@ -40,6 +40,10 @@ DEFAULTS["grouped"] = DEFAULTS["block"]   # grouped blocks (16x16g4) take the bl
 # every block-row independent; 4 prunes `16x16` as `16x16g4`, the layout the kernels run with
 # 64-feature tiles (patterns/grouped.py). A recipe's "block_group" (or a named method) overrides it.
 DEFAULT_BLOCK_GROUP = 1
+# Whether the default block recipe, when it prunes a grouped pattern (16x16g4, named or through
+# DEFAULT_BLOCK_GROUP), first reorders each MLP's intermediate features (PruneSpec.permute,
+# permute.py). A recipe's "permute" (or a named method, which runs plainly) overrides it.
+DEFAULT_PERMUTE = True
 # a named method runs plainly: the PruneSpec defaults (spec.py), the one place they are defined
 BASE = {k: v for k, v in SPEC_DEFAULTS.items() if k not in ("pattern", "sparsity")}
 # the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there
@@ -54,6 +58,7 @@ def resolve_recipe(pattern: str, **given) -> dict:
     recipe = {**BASE, **(DEFAULTS.get(kind, {}) if given.get("method") is None else {})}
     recipe["module_sparsity_is_default"] = given.get("module_sparsity") is None
     recipe["method_is_default"] = given.get("method") is None
+    recipe["permute_is_default"] = given.get("permute") is None
     recipe["reconstruct_is_default"] = given.get("reconstruct_epochs") is None and given.get("reconstruct_lr") is None
     recipe.update({k: v for k, v in given.items() if v is not None})
     if recipe["method"] in ("magnitude", "wanda"):
@@ -100,10 +105,21 @@ def default_grouping(pattern: str, recipe: dict) -> str:
     return grouped_name(pattern, group)
 
 
+def default_permutation(pattern: str, recipe: dict) -> dict:
+    """The recipe with its "permute" decided: DEFAULT_PERMUTE for a grouped pattern under the default
+    recipe unless the recipe sets it; as given otherwise."""
+    if recipe.get("method_is_default") and recipe.get("permute_is_default", True) \
+            and parse_pattern(pattern).kind == "grouped":
+        return {**recipe, "permute": DEFAULT_PERMUTE}
+    return recipe
+
+
 def spec_for_model(recipe: dict, pattern: str, sparsity: float, linears: dict) -> tuple[PruneSpec, dict]:
     """(the PruneSpec, the recipe fitted to the model's linears) for a resolved recipe; the default
-    block recipe prunes block patterns in their grouped form (default_grouping)."""
-    recipe = fit_to_model(recipe, linears)
-    spec = PruneSpec(pattern=default_grouping(pattern, recipe), sparsity=sparsity,
+    block recipe prunes block patterns in their grouped form (default_grouping), permuted
+    (default_permutation)."""
+    pattern = default_grouping(pattern, recipe)
+    recipe = default_permutation(pattern, fit_to_model(recipe, linears))
+    spec = PruneSpec(pattern=pattern, sparsity=sparsity,
                      **{k: v for k, v in recipe.items() if k in FIELDS})
     return spec, recipe

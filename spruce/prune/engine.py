@@ -25,6 +25,7 @@ from ..masks import overall_sparsity, weight_sparsity
 from ..models import decoder_layers, prunable_linears
 from . import allocate as alloc
 from .methods import METHODS, wanda_score
+from .permute import permute_layer
 from .patterns import Pattern, check_divides
 from .reconstruct import Reconstruct, layer_output, reconstruct_layer  # noqa: F401  (Reconstruct: re-exported)
 from .spec import PruneSpec, report_fields, spec_from_options
@@ -223,11 +224,17 @@ def _prune_weight(module, prune, pattern: Pattern, stats: dict, sparsity: float)
     w.copy_(prune(w, stats, pattern, sparsity))
 
 
+def _sq_norms(layer, batches):
+    """names -> {name: squared input norms of that linear of `layer` over the batches}."""
+    return lambda only: {n: s["sq_norm"] for n, s in gather_statistics(layer, batches, ("sq_norm",), only=only)[0].items()}
+
+
 def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches, device, progress,
                   state: PruneState | None = None):
     """Prune layer by layer. spec.sequential: within a layer, the linears that share an input
     (q/k/v, then o, then gate/up, then down) are pruned in forward order, each group calibrated on
-    the outputs of the groups already pruned. spec.reconstruct: see Reconstruct."""
+    the outputs of the groups already pruned. spec.reconstruct: see Reconstruct. spec.permute: each
+    layer's MLP features are first reordered for the pattern's tiles (permute.py), scored on its inputs."""
     layers = decoder_layers(model)
     full_names = {id(m): n for n, m in prunable_linears(model).items()}
     method = METHODS[spec.method]
@@ -245,6 +252,8 @@ def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches,
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
+        if spec.permute:   # before anything reads the layer: the dense copy and every statistic see the new order
+            permute_layer(layer, pattern.rows, pattern.cols, None if batches is None else _sq_norms(layer, batches))
         ref = copy.deepcopy(layer) if dense is not None or reconstruct else None
         dense_next = _run_layer(ref, dense) if dense is not None and (reconstruct or layer is not layers[-1]) \
             else None

@@ -29,6 +29,8 @@ class PruneSpec:
     selection: str = "global"           # block tiles: one threshold per matrix (global) or per block-row (row-balanced)
     tile_score: str = "mean"            # block tiles ranked by their mean score (the reference) or energy
     tiers: tuple[float, float] | None = None  # hybrid: (dense, 2:4) shares of the tiles; None = the pattern's
+    permute: bool = False               # block patterns: first reorder each MLP's intermediate features so rows
+                                        # valuing the same block-columns share a tile (permute.py; function unchanged)
     # --- how much per layer
     allocation: str = "uniform"         # uniform | owl (decoder blocks with more outliers pruned less)
     owl_m: float = alloc.OWL_M          # owl: an outlier scores above M x its block's mean score
@@ -63,6 +65,8 @@ class PruneSpec:
         set_(self, "module_sparsity", dict(self.module_sparsity) if self.module_sparsity else None)
         pattern = self.parsed           # a bad pattern, selection, tile score or tiers fails here
         set_(self, "pattern", pattern.name)
+        if self.permute and pattern.kind not in ("block", "grouped"):
+            raise SpruceError(f"permute reorders MLP features into block-rows; {pattern.name} is not a block pattern")
         fixed = pattern.fixed_sparsity
         if fixed is not None and self.sparsity != 0 and abs(self.sparsity - fixed) >= 1e-9:
             warnings.warn(f"{pattern.name} fixes the sparsity at {fixed:g}; the requested {self.sparsity:g} is not used")
