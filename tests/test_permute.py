@@ -150,3 +150,25 @@ def test_the_recipe_decides_permute():
     assert (got.pattern, got.permute) == ("16x16g4", defaults.DEFAULT_PERMUTE)
     with pytest.raises(SpruceError, match="permute reorders MLP features into block-rows; 2:4"):
         PruneSpec(method="sparsegpt", pattern="2:4", permute=True)
+
+
+def test_progressive_rounds_keep_the_first_rounds_order(tiny_model_dir, corpus_file, tmp_path):
+    """Round 2 prunes the recovered round-1 model: a second permutation would move the round-1
+    zeros away from the positions that round keeps zero, breaking the pattern and the sparsity."""
+    from spruce.config import load_recipe
+    from spruce.masks import zero_masks
+    from spruce.pipeline import run_recipe
+    from tests.test_pipeline import quiet, tiny_overrides
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = load_recipe(None, tiny_overrides(tiny_model_dir, corpus_file, out, "prune.pattern=16x16g2",
+                                           "prune.method=wanda", "prune.sparsity=0.5", "prune.options={permute: true}",
+                                           "recover.max_steps=2", "prune.rounds=[0.25, 0.5]", "stages=[baseline, prune]"))
+    run_recipe(cfg, say=quiet([]), progress=False)
+    first = zero_masks(AutoModelForCausalLM.from_pretrained(out / "rounds" / "round1-pruned"))
+    final = zero_masks(AutoModelForCausalLM.from_pretrained(out / "pruned"))
+    for name, zero in final.items():
+        assert torch.all(zero | ~first[name]), name
+        assert _is_grouped(zero, 32, 16), name
+        assert zero.float().mean().item() == 0.5, name
