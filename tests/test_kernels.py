@@ -275,12 +275,14 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and bsr.triton_available
 
 @pytest.fixture
 def few_configs(monkeypatch):
-    """One candidate tile of each kind (two for prefill), so that tests compile little;
+    """One candidate tile of each kind (two for prefill, one of each prefill.py mode), so that tests compile little;
     test_every_configuration runs the full lists."""
     monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:1])
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", bsr.DECODE_DOT_CONFIGS[:1])
     monkeypatch.setattr(bsr, "GEMV_MULTI_CONFIGS", 1)
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
+    monkeypatch.setattr(bsr.grouped_prefill, "CONFIGS", bsr.grouped_prefill.CONFIGS[:1])
+    monkeypatch.setattr(bsr.grouped_prefill, "ROWS_CONFIGS", bsr.grouped_prefill.ROWS_CONFIGS[:1])
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.gpu, gpu]), "interpreter"])

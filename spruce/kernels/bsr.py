@@ -21,7 +21,9 @@ Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
   Hopper the launch is a programmatic dependent launch that loads its first weight tile before
   waiting for the previous kernel.
 - prefill, more tokens: a GEMM tile [BLOCK_M tokens, BLOCK_N features of one group] iterates over
-  the group's stored block-columns with `tl.dot`, the input tile gathered by column index.
+  the group's stored block-columns with `tl.dot`, the input tile gathered by column index. For
+  groups of 64 or more features `prefill.py`'s kernel is a candidate too (x transposed once, so a
+  kept block-column is B contiguous input rows; several kept blocks per pipelined step).
 Column-index gathers carry contiguity hints (runs of B from multiples of B), so the input is read
 with 16-byte loads and the prefill loop is software pipelined with cp.async like the weights.
 Each launch shape (weight shape, block, group width, density in eighths, tokens, dtype) picks its
@@ -41,6 +43,7 @@ import types
 import torch
 
 from spruce.errors import SpruceError
+from spruce.kernels import prefill as grouped_prefill
 
 BLOCK_SIZES = (16, 32, 64)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -430,8 +433,9 @@ def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
 
 
 def prefill_candidates(w: BlockSparseWeight) -> list[tuple]:
+    """This module's prefill tiles, then (groups of 64+ features) those of `prefill.py`, tagged."""
     return [c for c in PREFILL_CONFIGS if c[0] * w.group_features <= PREFILL_MAX_ACC
-            and (c[2] == 8 or c[0] * w.group_features <= 256 * 64)]
+            and (c[2] == 8 or c[0] * w.group_features <= 256 * 64)] + grouped_prefill.candidates(w)
 
 
 def _common_args(w: BlockSparseWeight, bias, y):
@@ -517,6 +521,9 @@ def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | N
     flags, bias_arg, count = _common_args(w, bias, y)
 
     def launch(c, weight):
+        if c[0] in (grouped_prefill.TAG, grouped_prefill.TAG_ROWS):
+            grouped_prefill.launch(x, weight, bias, y, c)
+            return
         block_m, block_k, warps, stages, swap = c
         kernel[(triton_cdiv(m, block_m), weight.shape[0] // weight.group_features)](
             x, weight.values, weight.cols, weight.group_ptr, bias_arg, y, m, count, x.stride(0), y.stride(0),

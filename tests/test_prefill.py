@@ -1,0 +1,134 @@
+"""The grouped prefill kernel (spruce/kernels/prefill.py) against float64 math on the masked weight.
+
+On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) in
+float16 (the interpreter's tl.dot cannot multiply bfloat16); on a GPU, bfloat16 at the Llama-2-7B
+shapes. Every configuration of both input modes (x transposed, x as it is) is checked.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spruce.kernels import BlockSparseWeight, bsr, prefill
+from tests.test_kernels import gpu, irregular_weight, kernels_on, masked_weight, rel_err  # noqa: F401
+
+
+def _check_all(x, sparse, bias, ref):
+    configs = prefill.candidates(sparse)
+    assert configs, "no configuration for this weight"
+    for cfg in configs:
+        y = torch.full((x.shape[0], sparse.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+        prefill.launch(x, sparse, bias, y, cfg)
+        err = rel_err(y, ref)
+        assert err <= 1e-2, (cfg, err)  # NaN (an element never written) fails too
+    return configs
+
+
+@pytest.mark.parametrize("layout,group", [("grouped", 4), ("grouped128", 8)])
+def test_every_configuration_matches_float64(layout, group, kernels_on):
+    device, dtype = kernels_on
+    gen = torch.Generator().manual_seed(group)
+    n, k = (1024, 2048) if device.type == "cuda" else (32 * group, 192)  # two groups on CPU
+    w = masked_weight(n, k, 16, 0.5, layout, seed=group).to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
+    assert sparse.group == group and sparse.uniform_count > 0
+    bias = torch.randn(n, generator=gen).to(device, dtype)
+    tokens = ((300, True), (64, False), (129, True)) if device.type == "cuda" else ((300, True), (64, False))
+    for m, with_bias in tokens:  # ragged: 300 fills no tile
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        b = bias if with_bias else None
+        ref = F.linear(x.double(), w.double().to(device), None if b is None else b.double())
+        configs = _check_all(x, sparse, b, ref)
+    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS}
+
+
+def test_unequal_groups_and_an_empty_group(kernels_on):
+    """Group-pointer loads (unequal counts, the global selection's layout), a group with no stored
+    column (its outputs are the bias alone) and zeros inside stored blocks."""
+    device, dtype = kernels_on
+    gen = torch.Generator().manual_seed(7)
+    n, k = 256, 160
+    w = irregular_weight(n, k, 16, seed=3)
+    w[:64] = 0  # the whole first group of 4 block-rows
+    w = w.to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16, group=4).to(device)
+    assert sparse.uniform_count == -1 and int(sparse.group_ptr[1]) == 0
+    bias = torch.randn(n, generator=gen).to(device, dtype)
+    x = torch.randn(77, k, generator=gen).to(device, dtype)
+    ref = F.linear(x.double(), w.double().to(device), bias.double())
+    _check_all(x, sparse, bias, ref)
+
+
+def test_transpose_pads_with_zeros(kernels_on):
+    device, dtype = kernels_on
+    x = torch.randn(70, 48).to(device, dtype)
+    xt = prefill.transpose_padded(x)
+    assert xt.shape == (48, prefill.TOKEN_PAD)
+    assert torch.equal(xt[:, :70], x.t()) and not xt[:, 70:].any()
+
+
+def test_the_tuner_offers_it_for_wide_groups_only():
+    wide = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "grouped"), 16)
+    narrow = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "independent"), 16)
+    tags = [c[0] for c in bsr.prefill_candidates(wide)]
+    assert tags[:len(bsr.PREFILL_CONFIGS)] == [256, 256, 128, 128, 256, 128]  # the older kernel's first
+    assert prefill.TAG in tags and prefill.TAG_ROWS in tags
+    assert not any(isinstance(t, str) for t in (c[0] for c in bsr.prefill_candidates(narrow)))
+    g8 = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "grouped128"), 16)
+    assert all(c[1] * 128 <= prefill.MAX_ACC for c in prefill.candidates(g8))  # no 512-token tile
+
+
+def test_launch_prefill_runs_a_tagged_configuration(kernels_on):
+    device, dtype = kernels_on
+    gen = torch.Generator().manual_seed(1)
+    w = masked_weight(128, 128, 16, 0.5, "grouped").to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
+    x = torch.randn(40, 128, generator=gen).to(device, dtype)
+    ref = F.linear(x.double(), w.double().to(device))
+    for cfg in (prefill.candidates(sparse)[0], prefill.candidates(sparse)[-1]):
+        y = torch.full((40, 128), float("nan"), dtype=dtype, device=device)
+        bsr.launch_prefill(x, sparse, None, y, cfg)
+        assert rel_err(y, ref) <= 1e-2, cfg
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_llama_shapes_on_gpu(shape):
+    """Every configuration at 2048 tokens on the Llama-2-7B shapes, bfloat16, 64- and 128-feature groups."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(0)
+    for layout in ("grouped", "grouped128"):
+        w = masked_weight(n, k, 16, 0.5, layout, dtype=torch.bfloat16).cuda()
+        sparse = BlockSparseWeight.from_dense(w, 16)
+        x = torch.randn(2048, k, generator=gen).to("cuda", torch.bfloat16)
+        bias = torch.randn(n, generator=gen).to("cuda", torch.bfloat16)
+        _check_all(x, sparse, bias, F.linear(x.double(), w.double(), bias.double()))
+
+
+def test_prefill_bench_runs_every_candidate_and_summarises(monkeypatch):
+    """The device bench's flow on the CPU: timing stubbed (1 us per call), kernels in the interpreter."""
+    import bench.prefill as bp
+
+    pytest.importorskip("triton")
+    if bsr.triton_available() and not torch.cuda.is_available():
+        monkeypatch.setattr(bp, "DEVICE", "cpu")
+        monkeypatch.setattr(bp, "DTYPE", torch.float16)
+    def one_us(calls):
+        calls[0]()
+        return 1.0
+
+    monkeypatch.setattr(bp, "graph_time_us", one_us)
+    monkeypatch.setattr(bp, "copies_for", lambda nbytes: 1)
+    monkeypatch.setattr(bsr, "_rotation", lambda w: [w])
+    monkeypatch.setattr(bsr, "PREFILL_CONFIGS", bsr.PREFILL_CONFIGS[:1])
+    monkeypatch.setattr(prefill, "CONFIGS", prefill.CONFIGS[:1])
+    monkeypatch.setattr(prefill, "ROWS_CONFIGS", prefill.ROWS_CONFIGS[:1])
+    rows = []
+    bp.bench_case(128, 128, "16x16g4", "global", [40], torch.Generator().manual_seed(0), rows, None, {})
+    kinds = [r["kernel"] for r in rows]
+    assert kinds == ["dense cuBLAS", "transpose", "bsr", "grouped", "grouped", "tuned"]
+    assert rows[2]["config"] == str(bsr.PREFILL_CONFIGS[0]) and rows[0]["group"] == 4
+    assert all(r["rel_err"] <= 1e-2 for r in rows if "rel_err" in r) and "us_kernel" in rows[3]
+    table = bp.summary(rows).splitlines()
+    assert len(table) == 2 and "16x16g4" in table[1] and "1.00x" in table[1]
