@@ -17,6 +17,7 @@ a layer runs dense where dense won, and the run prints which layers run sparse.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import sys
 import time
@@ -264,7 +265,7 @@ def _release_compiled(model) -> None:
 
 def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: str, sparse: bool = True,
                    block_size: int = 16, dense_dispatch: bool = True, compare: bool = True,
-                   ttft_repeats: int = TTFT_REPEATS) -> dict:
+                   ttft_repeats: int = TTFT_REPEATS, on_sparse=None) -> dict:
     """Time greedy generation of each batch of prompt ids in `prompts`: dense (when `compare` or not
     `sparse`), then block-sparse (when `sparse`), with the dense dispatch when `dense_dispatch`:
     every block-sparse layer keeps its dense weight while the tuner times the kernel against dense
@@ -272,7 +273,9 @@ def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: st
     everywhere drop the copy (spruce.kernels.dispatch). The model is dense again afterwards.
 
     Returns {"dense": [Speed per prompt], "sparse": [...], "sparsify": SparsifyReport, "dispatch":
-    {"text", "table", "freed_bytes", "kept_dense_bytes", "dense_dispatch"}} (parts not run left out).
+    {"text", "table", "freed_bytes", "kept_dense_bytes", "dense_dispatch"}} (parts not run left out),
+    and under "inspected" what `on_sparse(model)` returned, called on the block-sparse model after
+    its timed runs (e.g. to read its memory and tuned configurations).
     """
     from .kernels import densify, sparsify
     from .kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
@@ -294,6 +297,8 @@ def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: st
                            "kept_dense_bytes": dispatch.kept_dense_bytes, "dense_dispatch": dense_dispatch}
         _release_compiled(model)
         out["sparse"] = [timed_speed(model, ids, new_tokens, mode, ttft_repeats) for ids in prompts]
+        if on_sparse is not None:
+            out["inspected"] = on_sparse(model)
     finally:
         densify(model)
         _release_compiled(model)
@@ -328,7 +333,8 @@ def speed_rows(speeds: dict, which=None) -> list[dict]:
                              "decode_tokens_per_second": round(r.decode_tokens_per_second, 2)}
         if d is not None and s is not None:
             row["ttft_speedup"] = round(d.ttft_s / s.ttft_s, 3) if s.ttft_s > 0 else None
-            row["decode_speedup"] = round(s.decode_tokens_per_second / d.decode_tokens_per_second, 3)
+            ratio = s.decode_tokens_per_second / d.decode_tokens_per_second
+            row["decode_speedup"] = round(ratio, 3) if math.isfinite(ratio) else None
             row["same_tokens"] = torch.equal(d.ids, s.ids)
         rows.append(row)
     return rows

@@ -70,7 +70,12 @@ def prepare_dispatch(model: nn.Module, decode_tokens=(1,), prefill_tokens=(), tu
         kind = "decode" if tokens <= bsr.DECODE_MAX_TOKENS else "prefill"
         report.launches.append(f"{kind} {tokens if kind == 'decode' else 1 << (tokens - 1).bit_length()}")
     if cuda:
+        tuned_with_copy = {id(m): _tuned_keys(m) for m in layers if m.dense_weight is not None}
         report.freed_bytes = release_dense(model)
+        for layer in layers:  # released: the same kernel tiles serve the weight without its copy
+            if layer.dense_weight is None and id(layer) in tuned_with_copy:
+                for key in tuned_with_copy[id(layer)]:
+                    bsr._tuned.setdefault(key[:-1], bsr._tuned[key])
     else:
         for layer in layers:
             if layer.dense_weight is not None:
@@ -79,6 +84,13 @@ def prepare_dispatch(model: nn.Module, decode_tokens=(1,), prefill_tokens=(), tu
     report.kept_dense_bytes = sum(m.dense_weight.numel() * m.dense_weight.element_size()
                                   for m in layers if m.dense_weight is not None)
     return report
+
+
+def _tuned_keys(layer: BlockSparseLinear) -> list[tuple]:
+    """The tuning keys of this layer's weight with its dense copy (ending in "+dense") tuned so far."""
+    w = layer.sparse_weight
+    sig = bsr.tuning_key("decode", w, 1, w.values.dtype)[1:6]
+    return [key for key in bsr._tuned if key[1:6] == sig and key[-1] == "+dense"]
 
 
 def module_kind(name: str) -> str:
