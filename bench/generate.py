@@ -294,18 +294,28 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
         return {"weight_bytes": _model_bytes(model_now), "pdl": pdl_enabled(torch.device(device)) if cuda else None,
                 "configs": {b: _linear_configs(model_now, b, prompt_tokens, torch.bfloat16) for b in batch_sizes}}
 
-    for layout in layouts:
-        shares = emit_masks(model, originals, layout, selection, sparsity, module_sparsity, seed)
-        line = layout_line(model, layout, selection, shares, block_size)
-        summary["layouts"][layout] = line
-        print(line, flush=True)
-        for mode in modes:
-            dense = case(layout, "dense", mode,
-                         lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=False,
-                                                ttft_repeats=repeats)["dense"])
-            if dense is not None:
-                add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": _model_bytes(model)})
-            for dispatch in DISPATCH_CHOICES[dense_dispatch]:
+    # dense dispatch first, on every layout, then without it: a run cut by the time budget has the
+    # dispatch rows of each layout (the dense rows of a layout are measured once per mode)
+    dense_of: dict = {}
+    current = None
+    for mode in modes:
+        for dispatch in DISPATCH_CHOICES[dense_dispatch]:
+            for layout in layouts:
+                if layout != current:
+                    shares = emit_masks(model, originals, layout, selection, sparsity, module_sparsity, seed)
+                    current = layout
+                    if layout not in summary["layouts"]:
+                        summary["layouts"][layout] = layout_line(model, layout, selection, shares, block_size)
+                        print(summary["layouts"][layout], flush=True)
+                if (layout, mode) not in dense_of:
+                    dense = case(layout, "dense", mode,
+                                 lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=False,
+                                                        ttft_repeats=repeats)["dense"])
+                    dense_of[layout, mode] = dense
+                    if dense is not None:
+                        add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": _model_bytes(model)})
+                        print("\n".join(format_generate_table(rows[-len(dense):]).splitlines()[1:]), flush=True)
+                dense = dense_of[layout, mode]
                 kind = f"bsr {layout}" + (" +dense" if dispatch else "")
                 result = case(layout, kind, mode,
                               lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=True,
@@ -324,6 +334,7 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
                     add_rows(layout, kind, mode, [s], [dense[i]] if dense else None, extra)
                     rows[-1]["linears_tuned_ms"] = sum(c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
                                                        if c["decode_tuned_us"] is not None) / 1e3
+                    print(format_generate_table(rows[-1:]).splitlines()[1], flush=True)
                 save()
     if semi_structured:
         _run_semi_structured(model, originals, prompts, new_tokens, modes, repeats, rows, case, add_rows)
