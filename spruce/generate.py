@@ -224,11 +224,11 @@ def timed_speed(model, ids: torch.Tensor, new_tokens: int, mode: str, ttft_repea
         greedy.generate(ids, new_tokens)
         times: dict = {}
         out = greedy.generate(ids, new_tokens, times)
-        prefills = [times["prefill_s"]]
+        prefills, decode_s = [times["prefill_s"]], times["decode_s"]
         for _ in range(ttft_repeats - 1):
             greedy.generate(ids, 1, times)
             prefills.append(times["prefill_s"])
-        return Speed(out, statistics.median(prefills), times["decode_s"], new_tokens)
+        return Speed(out, statistics.median(prefills), decode_s, new_tokens)
     static = mode == "hf-static"
     hf_generate(model, ids, new_tokens, static)
     firsts = []

@@ -131,7 +131,7 @@ def test_speed_report_has_ttft_and_decode_for_every_batch(mode):
     model.generation_config.eos_token_id = None
     prompts = list(speed_prompts(torch.tensor([[5, 6, 7]]), 8, [1, 2]).values())
     assert [p.shape for p in prompts] == [(1, 8), (2, 8)] and prompts[1][0, :4].tolist() == [5, 6, 7, 5]
-    speeds = measure_speeds(model, prompts, new_tokens=4, mode=mode, block_size=16, ttft_repeats=1)
+    speeds = measure_speeds(model, prompts, new_tokens=4, mode=mode, block_size=16, ttft_repeats=2)
     assert not any(isinstance(m, BlockSparseLinear) for m in model.modules())   # dense again afterwards
     assert speeds["dispatch"]["text"].startswith("sparse: 14 of 14 linears at decode 1, 14 of 14 at decode 2")
     rows = speed_rows(speeds)
@@ -140,7 +140,8 @@ def test_speed_report_has_ttft_and_decode_for_every_batch(mode):
         for side in ("dense", "sparse"):
             assert r[side]["ttft_ms"] > 0 and "decode_tokens_per_second" in r[side]
             if mode == "graph":   # timed apart in one run; HF generate's decode is a difference of runs (noisy on CPU)
-                assert r[side]["decode_tokens_per_second"] > 0
+                # a step of even this model takes more than 100 us on a CPU: the steps were timed, not an empty loop
+                assert 0 < r[side]["decode_tokens_per_second"] < r["batch"] * 1e4
         assert r["ttft_speedup"] > 0 and "decode_speedup" in r and r["same_tokens"] is True
     table = format_speed_rows(rows, mode)
     assert "ttft dense ms" in table and "decode sparse tok/s" in table and len(table.splitlines()) == 4
