@@ -136,13 +136,19 @@ def copies_for(nbytes: int) -> int:
 
 def environment() -> dict:
     import transformers
-    import triton
 
+    from spruce.kernels.bsr import triton_available
+
+    triton_version = None
+    if triton_available():
+        import triton
+
+        triton_version = triton.__version__
     return {
-        "card": torch.cuda.get_device_name(),
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }

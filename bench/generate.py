@@ -1,9 +1,17 @@
 """python -m bench.generate --json runs/bench/generate.json
 
 Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed
-honestly): dense, block-sparse and 2:4 tokens/s, measured in the same run, with the time one step
-needs to read the weights at the card's measured copy bandwidth; prints a table of ratios against
-dense and can write JSON. The same as `spruce bench generate`; `--help` lists the flags.
+honestly) whose decoder linears are pruned by spruce's own pattern functions in the layouts the
+pruner emits (`--layout 16x16 16x16g4`; default: the layout the default 16x16 recipe emits), at
+the default block recipe's sparsities (attention 40%, the MLP what keeps the total at
+--sparsity), with a Wanda-like score (|W| times random log-normal input norms, so global
+selection gives groups unequal counts as real layers do). For each layout and mode: the dense
+model, then block-sparse with the dense dispatch (every layer runs dense cuBLAS at the launch
+shapes where the tuner timed dense faster on this device) and without it; each timed as time to
+first token of a --prompt-tokens prompt (prefill) and decode tokens/s at every batch size, with
+the fraction of new tokens equal to dense's. Prints each layout as stored, which layers run
+sparse, a table of ratios against dense in the same mode, and can write JSON. The same as
+`spruce bench generate`; `--help` lists the flags.
 """
 
 from __future__ import annotations
@@ -15,33 +23,62 @@ import torch
 
 from spruce.errors import SpruceError
 from spruce.generate import MODES as GENERATE_MODES
-from spruce.generate import greedy_generator
+from spruce.generate import dispatch_line, measure_speeds, speed_prompts
 from spruce.models import prunable_linears
 
-from .common import (LAYOUTS, _pdl_choice, cli_main, environment, expand_block_mask, llama2_7b_config,
-                     measure_ceilings, prune_2_4, random_block_mask, require_cuda, write_json)
+from .common import _pdl_choice, cli_main, environment, llama2_7b_config, measure_ceilings, prune_2_4, require_cuda, write_json
+
+DISPATCH_CHOICES = {"both": [True, False], "on": [True], "off": [False]}
+
+
+def default_layout() -> str:
+    """The block layout `spruce prune --sparsity_type 16x16` emits under the default recipe."""
+    from spruce.prune.defaults import default_grouping, resolve_recipe
+
+    return default_grouping("16x16", resolve_recipe("16x16"))
+
+
+def default_module_sparsity() -> str:
+    """The default block recipe's per-module sparsities, as NAME=RATIO pairs (`attn=0.4`)."""
+    from spruce.prune.defaults import DEFAULTS
+
+    return ",".join(f"{k}={v:g}" for k, v in DEFAULTS["block"]["module_sparsity"].items())
 
 
 def add_arguments(b) -> None:
     """The flags of `spruce bench generate` and `python -m bench.generate`."""
     b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero blocks in every decoder linear")
+    b.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length for time to first token")
+    b.add_argument("--sparsity", type=float, default=0.5, help="fraction of zero weights over all decoder linears")
+    b.add_argument("--module-sparsity", default=default_module_sparsity(),
+                   help="NAME=RATIO per module kind, the rest balances the total (default: the block recipe's, "
+                        "%(default)s); '' for the same sparsity everywhere")
     b.add_argument("--block-size", type=int, default=16)
-    b.add_argument("--layout", choices=list(LAYOUTS), default="grouped")
-    b.add_argument("--modes", nargs="+", choices=list(GENERATE_MODES), default=["graph", "eager"],
+    b.add_argument("--layout", nargs="+", default=[default_layout()],
+                   help="pruner block patterns to emit and run, e.g. 16x16 (independent block-rows), 16x16g4 "
+                        "(4 block-rows share their columns), 16x16g8 (default: %(default)s, the default recipe's)")
+    b.add_argument("--selection", default="global", help="block selection, as the pruner's (default: global)")
+    b.add_argument("--modes", nargs="+", choices=list(GENERATE_MODES), default=["compile"],
                    help="graph: static cache + CUDA graph per step; compile: the same step compiled with "
-                        "torch.compile (inductor) first; eager: Hugging Face generate (default: graph eager)")
-    b.add_argument("--no-semi-structured", action="store_true", help="skip torch's 2:4 path")
+                        "torch.compile (inductor) first; eager: Hugging Face generate; hf-static: Hugging Face "
+                        "generate with a static cache, its decode step compiled (default: compile)")
+    b.add_argument("--dense-dispatch", choices=list(DISPATCH_CHOICES), default="both",
+                   help="on: layers run dense where the tuner timed dense faster; off: the kernel everywhere; "
+                        "both: each (default)")
+    b.add_argument("--semi-structured", action="store_true", help="also run torch's 2:4 path")
     b.add_argument("--num-layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
+    b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new case after this many seconds (the rest are listed as skipped)")
     b.add_argument("--json", help="write rows, ceilings and environment to this file")
 
 
 def run(args) -> None:
     bench_generate(batch_sizes=args.batch_sizes, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                   sparsity=args.sparsity, block_size=args.block_size, layout=args.layout, modes=args.modes,
-                   semi_structured=not args.no_semi_structured, num_layers=args.num_layers, json_path=args.json)
+                   sparsity=args.sparsity, module_sparsity=args.module_sparsity, block_size=args.block_size,
+                   layouts=args.layout, selection=args.selection, modes=args.modes,
+                   dense_dispatch=args.dense_dispatch, semi_structured=args.semi_structured,
+                   num_layers=args.num_layers, time_budget=args.time_budget, json_path=args.json)
 
 
 def _linear_configs(model, batch: int, prompt_tokens: int, dtype) -> list[dict]:
@@ -79,7 +116,8 @@ def _linear_configs(model, batch: int, prompt_tokens: int, dtype) -> list[dict]:
 def format_linear_configs(rows: list[dict]) -> str:
     """One line per batch and sparse linear: the configurations the generation runs used."""
     lines = [("kernel configurations (decode: features, inputs per tile, warps, stages, tl.dot, split; "
-              "prefill: tokens, K step, warps, stages, swapped; us per call as the tuner timed it)")]
+              "prefill: tokens, K step, warps, stages, swapped; ('dense',): cuBLAS; us per call as the tuner "
+              "timed it)")]
     seen = set()
     for r in rows:
         for c in r.get("configs", ()):
@@ -95,153 +133,277 @@ def _us(value) -> str:
     return f"{value:.1f} us" if isinstance(value, (int, float)) else "(not tuned)"
 
 
-def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int = 128, sparsity: float = 0.5,
-                   block_size: int = 16, layout: str = "grouped", modes=("graph", "eager"),
-                   semi_structured: bool = True, num_layers: int = 32, json_path: str | None = None,
-                   seed: int = 0, pdl: str | None = None) -> list[dict]:
-    """Greedy generation tokens/s of a random Llama-2-7B-shaped bf16 model: dense, block-sparse, 2:4.
+def emit_masks(model, originals: dict, layout: str, selection: str, sparsity: float, module_sparsity: str,
+               seed: int = 0) -> dict[str, float]:
+    """Prune every decoder linear of `model` from its original weight in `originals` with the
+    pruner's own pattern `layout` (spruce.prune.patterns), each at its share of `sparsity` after
+    the module overrides (spruce.prune.allocate), on a Wanda-like score: |W| times log-normal
+    input norms drawn from `seed`. Returns the sparsity of each linear."""
+    from spruce.prune.allocate import allocate, block_index, parse_overrides
+    from spruce.prune.patterns import parse_pattern
 
-    Every decoder linear gets `sparsity` zero blocks of `block_size` in `layout` ("grouped" or
-    "independent", see `random_block_mask`); the dense model is the same masked model run by cuBLAS.
-    batch_sizes: prompts per batch. new_tokens / prompt_tokens: generated and prompt lengths.
-    modes: any of "graph" (static cache, the one-token step replayed as a CUDA graph), "compile"
-    (the same, the step compiled with torch.compile's inductor before capture) and "eager"
-    (Hugging Face `generate` with its default cache). semi_structured: also run torch's 2:4 on the
-    same layers (pruned 2:4 by magnitude). num_layers: decoder layers (32 is Llama-2-7B).
-    json_path: where to write rows and environment. pdl (else the environment's SPRUCE_BENCH_PDL):
-    "on" / "off" sets programmatic dependent launch for the sparse kernels, "both" runs the sparse
-    model with it on and then off (same tuned configurations); unset, SPRUCE_PDL decides. Each
-    sparse row records whether PDL was on (after capture, which turns it off if it fails), the
-    tuned configuration of every sparse linear shape (configs) and the sum of the tuner's times
-    over the step's sparse linears (linears_tuned_ms). Returns the rows.
+    pattern = parse_pattern(layout, selection)
+    linears = prunable_linears(model)
+    shares = allocate({n: m.weight.numel() for n, m in linears.items()}, block_index(model, linears), sparsity,
+                      None, parse_overrides(module_sparsity))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, linear in linears.items():
+            w = originals[name]
+            norms = torch.exp(torch.randn(w.shape[1], generator=gen)).to(w.device)
+            pruned = pattern.mask(w.abs().float() * norms, shares[name])
+            linear.weight.copy_(w.masked_fill(pruned, 0))
+    return shares
+
+
+def layout_line(model, layout: str, selection: str, shares: dict[str, float], block_size: int) -> str:
+    """How the kernels store the emitted layout: per module kind, sparsity, group width, whether
+    every group keeps the same count, and the zero blocks a group stores (0 for an exact layout)."""
+    from spruce.kernels import BlockSparseWeight
+
+    kinds = {}
+    for name, linear in prunable_linears(model).items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in kinds:
+            continue
+        w = BlockSparseWeight.from_dense(linear.weight.detach(), block_size)
+        stored_zero = w.values.shape[0] * w.group - w.nonzero_blocks
+        kinds[kind] = (f"{kind} {shares[name]:.0%} zero, {w.group_features}-feature groups"
+                       f"{', equal counts' if w.uniform_count >= 0 else ''}"
+                       f"{f', {stored_zero} zero blocks stored' if stored_zero else ''}")
+    return f"layout {layout} ({selection} selection): " + "; ".join(kinds.values())
+
+
+def _model_bytes(model) -> int:
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int = 2048, sparsity: float = 0.5,
+                   module_sparsity: str | None = None, block_size: int = 16, layouts=None,
+                   selection: str = "global", modes=("compile",), dense_dispatch: str = "both",
+                   semi_structured: bool = False, num_layers: int = 32, time_budget: float | None = None,
+                   json_path: str | None = None, seed: int = 0, pdl: str | None = None, device: str = "cuda",
+                   config_overrides: dict | None = None, ttft_repeats: int | None = None) -> list[dict]:
+    """Time to first token and decode tokens/s of a random Llama-2-7B-shaped bf16 model: dense
+    against block-sparse on the layouts the pruner emits, with and without the dense dispatch.
+
+    layouts: pruner block patterns (None: `default_layout()`); selection: "global" or
+    "row-balanced"; sparsity / module_sparsity (None: the block recipe's): see `emit_masks`.
+    batch_sizes: prompts per batch; prompt_tokens / new_tokens: prompt and generated lengths.
+    modes: any of spruce.generate.MODES (see `add_arguments`). dense_dispatch: "on", "off" or
+    "both" (see spruce.generate.measure_speeds). semi_structured: also torch's 2:4 (pruned 2:4 by
+    magnitude). num_layers: decoder layers (32 is Llama-2-7B). time_budget: seconds after which no
+    new case starts. pdl (else SPRUCE_BENCH_PDL): "on" / "off" sets programmatic dependent launch
+    for the sparse kernels. device / config_overrides / ttft_repeats: for a CPU check on a tiny
+    model (the numbers mean nothing there). Every row: layout, kind, batch, mode, time to first
+    token (ttft_ms, ttft_speedup: dense / sparse), decode tokens/s over the batch (tokens_per_s,
+    speedup), ms per step, weight bytes (dense copies kept included) and the fraction of new tokens
+    equal to dense; sparse rows also which layers run sparse (dispatch) and the tuned
+    configuration of every sparse linear shape. Returns the rows.
     """
     from transformers import LlamaForCausalLM
 
-    from spruce.kernels import densify, sparsify
-    from spruce.kernels.bsr import pdl_enabled, set_pdl
+    from spruce.generate import TTFT_REPEATS
+    from spruce.kernels.bsr import pdl_enabled, set_pdl, tuning_times
 
-    require_cuda()
+    cuda = device == "cuda"
+    if cuda:
+        require_cuda()
     pdl = _pdl_choice(pdl)
-    pdl_states = {None: [None], "on": [True], "off": [False], "both": [True, False]}[pdl]
+    if pdl == "both":
+        raise SpruceError("the generation bench runs PDL on or off (SPRUCE_BENCH_PDL=on|off), not both")
+    layouts = list(layouts or [default_layout()])
+    module_sparsity = default_module_sparsity() if module_sparsity is None else module_sparsity
     unknown = set(modes) - set(GENERATE_MODES)
     if unknown:
         raise SpruceError(f"modes must be among {', '.join(GENERATE_MODES)}, got {sorted(unknown)}")
+    if dense_dispatch not in DISPATCH_CHOICES:
+        raise SpruceError(f"dense_dispatch must be one of {', '.join(DISPATCH_CHOICES)}, got {dense_dispatch!r}")
     if not 0.0 < sparsity < 1.0:
         raise SpruceError(f"sparsity must be between 0 and 1, got {sparsity}")
+    _check_layouts(layouts, block_size)
+    started = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    ceilings = measure_ceilings()
+    ceilings = measure_ceilings() if cuda else None
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(llama2_7b_config(num_layers)).eval()
+        with torch.device(device):
+            model = LlamaForCausalLM(llama2_7b_config(num_layers, **(config_overrides or {}))).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    with torch.no_grad():
-        for _, linear in prunable_linears(model).items():
-            n, k = linear.weight.shape
-            mask = random_block_mask(n, k, block_size, sparsity, layout, gen)
-            linear.weight.mul_(expand_block_mask(mask, block_size).to("cuda"))
-    prompts = {b: torch.randint(0, 32000, (b, prompt_tokens), generator=gen).to("cuda") for b in batch_sizes}
-    rows, outputs = [], {}
-
-    def run(kind: str, weight_bytes: int, sparse: bool = False):
-        for b in batch_sizes:
-            for mode in modes:
-                extra = {}
-                try:
-                    generate = greedy_generator(model, mode, b, prompt_tokens, new_tokens)
-                    generate(prompts[b])  # warm-up: kernel tuning, graph capture
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    tokens = generate(prompts[b])
-                    torch.cuda.synchronize()
-                    seconds = time.perf_counter() - start
-                    if sparse:
-                        extra["pdl"] = pdl_enabled(torch.device("cuda"))
-                        extra["configs"] = _linear_configs(model, b, prompt_tokens, torch.bfloat16)
-                        extra["linears_tuned_ms"] = sum(
-                            c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
-                            if c["decode_tuned_us"] is not None) / 1e3
-                except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
-                    rows.append({"kind": kind, "batch": b, "mode": mode, **extra,
-                                 "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                outputs[kind, b, mode, extra.get("pdl")] = tokens.cpu()
-                per_token_ms = seconds / new_tokens * 1e3
-                rows.append({"kind": kind, "batch": b, "mode": mode, "seconds": seconds,
-                             "tokens_per_s": b * new_tokens / seconds, "ms_per_step": per_token_ms,
-                             "weight_bytes": weight_bytes,
-                             "weight_read_floor_ms": weight_bytes / ceilings["copy_bytes_per_s"] * 1e3, **extra})
-
-    def model_bytes():
-        total = 0
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
-                total += t.numel() * t.element_size()
-        return total
-
-    run("dense", model_bytes())
-    report = sparsify(model, block_size=block_size, min_sparsity=min(sparsity, 0.3))
-    try:
-        for state in pdl_states:
-            if state is not None:
-                set_pdl(state)
-            run(f"bsr b{block_size} {sparsity:.0%} {layout}", model_bytes(), sparse=True)
-    finally:
-        if pdl is not None:
-            set_pdl(None)
-    densify(model)
-    if semi_structured:
-        from torch.sparse import to_sparse_semi_structured
-
-        with torch.no_grad():
-            for _, linear in prunable_linears(model).items():
-                linear.weight = torch.nn.Parameter(to_sparse_semi_structured(prune_2_4(linear.weight)),
-                                                   requires_grad=False)
-        dense_bytes = rows[0].get("weight_bytes", 0)
-        linear_elems = sum(m.weight.shape[0] * m.weight.shape[1] for _, m in prunable_linears(model).items())
-        run("2:4 torch", dense_bytes - linear_elems * 2 + linear_elems + linear_elems // 8)
-
-    for r in rows:
-        base = next((d for d in rows if d["kind"] == "dense" and d["batch"] == r["batch"]
-                     and d["mode"] == r["mode"] and "error" not in d), None)
-        if base is not None and "error" not in r:
-            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
-            dense_out = outputs.get(("dense", r["batch"], r["mode"], None))
-            if r["kind"].startswith("bsr") and dense_out is not None:
-                new = outputs[r["kind"], r["batch"], r["mode"], r.get("pdl")][:, prompt_tokens:]
-                r["tokens_equal_to_dense"] = (new == dense_out[:, prompt_tokens:]).float().mean().item()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=gen).to(device)
+    prompts = list(speed_prompts(prompt, prompt_tokens, batch_sizes).values())
+    originals = {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
+    repeats = ttft_repeats or TTFT_REPEATS
+    if pdl is not None:
+        set_pdl(pdl == "on")
+    rows: list[dict] = []
     summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
-               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsify_report": str(report),
-               "pdl_setting": pdl, "rows": rows}
+               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsity": sparsity,
+               "module_sparsity": module_sparsity, "selection": selection, "pdl_setting": pdl, "layouts": {},
+               "rows": rows}
+
+    def out_of_time() -> bool:
+        return time_budget is not None and time.perf_counter() - started > time_budget
+
+    def add_rows(layout, kind, mode, speeds, dense, extra):
+        for i, s in enumerate(speeds):
+            row = {"layout": layout, "kind": kind, "batch": s.batch, "mode": mode, "prompt_tokens": prompt_tokens,
+                   "new_tokens": new_tokens, "ttft_ms": s.ttft_s * 1e3, "tokens_per_s": s.decode_tokens_per_second,
+                   "ms_per_step": s.decode_s / max(new_tokens - 1, 1) * 1e3, **extra}
+            if ceilings and "weight_bytes" in extra:
+                row["weight_read_floor_ms"] = extra["weight_bytes"] / ceilings["copy_bytes_per_s"] * 1e3
+            if dense is not None:
+                d = dense[i]
+                row["speedup"] = s.decode_tokens_per_second / d.decode_tokens_per_second
+                row["ttft_speedup"] = d.ttft_s / s.ttft_s
+                row["tokens_equal_to_dense"] = (s.ids[:, prompt_tokens:] == d.ids[:, prompt_tokens:]).float().mean().item()
+            rows.append(row)
+
+    def save():
+        summary["tuning_us"] = tuning_times()
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        if json_path:
+            write_json(json_path, summary, quiet=True)
+
+    def case(layout, kind, mode, fn):
+        if out_of_time():
+            rows.append({"layout": layout, "kind": kind, "mode": mode, "batch": 0, "skipped": "time budget"})
+            print(f"skipped (time budget): {layout} {kind} {mode}", flush=True)
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
+            rows.append({"layout": layout, "kind": kind, "mode": mode, "batch": 0,
+                         "error": f"{type(exc).__name__}: {exc}"})
+            print(f"failed: {layout} {kind} {mode}: {type(exc).__name__}: {exc}", flush=True)
+            return None
+        finally:
+            save()
+
+    def inspect(model_now):
+        return {"weight_bytes": _model_bytes(model_now), "pdl": pdl_enabled(torch.device(device)) if cuda else None,
+                "configs": {b: _linear_configs(model_now, b, prompt_tokens, torch.bfloat16) for b in batch_sizes}}
+
+    # dense dispatch first, on every layout, then without it: a run cut by the time budget has the
+    # dispatch rows of each layout (the dense rows of a layout are measured once per mode)
+    dense_of: dict = {}
+    current = None
+    for mode in modes:
+        for dispatch in DISPATCH_CHOICES[dense_dispatch]:
+            for layout in layouts:
+                if layout != current:
+                    shares = emit_masks(model, originals, layout, selection, sparsity, module_sparsity, seed)
+                    current = layout
+                    if layout not in summary["layouts"]:
+                        summary["layouts"][layout] = layout_line(model, layout, selection, shares, block_size)
+                        print(summary["layouts"][layout], flush=True)
+                if (layout, mode) not in dense_of:
+                    dense = case(layout, "dense", mode,
+                                 lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=False,
+                                                        ttft_repeats=repeats)["dense"])
+                    dense_of[layout, mode] = dense
+                    if dense is not None:
+                        add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": _model_bytes(model)})
+                        print("\n".join(format_generate_table(rows[-len(dense):]).splitlines()[1:]), flush=True)
+                dense = dense_of[layout, mode]
+                kind = f"bsr {layout}" + (" +dense" if dispatch else "")
+                result = case(layout, kind, mode,
+                              lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=True,
+                                                     block_size=block_size, dense_dispatch=dispatch, compare=False,
+                                                     ttft_repeats=repeats, on_sparse=inspect))
+                if result is None:
+                    continue
+                seen = result["inspected"]
+                print(f"{kind} {mode}: {dispatch_line(result['dispatch'])}", flush=True)
+                for i, s in enumerate(result["sparse"]):
+                    extra = {"weight_bytes": seen["weight_bytes"], "pdl": seen["pdl"],
+                             "dense_dispatch": dispatch, "dispatch": result["dispatch"]["text"],
+                             "dispatch_table": result["dispatch"]["table"],
+                             "kept_dense_bytes": result["dispatch"]["kept_dense_bytes"],
+                             "configs": seen["configs"][s.batch]}
+                    add_rows(layout, kind, mode, [s], [dense[i]] if dense else None, extra)
+                    rows[-1]["linears_tuned_ms"] = sum(c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
+                                                       if c["decode_tuned_us"] is not None) / 1e3
+                    print(format_generate_table(rows[-1:]).splitlines()[1], flush=True)
+                save()
+    if semi_structured:
+        _run_semi_structured(model, originals, prompts, new_tokens, modes, repeats, rows, case, add_rows)
+    if pdl is not None:
+        set_pdl(None)
+    save()
     configs = format_linear_configs(rows)
     if configs:
         print(configs)
     print(format_generate_table(rows))
     if json_path:
-        write_json(json_path, summary)
+        print(f"wrote {json_path}")
     return rows
 
 
+def _check_layouts(layouts: list[str], block_size: int) -> None:
+    from spruce.prune.patterns import parse_pattern
+
+    for layout in layouts:
+        pattern = parse_pattern(layout)
+        if pattern.kind not in ("block", "grouped"):
+            raise SpruceError(f"--layout takes block patterns the pruner emits (16x16, 16x16g4, ...), not {layout!r}")
+        rows = getattr(pattern, "block_rows", None) or pattern.rows
+        if rows % block_size or pattern.cols % block_size:
+            raise SpruceError(f"layout {layout} does not tile into {block_size}x{block_size} kernel blocks")
+
+
+def _run_semi_structured(model, originals, prompts, new_tokens, modes, repeats, rows, case, add_rows) -> None:
+    from torch.sparse import to_sparse_semi_structured
+
+    linears = prunable_linears(model)
+    with torch.no_grad():
+        for name, linear in linears.items():
+            linear.weight = torch.nn.Parameter(to_sparse_semi_structured(prune_2_4(originals[name])),
+                                               requires_grad=False)
+    for mode in modes:
+        result = case("2:4", "2:4 torch", mode,
+                      lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=False, ttft_repeats=repeats))
+        if result is not None:
+            dense = [r for r in rows if r.get("kind") == "dense" and r.get("mode") == mode]
+            add_rows("2:4", "2:4 torch", mode, result["dense"], None, {})
+            for r in rows[-len(prompts):]:
+                base = next((d for d in dense if d["batch"] == r["batch"]), None)
+                if base is not None:
+                    r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+                    r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
+
+
 def format_generate_table(rows: list[dict]) -> str:
-    """The rows as a table. pdl: whether the sparse kernels ran with programmatic dependent launch;
-    lin ms: the tuner's times summed over one step's sparse linears (what the kernels alone take)."""
-    lines = [(f"{'kind':<24} {'pdl':<3} {'batch':>5} {'mode':<6} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
-              f"{'floor ms':>8} {'lin ms':>7} {'same new':>8}")]
+    """The rows as a table. tokens/s: decode over the batch; x dense: against dense in the same
+    layout, mode and batch; pdl: whether the sparse kernels ran with programmatic dependent launch;
+    lin ms: the tuner's times summed over one step's sparse linears; same new: new tokens equal
+    to dense's; ttft ms: time to first token (prefill); x: dense's over this one's."""
+    lines = [(f"{'kind':<24} {'pdl':<3} {'batch':>5} {'mode':<9} {'tokens/s':>9} {'x dense':>8} {'ms/step':>8} "
+              f"{'floor ms':>8} {'lin ms':>7} {'same new':>8} {'ttft ms':>9} {'x dense':>8}")]
     for r in rows:
         pdl = {True: "on", False: "off"}.get(r.get("pdl"), "")
-        if "error" in r:
-            lines.append(f"{r['kind']:<24} {pdl:<3} {r['batch']:>5} {r['mode']:<6} failed: {r['error'][:90]}")
+        if "error" in r or "skipped" in r:
+            why = f"failed: {r['error'][:90]}" if "error" in r else f"skipped: {r['skipped']}"
+            lines.append(f"{r['kind']:<24} {pdl:<3} {'':>5} {r['mode']:<9} {why}")
             continue
         same = f"{r['tokens_equal_to_dense']:.0%}" if "tokens_equal_to_dense" in r else ""
         lin = f"{r['linears_tuned_ms']:.2f}" if r.get("linears_tuned_ms") else ""
-        lines.append(f"{r['kind']:<24} {pdl:<3} {r['batch']:>5} {r['mode']:<6} {r['tokens_per_s']:9.1f} "
+        floor = f"{r['weight_read_floor_ms']:8.2f}" if "weight_read_floor_ms" in r else f"{'':>8}"
+        ttft = f"{r['ttft_ms']:9.2f}" if "ttft_ms" in r else f"{'':>9}"
+        ttft_x = f"{r['ttft_speedup']:8.2f}" if "ttft_speedup" in r else ""
+        lines.append(f"{r['kind']:<24} {pdl:<3} {r['batch']:>5} {r['mode']:<9} {r['tokens_per_s']:9.1f} "
                      f"{r.get('speedup', float('nan')):8.2f} {r['ms_per_step']:8.2f} "
-                     f"{r['weight_read_floor_ms']:8.2f} {lin:>7} {same:>8}".rstrip())
+                     f"{floor} {lin:>7} {same:>8} {ttft} {ttft_x}".rstrip())
     return "\n".join(lines)
 
 

@@ -1,15 +1,24 @@
 """`spruce generate`: greedy text from a (pruned) model, with its block-sparse layers running the
-Triton kernels, timed; with `compare`, the same model dense in the same run, and the ratio.
+Triton kernels, timed; with `compare`, the same model dense in the same run, and the ratios.
 
 Modes: "graph" (a static KV cache and, on CUDA, each one-token step replayed as a CUDA graph),
-"compile" (the same step compiled by torch.compile first; CUDA only) and "eager" (Hugging Face
-`generate`). Every timed generation follows one untimed warm-up of the same length, which also
-tunes the kernels and captures the graph.
+"compile" (the same step compiled by torch.compile first; CUDA only), "eager" (Hugging Face
+`generate`) and "hf-static" (Hugging Face `generate` with a static cache, whose decode step it
+compiles on CUDA). Every timed generation follows one untimed warm-up of the same length, which
+also compiles and captures the graph. Each run is timed in two parts (`Speed`): time to first
+token (the prompt's forward, prefill) and decode tokens/s; optionally also for the prompt
+repeated to a given length at several batch sizes.
+
+Never slower than dense: before the block-sparse runs, the kernels are tuned for every decode
+batch and prefill length to be run with dense cuBLAS as a candidate (spruce.kernels.dispatch);
+a layer runs dense where dense won, and the run prints which layers run sparse.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -18,19 +27,8 @@ import torch
 
 from .errors import SpruceError
 
-MODES = ("graph", "compile", "eager")
+MODES = ("graph", "compile", "eager", "hf-static")
 KERNELS = ("auto", "on", "off")
-
-
-@dataclass
-class Timed:
-    ids: torch.Tensor      # prompt and new tokens, [1, prompt + new]
-    seconds: float
-    new_tokens: int
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
 class StaticGreedy:
@@ -96,11 +94,21 @@ class StaticGreedy:
                 self.next_token = self.step()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, times: dict | None = None) -> torch.Tensor:
+        """Prompt and `new_tokens` greedy tokens; `times` (a dict) receives "prefill_s" (the prompt's
+        forward and the first token) and "decode_s" (the other steps), measured on the host after a
+        device synchronisation."""
+        if times is not None:
+            _sync(self.device)
+            start = time.perf_counter()
         token = self._prefill(input_ids)
         if self.use_graph and self.graph is None:
             self._capture()
             token = self._prefill(input_ids)  # the warm-up steps wrote into the cache
+        if times is not None:
+            _sync(self.device)
+            times["prefill_s"] = time.perf_counter() - start
+            start = time.perf_counter()
         out = [token]
         for _ in range(new_tokens - 1):
             self.token.copy_(token[:, None])
@@ -111,7 +119,18 @@ class StaticGreedy:
                 token = self.step()
             out.append(token)
             self.position += 1
+        if times is not None:
+            _sync(self.device)
+            times["decode_s"] = time.perf_counter() - start
         return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
+
+
+def hf_generate(model, ids: torch.Tensor, new_tokens: int, static: bool = False) -> torch.Tensor:
+    """Hugging Face `generate`, greedy, exactly `new_tokens`; static: a static KV cache, whose decode
+    step Hugging Face compiles with torch.compile on CUDA ("reduce-overhead": CUDA graphs)."""
+    extra = {"cache_implementation": "static"} if static else {}
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, **extra)
 
 
 def greedy_generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
@@ -120,12 +139,7 @@ def greedy_generator(model, mode: str, batch: int, prompt_tokens: int, new_token
         greedy = StaticGreedy(model, batch, prompt_tokens + new_tokens,
                               compile_backend="inductor" if mode == "compile" else None)
         return functools.partial(greedy.generate, new_tokens=new_tokens)
-
-    def hf_generate(ids):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False)
-
-    return hf_generate
+    return functools.partial(hf_generate, model, new_tokens=new_tokens, static=mode == "hf-static")
 
 
 def resolve_mode(mode: str | None, device: torch.device) -> str:
@@ -146,14 +160,14 @@ def use_kernels(kernels: str, device: torch.device) -> bool:
     return kernels == "on" or (kernels == "auto" and device.type == "cuda")
 
 
-def check_length(model, prompt_tokens: int, new_tokens: int) -> None:
+def check_length(model, prompt_tokens: int, new_tokens: int, flag: str = "the prompt") -> None:
     if prompt_tokens == 0:
         raise SpruceError("the prompt is empty; pass --prompt TEXT or --prompt_file FILE")
     if new_tokens < 1:
         raise SpruceError(f"--max_new_tokens must be at least 1, got {new_tokens}")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and prompt_tokens + new_tokens > limit:
-        raise SpruceError(f"the prompt ({prompt_tokens} tokens) plus --max_new_tokens {new_tokens} exceeds the "
+        raise SpruceError(f"{flag} ({prompt_tokens} tokens) plus --max_new_tokens {new_tokens} exceeds the "
                           f"model's context ({limit} tokens); shorten one of them")
 
 
@@ -162,64 +176,261 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Speed:
+    """One timed greedy generation, split into time to first token and decode."""
+
+    ids: torch.Tensor       # prompts and new tokens, [batch, prompt + new]
+    ttft_s: float           # time to first token: the prompt's forward (prefill) and the first token
+    decode_s: float         # the other new_tokens - 1 steps
+    new_tokens: int
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def seconds(self) -> float:
+        return self.ttft_s + self.decode_s
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens of one sequence per second, end to end (prefill included)."""
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second over the whole batch in the decode steps (after the first token)."""
+        steps = self.new_tokens - 1
+        if steps < 1:
+            return float("nan")
+        return self.batch * steps / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+TTFT_REPEATS = 3  # time to first token: the median of this many prefills
+
+
 @torch.no_grad()
-def timed_greedy(model, ids: torch.Tensor, new_tokens: int, mode: str) -> Timed:
-    """Greedy decoding of `new_tokens` after one untimed warm-up run of the same length."""
-    generate = greedy_generator(model, mode, ids.shape[0], ids.shape[1], new_tokens)
-    generate(ids)  # warm-up: kernel tuning, graph capture, compilation
-    _sync(ids.device)
+def timed_speed(model, ids: torch.Tensor, new_tokens: int, mode: str, ttft_repeats: int = TTFT_REPEATS) -> Speed:
+    """Greedy decoding of `new_tokens` after one untimed warm-up of the same length (kernel tuning,
+    graph capture, compilation), timed in two parts. graph / compile: one timed generation, its
+    prefill and its steps apart, the time to first token the median over it and `ttft_repeats` - 1
+    more prefills. eager / hf-static (Hugging Face `generate`): the time to first token is the
+    median of `ttft_repeats` generations of one token, decode what a full generation takes more."""
+    device = ids.device
+    if mode in ("graph", "compile"):
+        greedy = StaticGreedy(model, ids.shape[0], ids.shape[1] + new_tokens,
+                              compile_backend="inductor" if mode == "compile" else None)
+        greedy.generate(ids, new_tokens)
+        times: dict = {}
+        out = greedy.generate(ids, new_tokens, times)
+        prefills, decode_s = [times["prefill_s"]], times["decode_s"]
+        for _ in range(ttft_repeats - 1):
+            greedy.generate(ids, 1, times)
+            prefills.append(times["prefill_s"])
+        return Speed(out, statistics.median(prefills), decode_s, new_tokens)
+    static = mode == "hf-static"
+    hf_generate(model, ids, new_tokens, static)
+    firsts = []
+    for _ in range(ttft_repeats):
+        _sync(device)
+        start = time.perf_counter()
+        hf_generate(model, ids, 1, static)
+        _sync(device)
+        firsts.append(time.perf_counter() - start)
+    ttft = statistics.median(firsts)
+    _sync(device)
     start = time.perf_counter()
-    out = generate(ids)
-    _sync(ids.device)
-    return Timed(out, time.perf_counter() - start, out.shape[1] - ids.shape[1])
+    out = hf_generate(model, ids, new_tokens, static)
+    _sync(device)
+    total = time.perf_counter() - start
+    return Speed(out, ttft, max(total - ttft, 0.0), new_tokens)
+
+
+def speed_prompts(ids: torch.Tensor, prompt_tokens: int | None, batch_sizes) -> dict[int, torch.Tensor]:
+    """{batch: [batch, prompt_tokens] ids}: the prompt's tokens repeated (or cut) to `prompt_tokens`
+    (None: as they are), the same prompt in every row."""
+    row = ids[0]
+    length = prompt_tokens or row.numel()
+    row = row.repeat(-(-length // row.numel()))[:length]
+    return {b: row[None].repeat(b, 1) for b in batch_sizes}
+
+
+def _release_compiled(model) -> None:
+    """Forget compiled graphs (ours and the one Hugging Face `generate` keeps on the model), so a
+    model whose layers were swapped compiles afresh."""
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+
+
+def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: str, sparse: bool = True,
+                   block_size: int = 16, dense_dispatch: bool = True, compare: bool = True,
+                   ttft_repeats: int = TTFT_REPEATS, on_sparse=None) -> dict:
+    """Time greedy generation of each batch of prompt ids in `prompts`: dense (when `compare` or not
+    `sparse`), then block-sparse (when `sparse`), with the dense dispatch when `dense_dispatch`:
+    every block-sparse layer keeps its dense weight while the tuner times the kernel against dense
+    on this device for each decode batch and prefill length, then the layers where the kernel won
+    everywhere drop the copy (spruce.kernels.dispatch). The model is dense again afterwards.
+
+    Returns {"dense": [Speed per prompt], "sparse": [...], "sparsify": SparsifyReport, "dispatch":
+    {"text", "table", "freed_bytes", "kept_dense_bytes", "dense_dispatch"}} (parts not run left out),
+    and under "inspected" what `on_sparse(model)` returned, called on the block-sparse model after
+    its timed runs (e.g. to read its memory and tuned configurations).
+    """
+    from .kernels import densify, sparsify
+    from .kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
+
+    out: dict = {}
+    if compare or not sparse:
+        _release_compiled(model)
+        out["dense"] = [timed_speed(model, ids, new_tokens, mode, ttft_repeats) for ids in prompts]
+    if not sparse:
+        return out
+    report = sparsify(model, block_size=block_size, dense_fallback=dense_dispatch)
+    out["sparsify"] = report
+    try:
+        dispatch = prepare_dispatch(model, decode_tokens=[ids.shape[0] for ids in prompts],
+                                    prefill_tokens=[ids.numel() for ids in prompts])
+        table = dispatch_table(model, dispatch.launches)
+        text = dispatch_text(table, len(report.kept))
+        out["dispatch"] = {"text": text, "table": table, "freed_bytes": dispatch.freed_bytes,
+                           "kept_dense_bytes": dispatch.kept_dense_bytes, "dense_dispatch": dense_dispatch}
+        _release_compiled(model)
+        out["sparse"] = [timed_speed(model, ids, new_tokens, mode, ttft_repeats) for ids in prompts]
+        if on_sparse is not None:
+            out["inspected"] = on_sparse(model)
+    finally:
+        densify(model)
+        _release_compiled(model)
+    return out
+
+
+def dispatch_line(dispatch: dict) -> str:
+    """`dense dispatch: sparse: 180 of 224 linears at decode 1, ...; dense elsewhere` (or, without
+    the dense dispatch, `kernel everywhere: ...`)."""
+    head = "dense dispatch" if dispatch["dense_dispatch"] else "no dense dispatch (the kernel everywhere)"
+    line = f"{head}: {dispatch['text']}"
+    if dispatch["kept_dense_bytes"]:
+        line += f"; dense copies kept: {dispatch['kept_dense_bytes'] / 2**20:.1f} MiB"
+    return line
+
+
+def speed_rows(speeds: dict, which=None) -> list[dict]:
+    """One row per timed prompt (those at the indices `which`, None: all): batch, prompt length,
+    time to first token and decode tokens/s, dense and block-sparse, their ratios (> 1: block-sparse
+    is faster) and whether both generated the same tokens."""
+    dense, sparse = speeds.get("dense", []), speeds.get("sparse", [])
+    count = max(len(dense), len(sparse))
+    rows = []
+    for i in range(count) if which is None else which:
+        d = dense[i] if dense else None
+        s = sparse[i] if sparse else None
+        run = d or s
+        row = {"batch": run.batch, "prompt_tokens": run.ids.shape[1] - run.new_tokens, "new_tokens": run.new_tokens}
+        for name, r in (("dense", d), ("sparse", s)):
+            if r is not None:
+                row[name] = {"ttft_ms": round(r.ttft_s * 1e3, 3),
+                             "decode_tokens_per_second": round(r.decode_tokens_per_second, 2)}
+        if d is not None and s is not None:
+            row["ttft_speedup"] = round(d.ttft_s / s.ttft_s, 3) if s.ttft_s > 0 else None
+            ratio = s.decode_tokens_per_second / d.decode_tokens_per_second
+            row["decode_speedup"] = round(ratio, 3) if math.isfinite(ratio) else None
+            row["same_tokens"] = torch.equal(d.ids, s.ids)
+        rows.append(row)
+    return rows
+
+
+def format_speed_rows(rows: list[dict], mode: str) -> str:
+    """The rows as a table: time to first token (ms, lower is better) and decode tokens/s."""
+    lines = [f"speed, {mode} mode: time to first token (prefill) and decode, dense against block-sparse",
+             f"{'batch':>5} {'prompt':>6} {'ttft dense ms':>13} {'ttft sparse ms':>14} {'x dense':>7} "
+             f"{'decode dense tok/s':>18} {'decode sparse tok/s':>19} {'x dense':>7} {'same tokens':>11}"]
+    for r in rows:
+        d, s = r.get("dense", {}), r.get("sparse", {})
+        same = {True: "yes", False: "no"}.get(r.get("same_tokens"), "")
+        lines.append(f"{r['batch']:>5} {r['prompt_tokens']:>6} {_num(d.get('ttft_ms'), 13)} "
+                     f"{_num(s.get('ttft_ms'), 14)} {_num(r.get('ttft_speedup'), 7)} "
+                     f"{_num(d.get('decode_tokens_per_second'), 18)} {_num(s.get('decode_tokens_per_second'), 19)} "
+                     f"{_num(r.get('decode_speedup'), 7)} {same:>11}")
+    return "\n".join(lines)
+
+
+def _num(value, width: int) -> str:
+    if value is None:
+        return " " * width
+    return f"{value:>{width}.2f}"
 
 
 def run_generate(model, tok, prompt: str, new_tokens: int, mode: str | None = None, kernels: str = "auto",
-                 compare: bool = False, block_size: int = 16, say=print) -> dict:
-    """Generate, print the text and the speed, and return a record (see module docstring)."""
-    from .kernels import densify, sparsify
+                 compare: bool = False, block_size: int = 16, say=print, prompt_tokens: int | None = None,
+                 batch_sizes=None, dense_dispatch: bool = True) -> dict:
+    """Generate, print the text and the speed, and return a record (see module docstring).
 
+    The text continues `prompt` at batch 1. prompt_tokens / batch_sizes also time the prompt's
+    tokens repeated to `prompt_tokens` tokens (e.g. 2048) at each batch size (e.g. 1 and 8): time to
+    first token and decode tokens/s, dense against block-sparse with `compare`. dense_dispatch: the
+    block-sparse layers run dense cuBLAS where the tuner timed dense faster (measure_speeds).
+    """
     device = next(model.parameters()).device
     mode = resolve_mode(mode, device)
     sparse = use_kernels(kernels, device)
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     check_length(model, ids.shape[1], new_tokens)
+    if prompt_tokens is not None:
+        if prompt_tokens < 1:
+            raise SpruceError(f"--prompt_tokens must be at least 1, got {prompt_tokens}")
+        check_length(model, prompt_tokens, new_tokens, "--prompt_tokens")
+    batch_sizes = list(dict.fromkeys(batch_sizes or []))
+    if any(b < 1 for b in batch_sizes):
+        raise SpruceError(f"--batch_sizes must be positive, got {batch_sizes}")
     if not sparse and compare:
         raise SpruceError("--compare times the block-sparse kernels against dense; it needs --kernels on or auto "
                           "with a GPU")
+    # prompt 0: the text, at batch 1; then the timed prompts at each batch size
+    timed = speed_prompts(ids, prompt_tokens, batch_sizes or [1]) if batch_sizes or prompt_tokens else {}
+    prompts = [ids] + [p for p in timed.values() if not torch.equal(p, ids)]
+    which = [next(i for i, p in enumerate(prompts) if torch.equal(p, t)) for t in timed.values()]
     record: dict = {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "mode": mode,
                     "device": str(device), "dtype": str(model.dtype).replace("torch.", "")}
-    dense = timed_greedy(model, ids, new_tokens, mode) if compare or not sparse else None
+    if sparse and device.type != "cuda":
+        print(f"spruce: on {device.type} the block-sparse layers run the torch reference: correct, not faster",
+              file=sys.stderr)
+    speeds = measure_speeds(model, prompts, new_tokens, mode, sparse, block_size, dense_dispatch, compare)
+    result = speeds["sparse"][0] if sparse else speeds["dense"][0]
     if sparse:
-        report = sparsify(model, block_size=block_size)
+        report = speeds["sparsify"]
         record["swapped_layers"], record["kept_dense"] = len(report.swapped), len(report.kept)
-        if device.type != "cuda":
-            print(f"spruce: on {device.type} the block-sparse layers run the torch reference: correct, not faster",
-                  file=sys.stderr)
-        try:
-            result = timed_greedy(model, ids, new_tokens, mode)
-        finally:
-            densify(model)
-    else:
-        result = dense
+        record["dispatch"] = speeds["dispatch"]
     new = result.ids[0, ids.shape[1]:].tolist()
     eos = tok.eos_token_id
     if eos is not None and eos in new:  # timed to the full length; the text ends where the model ended it
         new = new[:new.index(eos)]
     text = tok.decode(new, skip_special_tokens=True)
     record.update({"text": text, "seconds": round(result.seconds, 4),
-                   "tokens_per_second": round(result.tokens_per_second, 2), "kernels": sparse})
+                   "tokens_per_second": round(result.tokens_per_second, 2), "kernels": sparse,
+                   "ttft_ms": round(result.ttft_s * 1e3, 3),
+                   "decode_tokens_per_second": round(result.decode_tokens_per_second, 2)})
     say(prompt + text)
     say("")
     what = (f"block-sparse kernels on {record['swapped_layers']} linears ({record['kept_dense']} kept dense)"
             if sparse else "dense")
     say(f"{result.new_tokens} new tokens in {result.seconds:.3f} s: {result.tokens_per_second:.1f} tokens/s "
         f"| {what} | {mode} mode, {record['dtype']} on {device}")
+    say(f"time to first token {result.ttft_s * 1e3:.1f} ms ({ids.shape[1]} prompt tokens), then "
+        f"{result.decode_tokens_per_second:.1f} tokens/s decode")
+    if sparse:
+        say(dispatch_line(speeds["dispatch"]))
     if compare:
+        dense = speeds["dense"][0]
         same = torch.equal(dense.ids, result.ids)
         ratio = result.tokens_per_second / dense.tokens_per_second
-        record["dense"] = {"seconds": round(dense.seconds, 4), "tokens_per_second": round(dense.tokens_per_second, 2)}
+        record["dense"] = {"seconds": round(dense.seconds, 4), "tokens_per_second": round(dense.tokens_per_second, 2),
+                           "ttft_ms": round(dense.ttft_s * 1e3, 3),
+                           "decode_tokens_per_second": round(dense.decode_tokens_per_second, 2)}
         record["speedup"], record["same_tokens"] = round(ratio, 3), same
         say(f"dense: {dense.tokens_per_second:.1f} tokens/s | block-sparse: {result.tokens_per_second:.1f} "
             f"tokens/s | {ratio:.2f}x | same tokens: {'yes' if same else 'no (rounding differs between kernels)'}")
+    if timed:
+        record["speed"] = speed_rows(speeds, which)
+        say(format_speed_rows(record["speed"], mode))
     return record
