@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -115,22 +116,59 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     tuned configuration of every sparse linear shape (configs) and the sum of the tuner's times
     over the step's sparse linears (linears_tuned_ms). Returns the rows.
     """
-    from transformers import LlamaForCausalLM
-
     from spruce.kernels import densify, sparsify
-    from spruce.kernels.bsr import pdl_enabled, set_pdl
+    from spruce.kernels.bsr import set_pdl
 
     require_cuda()
     pdl = _pdl_choice(pdl)
     pdl_states = {None: [None], "on": [True], "off": [False], "both": [True, False]}[pdl]
+    _check_options(modes, sparsity)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ceilings = measure_ceilings()
+    model = _masked_random_llama(num_layers, block_size, sparsity, layout, gen)
+    prompts = {b: torch.randint(0, 32000, (b, prompt_tokens), generator=gen).to("cuda") for b in batch_sizes}
+    timer = _GenerationTimer(model, batch_sizes, modes, prompts, prompt_tokens, new_tokens,
+                             ceilings["copy_bytes_per_s"])
+    timer.run("dense", _model_bytes(model))
+    report = sparsify(model, block_size=block_size, min_sparsity=min(sparsity, 0.3))
+    try:
+        for state in pdl_states:
+            if state is not None:
+                set_pdl(state)
+            timer.run(f"bsr b{block_size} {sparsity:.0%} {layout}", _model_bytes(model), sparse=True)
+    finally:
+        if pdl is not None:
+            set_pdl(None)
+    densify(model)
+    if semi_structured:
+        _run_semi_structured(model, timer)
+    rows = timer.rows
+    _compare_to_dense(rows, timer.outputs, prompt_tokens)
+    summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
+               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsify_report": str(report),
+               "pdl_setting": pdl, "rows": rows}
+    configs = format_linear_configs(rows)
+    if configs:
+        print(configs)
+    print(format_generate_table(rows))
+    if json_path:
+        write_json(json_path, summary)
+    return rows
+
+
+def _check_options(modes, sparsity: float) -> None:
     unknown = set(modes) - set(GENERATE_MODES)
     if unknown:
         raise SpruceError(f"modes must be among {', '.join(GENERATE_MODES)}, got {sorted(unknown)}")
     if not 0.0 < sparsity < 1.0:
         raise SpruceError(f"sparsity must be between 0 and 1, got {sparsity}")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    ceilings = measure_ceilings()
+
+
+def _masked_random_llama(num_layers: int, block_size: int, sparsity: float, layout: str, gen: torch.Generator):
+    """A random bf16 Llama-2-7B-shaped model on CUDA, every decoder linear with `sparsity` zero blocks."""
+    from transformers import LlamaForCausalLM
+
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -145,67 +183,83 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
             n, k = linear.weight.shape
             mask = random_block_mask(n, k, block_size, sparsity, layout, gen)
             linear.weight.mul_(expand_block_mask(mask, block_size).to("cuda"))
-    prompts = {b: torch.randint(0, 32000, (b, prompt_tokens), generator=gen).to("cuda") for b in batch_sizes}
-    rows, outputs = [], {}
+    return model
 
-    def run(kind: str, weight_bytes: int, sparse: bool = False):
-        for b in batch_sizes:
-            for mode in modes:
-                extra = {}
-                try:
-                    generate = greedy_generator(model, mode, b, prompt_tokens, new_tokens)
-                    generate(prompts[b])  # warm-up: kernel tuning, graph capture
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    tokens = generate(prompts[b])
-                    torch.cuda.synchronize()
-                    seconds = time.perf_counter() - start
-                    if sparse:
-                        extra["pdl"] = pdl_enabled(torch.device("cuda"))
-                        extra["configs"] = _linear_configs(model, b, prompt_tokens, torch.bfloat16)
-                        extra["linears_tuned_ms"] = sum(
-                            c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
-                            if c["decode_tuned_us"] is not None) / 1e3
-                except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
-                    rows.append({"kind": kind, "batch": b, "mode": mode, **extra,
-                                 "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                outputs[kind, b, mode, extra.get("pdl")] = tokens.cpu()
-                per_token_ms = seconds / new_tokens * 1e3
-                rows.append({"kind": kind, "batch": b, "mode": mode, "seconds": seconds,
-                             "tokens_per_s": b * new_tokens / seconds, "ms_per_step": per_token_ms,
-                             "weight_bytes": weight_bytes,
-                             "weight_read_floor_ms": weight_bytes / ceilings["copy_bytes_per_s"] * 1e3, **extra})
 
-    def model_bytes():
-        total = 0
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
-                total += t.numel() * t.element_size()
-        return total
+def _model_bytes(model) -> int:
+    """Bytes of the model's dense tensors (parameters and buffers; packed sparse weights are not counted)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
+            total += t.numel() * t.element_size()
+    return total
 
-    run("dense", model_bytes())
-    report = sparsify(model, block_size=block_size, min_sparsity=min(sparsity, 0.3))
-    try:
-        for state in pdl_states:
-            if state is not None:
-                set_pdl(state)
-            run(f"bsr b{block_size} {sparsity:.0%} {layout}", model_bytes(), sparse=True)
-    finally:
-        if pdl is not None:
-            set_pdl(None)
-    densify(model)
-    if semi_structured:
-        from torch.sparse import to_sparse_semi_structured
 
-        with torch.no_grad():
-            for _, linear in prunable_linears(model).items():
-                linear.weight = torch.nn.Parameter(to_sparse_semi_structured(prune_2_4(linear.weight)),
-                                                   requires_grad=False)
-        dense_bytes = rows[0].get("weight_bytes", 0)
-        linear_elems = sum(m.weight.shape[0] * m.weight.shape[1] for _, m in prunable_linears(model).items())
-        run("2:4 torch", dense_bytes - linear_elems * 2 + linear_elems + linear_elems // 8)
+@dataclass
+class _GenerationTimer:
+    """Greedy generation of one model timed for every batch size and mode: one row each, and the
+    generated tokens by (kind, batch, mode, pdl) for the comparison with dense."""
+    model: object
+    batch_sizes: tuple
+    modes: tuple
+    prompts: dict
+    prompt_tokens: int
+    new_tokens: int
+    copy_bytes_per_s: float
+    rows: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
 
+    def run(self, kind: str, weight_bytes: int, sparse: bool = False) -> None:
+        for b in self.batch_sizes:
+            for mode in self.modes:
+                self._one(kind, weight_bytes, sparse, b, mode)
+
+    def _one(self, kind: str, weight_bytes: int, sparse: bool, b: int, mode: str) -> None:
+        from spruce.kernels.bsr import pdl_enabled
+
+        extra = {}
+        try:
+            generate = greedy_generator(self.model, mode, b, self.prompt_tokens, self.new_tokens)
+            generate(self.prompts[b])  # warm-up: kernel tuning, graph capture
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens = generate(self.prompts[b])
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            if sparse:
+                extra["pdl"] = pdl_enabled(torch.device("cuda"))
+                extra["configs"] = _linear_configs(self.model, b, self.prompt_tokens, torch.bfloat16)
+                extra["linears_tuned_ms"] = sum(
+                    c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
+                    if c["decode_tuned_us"] is not None) / 1e3
+        except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
+            self.rows.append({"kind": kind, "batch": b, "mode": mode, **extra,
+                              "error": f"{type(exc).__name__}: {exc}"})
+            return
+        self.outputs[kind, b, mode, extra.get("pdl")] = tokens.cpu()
+        per_token_ms = seconds / self.new_tokens * 1e3
+        self.rows.append({"kind": kind, "batch": b, "mode": mode, "seconds": seconds,
+                          "tokens_per_s": b * self.new_tokens / seconds, "ms_per_step": per_token_ms,
+                          "weight_bytes": weight_bytes,
+                          "weight_read_floor_ms": weight_bytes / self.copy_bytes_per_s * 1e3, **extra})
+
+
+def _run_semi_structured(model, timer: _GenerationTimer) -> None:
+    """The same model pruned 2:4 by magnitude on torch's semi-structured path, timed like the others."""
+    from torch.sparse import to_sparse_semi_structured
+
+    with torch.no_grad():
+        for _, linear in prunable_linears(model).items():
+            linear.weight = torch.nn.Parameter(to_sparse_semi_structured(prune_2_4(linear.weight)),
+                                               requires_grad=False)
+    dense_bytes = timer.rows[0].get("weight_bytes", 0)
+    linear_elems = sum(m.weight.shape[0] * m.weight.shape[1] for _, m in prunable_linears(model).items())
+    timer.run("2:4 torch", dense_bytes - linear_elems * 2 + linear_elems + linear_elems // 8)
+
+
+def _compare_to_dense(rows: list[dict], outputs: dict, prompt_tokens: int) -> None:
+    """Each row's speedup over dense at the same batch and mode, and for block-sparse rows the share
+    of generated tokens equal to dense's."""
     for r in rows:
         base = next((d for d in rows if d["kind"] == "dense" and d["batch"] == r["batch"]
                      and d["mode"] == r["mode"] and "error" not in d), None)
@@ -215,16 +269,6 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
             if r["kind"].startswith("bsr") and dense_out is not None:
                 new = outputs[r["kind"], r["batch"], r["mode"], r.get("pdl")][:, prompt_tokens:]
                 r["tokens_equal_to_dense"] = (new == dense_out[:, prompt_tokens:]).float().mean().item()
-    summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
-               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsify_report": str(report),
-               "pdl_setting": pdl, "rows": rows}
-    configs = format_linear_configs(rows)
-    if configs:
-        print(configs)
-    print(format_generate_table(rows))
-    if json_path:
-        write_json(json_path, summary)
-    return rows
 
 
 def format_generate_table(rows: list[dict]) -> str:
