@@ -5,8 +5,9 @@
     run_finetune(args)
 
 The field names are the run_clm.py / Hugging Face Trainer flag names (`spruce finetune --help`
-lists the flags and their aliases); `spruce.cli` maps the parsed flags onto this dataclass in one
-place and `spruce run` builds one from a recipe. `__post_init__` checks every value that can be
+lists the flags and their aliases); spruce/cli/finetune.py gives each flag its field's default and
+maps the parsed flags onto this dataclass in one place (a field without a written flag gets a
+plain `--NAME` one, its help from `metadata["help"]`), and `spruce run` builds one from a recipe. `__post_init__` checks every value that can be
 checked without the model, so a bad value fails before anything is read or written; what needs
 the loaded model (target modules, the context length, a checkpoint's tensors) is checked by
 `check_against_model` before the first file is written.
