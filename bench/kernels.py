@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -112,17 +113,7 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
     SPRUCE_BENCH_BASELINE): "v4" also times, where it differs from the tuned one, the configuration
     v4 ran in run 4 (`v4_config`; us_v4). Returns the rows.
     """
-    from spruce.kernels.bsr import (
-        BlockSparseWeight,
-        block_sparse_linear,
-        chosen_config,
-        launch_decode,
-        launch_prefill,
-        pdl_enabled,
-        set_pdl,
-        tuned_configs,
-        tuning_times,
-    )
+    from spruce.kernels.bsr import set_pdl
 
     require_cuda()
     pdl = _pdl_choice(pdl)
@@ -131,107 +122,141 @@ def bench_kernels(shapes=LLAMA2_7B_SHAPES, tokens=(1, 8, 16, 2048), blocks=(16, 
         set_pdl(pdl != "off")
     if dtype not in DTYPES:
         raise SpruceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
     shapes = _parse_shapes(shapes)
     for b in blocks:
         for n, k in shapes:
             if n % b or k % b:
                 raise SpruceError(f"shape {n}x{k} is not divisible by block {b}")
     gen = torch.Generator().manual_seed(seed)
-    ceilings = measure_ceilings()
-    esize = torch.tensor([], dtype=torch_dtype).element_size()
-    rows = []
-
-    def row(n, k, m, kernel, us, nbytes, flops, **extra):
-        floor_us = max(nbytes / ceilings["copy_bytes_per_s"], flops / ceilings["matmul_flop_per_s"]) * 1e6
-        rows.append({"shape": f"{n}x{k}", "out": n, "in": k, "tokens": m, "kernel": kernel, "us": us,
-                     "bytes": nbytes, "flops": flops, "GB_per_s": nbytes / us / 1e3,
-                     "TFLOP_per_s": flops / us / 1e6, "floor_us": floor_us, "pct_of_floor": floor_us / us,
-                     **extra})
-
-    def report():
-        return {"environment": environment(), "ceilings": ceilings, "tuned": tuned_configs(),
-                "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "pdl_setting": pdl,
-                "baseline": baseline, "rows": rows}
-
+    bench = _KernelBench(measure_ceilings(), DTYPES[dtype], gen, pdl, baseline)
     for n, k in shapes:
-        weight = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch_dtype)
-        dense = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * esize) - 1)]
+        bench.shape(n, k, tokens, blocks, sparsities, layouts, semi_structured)
+        print(format_kernel_table([r for r in bench.rows if r["shape"] == f"{n}x{k}"], bench.ceilings), flush=True)
+        if json_path:  # after every shape, so that an interrupted run keeps what it measured
+            write_json(json_path, bench.report(), quiet=True)
+
+    if pdl is not None:
+        set_pdl(None)
+    print(format_kernel_table(bench.rows, bench.ceilings))
+    if json_path:
+        write_json(json_path, bench.report())
+    return bench.rows
+
+
+@dataclass
+class _KernelBench:
+    """The cases of bench_kernels for one dtype, timed shape by shape into `rows`."""
+    ceilings: dict
+    dtype: torch.dtype
+    gen: torch.Generator
+    pdl: str | None
+    baseline: str | None
+    rows: list = field(default_factory=list)
+
+    @property
+    def esize(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def row(self, n, k, m, kernel, us, nbytes, flops, **extra) -> None:
+        floor_us = max(nbytes / self.ceilings["copy_bytes_per_s"], flops / self.ceilings["matmul_flop_per_s"]) * 1e6
+        self.rows.append({"shape": f"{n}x{k}", "out": n, "in": k, "tokens": m, "kernel": kernel, "us": us,
+                          "bytes": nbytes, "flops": flops, "GB_per_s": nbytes / us / 1e3,
+                          "TFLOP_per_s": flops / us / 1e6, "floor_us": floor_us, "pct_of_floor": floor_us / us,
+                          **extra})
+
+    def report(self) -> dict:
+        from spruce.kernels.bsr import pdl_enabled, tuned_configs, tuning_times
+
+        return {"environment": environment(), "ceilings": self.ceilings, "tuned": tuned_configs(),
+                "tuning_us": tuning_times(), "pdl": pdl_enabled(torch.device("cuda")), "pdl_setting": self.pdl,
+                "baseline": self.baseline, "rows": self.rows}
+
+    def shape(self, n, k, tokens, blocks, sparsities, layouts, semi_structured: bool) -> None:
+        """Every token count, block size, sparsity and layout of one weight shape."""
+        weight = (torch.randn(n, k, generator=self.gen) * 0.02).to("cuda", self.dtype)
+        dense = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * self.esize) - 1)]
+        variants = self._variants(weight, n, k, blocks, sparsities, layouts)
+        semi_copies, pruned24 = self._semi_structured(weight, n, k) if semi_structured else (None, None)
+        for m in tokens:
+            x_bytes = m * k * self.esize
+            xs = [torch.randn(m, k, generator=self.gen).to("cuda", self.dtype) for _ in range(copies_for(x_bytes))]
+            io_bytes = x_bytes + m * n * self.esize
+
+            dense_us = graph_time_us(_rotating_calls(F.linear, dense, xs))
+            self.row(n, k, m, "dense cuBLAS", dense_us, n * k * self.esize + io_bytes, 2 * m * n * k, speedup=1.0)
+            for variant in variants:
+                self._time_sparse(n, k, m, xs, io_bytes, dense_us, *variant)
+            if semi_copies is not None:
+                self._time_semi_structured(n, k, m, xs, io_bytes, dense_us, semi_copies, pruned24)
+        del dense, variants
+        torch.cuda.empty_cache()
+
+    def _variants(self, weight, n, k, blocks, sparsities, layouts) -> list[tuple]:
+        """(name, block, sparsity, layout, masked weight, rotating copies) of every block-sparse case."""
+        from spruce.kernels.bsr import BlockSparseWeight
+
         variants = []
         for b in blocks:
             for s in sparsities:
                 for layout in layouts:
                     if 0 < LAYOUT_GROUP_FEATURES[layout] <= b:
                         continue  # a block this wide is already such a group
-                    mask = expand_block_mask(random_block_mask(n, k, b, s, layout, gen), b).to("cuda")
+                    mask = expand_block_mask(random_block_mask(n, k, b, s, layout, self.gen), b).to("cuda")
                     masked = weight * mask
                     sparse = BlockSparseWeight.from_dense(masked, b)
                     copies = [sparse] + [sparse.clone() for _ in range(copies_for(sparse.nbytes) - 1)]
                     variants.append((f"bsr b{b} {s:.0%} {layout}", b, s, layout, masked, copies))
-        semi_copies = None
-        if semi_structured:
-            from torch.sparse import to_sparse_semi_structured
+        return variants
 
-            pruned24 = prune_2_4(weight)
-            try:
-                semi_copies = [to_sparse_semi_structured(pruned24.clone())
-                               for _ in range(copies_for(n * k * esize // 2))]
-            except Exception as exc:  # noqa: BLE001 - the 2:4 path is torch's; report why it could not run
-                rows.append({"shape": f"{n}x{k}", "tokens": 0, "kernel": "2:4 torch",
-                             "error": f"{type(exc).__name__}: {exc}"})
-        for m in tokens:
-            x_bytes = m * k * esize
-            xs = [torch.randn(m, k, generator=gen).to("cuda", torch_dtype) for _ in range(copies_for(x_bytes))]
-            io_bytes = x_bytes + m * n * esize
+    def _semi_structured(self, weight, n, k):
+        """(rotating copies of the 2:4 weight on torch's path or None where it cannot run, the 2:4 weight)."""
+        from torch.sparse import to_sparse_semi_structured
 
-            dense_us = graph_time_us(_rotating_calls(F.linear, dense, xs))
-            row(n, k, m, "dense cuBLAS", dense_us, n * k * esize + io_bytes, 2 * m * n * k, speedup=1.0)
-            for name, b, s, layout, masked, copies in variants:
-                x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
-                y = torch.full((m, n), float("nan"), dtype=torch_dtype, device="cuda")
-                kind, launch = ("decode", launch_decode) if m <= 16 else ("prefill", launch_prefill)
-                launch(x, copies[0], None, y)
-                err = _rel_err(y, F.linear(x.double(), masked.double()))
-                us = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
-                sp = copies[0]
-                cfg = chosen_config(kind, sp, m, torch_dtype)
-                extra = {"config": str(cfg)}
-                if pdl == "both" and kind == "decode":  # the same tiles without PDL
-                    set_pdl(False)
-                    extra["us_pdl_off"] = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
-                    set_pdl(True)
-                if baseline == "v4" and layout != "independent" and cfg is not None:
-                    v4 = v4_config(sp, m)
-                    extra["v4_config"] = str(v4)
-                    extra["us_v4"] = us if v4 == cfg else graph_time_us(
-                        _rotating_calls(_forced(launch, v4, m, n, torch_dtype), copies, xs))
-                row(n, k, m, name, us, sp.nbytes + io_bytes, 2 * m * n * k * sp.stored_fraction,
-                    speedup=dense_us / us, block=b, sparsity=s, layout=layout, group=sp.group, rel_err=err,
-                    **extra)
-            if semi_copies is not None:
-                try:
-                    x = torch.randn(m, k, generator=gen).to("cuda", torch_dtype)
-                    err = _rel_err(F.linear(x, semi_copies[0]), F.linear(x.double(), pruned24.double()))
-                    us = graph_time_us(_rotating_calls(F.linear, semi_copies, xs))
-                except Exception as exc:  # noqa: BLE001 - torch's 2:4 path has its own limits; report them
-                    rows.append({"shape": f"{n}x{k}", "tokens": m, "kernel": "2:4 torch",
-                                 "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                # values plus 4 bits of metadata per 4 inputs
-                row(n, k, m, "2:4 torch", us, n * k * esize // 2 + n * k // 8 + io_bytes, m * n * k,
-                    speedup=dense_us / us, sparsity=0.5, rel_err=err)
-        del dense, variants
-        torch.cuda.empty_cache()
-        print(format_kernel_table([r for r in rows if r["shape"] == f"{n}x{k}"], ceilings), flush=True)
-        if json_path:  # after every shape, so that an interrupted run keeps what it measured
-            write_json(json_path, report(), quiet=True)
+        pruned24 = prune_2_4(weight)
+        try:
+            return [to_sparse_semi_structured(pruned24.clone())
+                    for _ in range(copies_for(n * k * self.esize // 2))], pruned24
+        except Exception as exc:  # noqa: BLE001 - the 2:4 path is torch's; report why it could not run
+            self.rows.append({"shape": f"{n}x{k}", "tokens": 0, "kernel": "2:4 torch",
+                              "error": f"{type(exc).__name__}: {exc}"})
+            return None, pruned24
 
-    if pdl is not None:
-        set_pdl(None)
-    print(format_kernel_table(rows, ceilings))
-    if json_path:
-        write_json(json_path, report())
-    return rows
+    def _time_sparse(self, n, k, m, xs, io_bytes, dense_us, name, b, s, layout, masked, copies) -> None:
+        from spruce.kernels.bsr import block_sparse_linear, chosen_config, launch_decode, launch_prefill, set_pdl
+
+        x = torch.randn(m, k, generator=self.gen).to("cuda", self.dtype)
+        y = torch.full((m, n), float("nan"), dtype=self.dtype, device="cuda")
+        kind, launch = ("decode", launch_decode) if m <= 16 else ("prefill", launch_prefill)
+        launch(x, copies[0], None, y)
+        err = _rel_err(y, F.linear(x.double(), masked.double()))
+        us = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
+        sp = copies[0]
+        cfg = chosen_config(kind, sp, m, self.dtype)
+        extra = {"config": str(cfg)}
+        if self.pdl == "both" and kind == "decode":  # the same tiles without PDL
+            set_pdl(False)
+            extra["us_pdl_off"] = graph_time_us(_rotating_calls(block_sparse_linear, copies, xs))
+            set_pdl(True)
+        if self.baseline == "v4" and layout != "independent" and cfg is not None:
+            v4 = v4_config(sp, m)
+            extra["v4_config"] = str(v4)
+            extra["us_v4"] = us if v4 == cfg else graph_time_us(
+                _rotating_calls(_forced(launch, v4, m, n, self.dtype), copies, xs))
+        self.row(n, k, m, name, us, sp.nbytes + io_bytes, 2 * m * n * k * sp.stored_fraction,
+                 speedup=dense_us / us, block=b, sparsity=s, layout=layout, group=sp.group, rel_err=err, **extra)
+
+    def _time_semi_structured(self, n, k, m, xs, io_bytes, dense_us, semi_copies, pruned24) -> None:
+        try:
+            x = torch.randn(m, k, generator=self.gen).to("cuda", self.dtype)
+            err = _rel_err(F.linear(x, semi_copies[0]), F.linear(x.double(), pruned24.double()))
+            us = graph_time_us(_rotating_calls(F.linear, semi_copies, xs))
+        except Exception as exc:  # noqa: BLE001 - torch's 2:4 path has its own limits; report them
+            self.rows.append({"shape": f"{n}x{k}", "tokens": m, "kernel": "2:4 torch",
+                              "error": f"{type(exc).__name__}: {exc}"})
+            return
+        # values plus 4 bits of metadata per 4 inputs
+        self.row(n, k, m, "2:4 torch", us, n * k * self.esize // 2 + n * k // 8 + io_bytes, m * n * k,
+                 speedup=dense_us / us, sparsity=0.5, rel_err=err)
 
 
 def format_kernel_table(rows: list[dict], ceilings: dict) -> str:

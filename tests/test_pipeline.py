@@ -281,11 +281,12 @@ def test_a_run_computes_with_the_recipes_thread_count_and_restores_it(tmp_path, 
 @pytest.mark.parametrize("device, recipe, says", [("cpu", "smollm2-block16.yaml", "CPU-sized"),
                                                   ("cuda", "smollm2-block16-distill.yaml", "full-size")])
 def test_demo_runs_the_full_size_recipe_on_a_gpu(device, recipe, says, monkeypatch, capsys):
-    from spruce import cli, models
+    from spruce import models
+    from spruce.cli import demo as cli_demo
 
     seen = {}
     monkeypatch.setattr(models, "resolve_device", lambda name: torch.device(device))
-    monkeypatch.setattr(cli, "_run_and_show", lambda cfg, fresh: seen.update(cfg=cfg))
+    monkeypatch.setattr(cli_demo, "run_and_show", lambda cfg, fresh: seen.update(cfg=cfg))
     assert main(["demo"]) == 0
     cfg = seen["cfg"]
     assert cfg.output_dir == load_recipe(recipes_dir() / recipe).output_dir and says in capsys.readouterr().out

@@ -30,7 +30,7 @@ from .patterns import Pattern, check_divides
 from .reconstruct import Reconstruct, layer_output, reconstruct_layer  # noqa: F401  (Reconstruct: re-exported)
 from .spec import PruneSpec, report_fields, spec_from_options
 from .state import FORMAT as PRUNE_STATE_FORMAT
-from .state import PruneState
+from .state import STATE_EVERY, PruneState
 from .state import fingerprint as state_fingerprint
 
 
@@ -160,7 +160,7 @@ def owl_outlier_ratios(model, batches, device, m: float, progress: bool) -> list
 @torch.no_grad()
 def prune_model(model, spec: PruneSpec | str, *args, samples: torch.Tensor | None = None,
                 device: str | torch.device | None = None, progress: bool = True,
-                state_dir: str | os.PathLike | None = None, state_every: float = 60.0, **options) -> dict:
+                state_dir: str | os.PathLike | None = None, state_every: float = STATE_EVERY, **options) -> dict:
     """Prune every decoder nn.Linear of `model` in place as `spec` says; return the sparsity report.
 
     Called as prune_model(model, spec, samples) with a PruneSpec (see spec.py for every option),

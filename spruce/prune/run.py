@@ -15,13 +15,13 @@ from ..outdir import NoSpaceError, atomic_dir, folder_size
 from .defaults import spec_for_model
 from .engine import prune_model
 from .spec import PruneSpec
-from .state import state_folder
+from .state import STATE_EVERY, state_folder
 
 EVAL_SEQLEN = 1024   # tokens per window of the optional test-split perplexity after pruning
 
 
 def run_prune(model, tok, options: dict, pattern: str, sparsity: float, corpus: str, seed: int = 0, *,
-              out_dir: str | Path | None = None, state_every: float = 60.0, device=None, progress: bool = True,
+              out_dir: str | Path | None = None, state_every: float = STATE_EVERY, device=None, progress: bool = True,
               recipe: dict | None = None, eval_corpus: str | None = None, seqlen_name: str = "--seqlen",
               adjust: Callable | None = None, compressed_block: int | None = None) -> tuple[dict, PruneSpec]:
     """Prune `model` in place; return (the sparsity report, the PruneSpec used).

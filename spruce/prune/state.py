@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "spruce-prune-state/1"
+STATE_EVERY = 60.0   # seconds between state saves unless a caller (--state_every) sets it
 CARRY = "carry.pt"
 
 
@@ -59,7 +60,7 @@ def _replace(tmp: Path, final: Path) -> None:
 class PruneState:
     """The state folder of one pruning run (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike, digest: str, every: float = 60.0, say=None):
+    def __init__(self, folder: str | os.PathLike, digest: str, every: float = STATE_EVERY, say=None):
         self.folder = Path(folder)
         self.digest = digest
         self.every = every

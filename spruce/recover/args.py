@@ -5,8 +5,9 @@
     run_finetune(args)
 
 The field names are the run_clm.py / Hugging Face Trainer flag names (`spruce finetune --help`
-lists the flags and their aliases); `spruce.cli` maps the parsed flags onto this dataclass in one
-place and `spruce run` builds one from a recipe. `__post_init__` checks every value that can be
+lists the flags and their aliases); spruce/cli/finetune.py gives each flag its field's default and
+maps the parsed flags onto this dataclass in one place (a field without a written flag gets a
+plain `--NAME` one, its help from `metadata["help"]`), and `spruce run` builds one from a recipe. `__post_init__` checks every value that can be
 checked without the model, so a bad value fails before anything is read or written; what needs
 the loaded model (target modules, the context length, a checkpoint's tensors) is checked by
 `check_against_model` before the first file is written.
@@ -19,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .train import SCHEDULERS
+from .train import SCHEDULERS, TrainArgs
 from ..errors import SpruceError
 from .checkpoint import LEGACY_ROOT
 
@@ -72,7 +73,7 @@ class FinetuneArgs:
     learning_rate: float = 1e-4               # peak learning rate (AdamW)
     weight_decay: float = 0.0                 # AdamW weight decay
     warmup_steps: int = 0                     # linear warm-up steps
-    lr_scheduler_type: str = "linear"         # decay after warm-up: linear | cosine | constant
+    lr_scheduler_type: str = TrainArgs.scheduler  # decay after warm-up: linear | cosine | constant
     seed: int = 42                            # data order, LoRA init and dropout
     lora_r: int = 8                           # LoRA rank
     lora_alpha: int = 16                      # LoRA scale numerator (scale = alpha / r)
@@ -84,7 +85,7 @@ class FinetuneArgs:
     distill_hidden_weight: float = 0.0        # weight of the per-layer hidden-state term (needs a teacher)
     # monitoring and output
     overwrite_output_dir: bool = False        # reuse a non-empty output_dir (the earlier run's outputs are removed)
-    logging_steps: int = 10                   # log every N steps
+    logging_steps: int = TrainArgs.logging_steps  # log every N steps
     logging_first_step: bool = False          # also log after the first step
     eval_steps: int | None = None             # evaluate every N steps (None: only at the end)
     save_steps: int | None = None             # checkpoint every N steps (None: only at the end)
