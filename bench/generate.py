@@ -205,19 +205,35 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     equal to dense; sparse rows also which layers run sparse (dispatch) and the tuned
     configuration of every sparse linear shape. Returns the rows.
     """
-    from transformers import LlamaForCausalLM
+    from spruce.kernels.bsr import set_pdl
 
-    from spruce.generate import TTFT_REPEATS
-    from spruce.kernels.bsr import pdl_enabled, set_pdl, tuning_times
-
-    cuda = device == "cuda"
-    if cuda:
+    if device == "cuda":
         require_cuda()
     pdl = _pdl_choice(pdl)
     if pdl == "both":
         raise SpruceError("the generation bench runs PDL on or off (SPRUCE_BENCH_PDL=on|off), not both")
     layouts = list(layouts or [default_layout()])
     module_sparsity = default_module_sparsity() if module_sparsity is None else module_sparsity
+    _check_options(layouts, block_size, modes, dense_dispatch, sparsity)
+    bench = _GenerateBench(batch_sizes, new_tokens, prompt_tokens, sparsity, module_sparsity, block_size, selection,
+                           num_layers, time_budget, json_path, seed, pdl, device, config_overrides, ttft_repeats)
+    if pdl is not None:
+        set_pdl(pdl == "on")
+    # dense dispatch first, on every layout, then without it: a run cut by the time budget has the
+    # dispatch rows of each layout (the dense rows of a layout are measured once per mode)
+    for mode in modes:
+        for dispatch in DISPATCH_CHOICES[dense_dispatch]:
+            for layout in layouts:
+                bench.run_case(layout, mode, dispatch)
+    if semi_structured:
+        _run_semi_structured(bench.model, bench.originals, bench.prompts, new_tokens, modes, bench.repeats,
+                             bench.rows, bench.case, bench.add_rows)
+    if pdl is not None:
+        set_pdl(None)
+    return bench.finish()
+
+
+def _check_options(layouts, block_size: int, modes, dense_dispatch: str, sparsity: float) -> None:
     unknown = set(modes) - set(GENERATE_MODES)
     if unknown:
         raise SpruceError(f"modes must be among {', '.join(GENERATE_MODES)}, got {sorted(unknown)}")
@@ -226,10 +242,12 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     if not 0.0 < sparsity < 1.0:
         raise SpruceError(f"sparsity must be between 0 and 1, got {sparsity}")
     _check_layouts(layouts, block_size)
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    ceilings = measure_ceilings() if cuda else None
+
+
+def _random_llama(num_layers: int, device: str, config_overrides: dict | None):
+    """A random bf16 Llama-2-7B-shaped model with `num_layers` decoder layers that never stops early."""
+    from transformers import LlamaForCausalLM
+
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -239,115 +257,144 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
         torch.set_default_dtype(default_dtype)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=gen).to(device)
-    prompts = list(speed_prompts(prompt, prompt_tokens, batch_sizes).values())
-    originals = {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
-    repeats = ttft_repeats or TTFT_REPEATS
-    if pdl is not None:
-        set_pdl(pdl == "on")
-    rows: list[dict] = []
-    summary = {"environment": environment(), "ceilings": ceilings, "num_layers": num_layers,
-               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsity": sparsity,
-               "module_sparsity": module_sparsity, "selection": selection, "pdl_setting": pdl, "layouts": {},
-               "rows": rows}
+    return model
 
-    def out_of_time() -> bool:
-        return time_budget is not None and time.perf_counter() - started > time_budget
 
-    def add_rows(layout, kind, mode, speeds, dense, extra):
+class _GenerateBench:
+    """The state of one generation bench run: the model, its original weights, the prompts, the
+    rows and the JSON summary; each case is timed through `case` (time budget, failures, saving)."""
+
+    def __init__(self, batch_sizes, new_tokens, prompt_tokens, sparsity, module_sparsity, block_size, selection,
+                 num_layers, time_budget, json_path, seed, pdl, device, config_overrides, ttft_repeats):
+        from spruce.generate import TTFT_REPEATS
+
+        self.started = time.perf_counter()
+        self.batch_sizes, self.new_tokens, self.prompt_tokens = batch_sizes, new_tokens, prompt_tokens
+        self.sparsity, self.module_sparsity, self.block_size = sparsity, module_sparsity, block_size
+        self.selection, self.time_budget, self.json_path, self.seed = selection, time_budget, json_path, seed
+        self.pdl, self.device, self.cuda = pdl, device, device == "cuda"
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.ceilings = measure_ceilings() if self.cuda else None
+        self.model = _random_llama(num_layers, device, config_overrides)
+        prompt = torch.randint(0, self.model.config.vocab_size, (1, prompt_tokens), generator=gen).to(device)
+        self.prompts = list(speed_prompts(prompt, prompt_tokens, batch_sizes).values())
+        self.originals = {n: m.weight.detach().clone() for n, m in prunable_linears(self.model).items()}
+        self.repeats = ttft_repeats or TTFT_REPEATS
+        self.rows: list[dict] = []
+        self.summary = {"environment": environment(), "ceilings": self.ceilings, "num_layers": num_layers,
+                        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "sparsity": sparsity,
+                        "module_sparsity": module_sparsity, "selection": selection, "pdl_setting": pdl,
+                        "layouts": {}, "rows": self.rows}
+        self.dense_of: dict = {}
+        self.current = None
+
+    def out_of_time(self) -> bool:
+        return self.time_budget is not None and time.perf_counter() - self.started > self.time_budget
+
+    def add_rows(self, layout, kind, mode, speeds, dense, extra):
         for i, s in enumerate(speeds):
-            row = {"layout": layout, "kind": kind, "batch": s.batch, "mode": mode, "prompt_tokens": prompt_tokens,
-                   "new_tokens": new_tokens, "ttft_ms": s.ttft_s * 1e3, "tokens_per_s": s.decode_tokens_per_second,
-                   "ms_per_step": s.decode_s / max(new_tokens - 1, 1) * 1e3, **extra}
-            if ceilings and "weight_bytes" in extra:
-                row["weight_read_floor_ms"] = extra["weight_bytes"] / ceilings["copy_bytes_per_s"] * 1e3
+            row = {"layout": layout, "kind": kind, "batch": s.batch, "mode": mode, "prompt_tokens": self.prompt_tokens,
+                   "new_tokens": self.new_tokens, "ttft_ms": s.ttft_s * 1e3, "tokens_per_s": s.decode_tokens_per_second,
+                   "ms_per_step": s.decode_s / max(self.new_tokens - 1, 1) * 1e3, **extra}
+            if self.ceilings and "weight_bytes" in extra:
+                row["weight_read_floor_ms"] = extra["weight_bytes"] / self.ceilings["copy_bytes_per_s"] * 1e3
             if dense is not None:
                 d = dense[i]
                 row["speedup"] = s.decode_tokens_per_second / d.decode_tokens_per_second
                 row["ttft_speedup"] = d.ttft_s / s.ttft_s
-                row["tokens_equal_to_dense"] = (s.ids[:, prompt_tokens:] == d.ids[:, prompt_tokens:]).float().mean().item()
-            rows.append(row)
+                new = slice(self.prompt_tokens, None)
+                row["tokens_equal_to_dense"] = (s.ids[:, new] == d.ids[:, new]).float().mean().item()
+            self.rows.append(row)
 
-    def save():
-        summary["tuning_us"] = tuning_times()
-        summary["seconds"] = round(time.perf_counter() - started, 1)
-        if json_path:
-            write_json(json_path, summary, quiet=True)
+    def save(self):
+        from spruce.kernels.bsr import tuning_times
 
-    def case(layout, kind, mode, fn):
-        if out_of_time():
-            rows.append({"layout": layout, "kind": kind, "mode": mode, "batch": 0, "skipped": "time budget"})
+        self.summary["tuning_us"] = tuning_times()
+        self.summary["seconds"] = round(time.perf_counter() - self.started, 1)
+        if self.json_path:
+            write_json(self.json_path, self.summary, quiet=True)
+
+    def case(self, layout, kind, mode, fn):
+        if self.out_of_time():
+            self.rows.append({"layout": layout, "kind": kind, "mode": mode, "batch": 0, "skipped": "time budget"})
             print(f"skipped (time budget): {layout} {kind} {mode}", flush=True)
             return None
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - report the failure of one case and go on with the others
-            rows.append({"layout": layout, "kind": kind, "mode": mode, "batch": 0,
-                         "error": f"{type(exc).__name__}: {exc}"})
+            self.rows.append({"layout": layout, "kind": kind, "mode": mode, "batch": 0,
+                              "error": f"{type(exc).__name__}: {exc}"})
             print(f"failed: {layout} {kind} {mode}: {type(exc).__name__}: {exc}", flush=True)
             return None
         finally:
-            save()
+            self.save()
 
-    def inspect(model_now):
-        return {"weight_bytes": _model_bytes(model_now), "pdl": pdl_enabled(torch.device(device)) if cuda else None,
-                "configs": {b: _linear_configs(model_now, b, prompt_tokens, torch.bfloat16) for b in batch_sizes}}
+    def inspect(self, model_now):
+        from spruce.kernels.bsr import pdl_enabled
 
-    # dense dispatch first, on every layout, then without it: a run cut by the time budget has the
-    # dispatch rows of each layout (the dense rows of a layout are measured once per mode)
-    dense_of: dict = {}
-    current = None
-    for mode in modes:
-        for dispatch in DISPATCH_CHOICES[dense_dispatch]:
-            for layout in layouts:
-                if layout != current:
-                    shares = emit_masks(model, originals, layout, selection, sparsity, module_sparsity, seed)
-                    current = layout
-                    if layout not in summary["layouts"]:
-                        summary["layouts"][layout] = layout_line(model, layout, selection, shares, block_size)
-                        print(summary["layouts"][layout], flush=True)
-                if (layout, mode) not in dense_of:
-                    dense = case(layout, "dense", mode,
-                                 lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=False,
-                                                        ttft_repeats=repeats)["dense"])
-                    dense_of[layout, mode] = dense
-                    if dense is not None:
-                        add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": _model_bytes(model)})
-                        print("\n".join(format_generate_table(rows[-len(dense):]).splitlines()[1:]), flush=True)
-                dense = dense_of[layout, mode]
-                kind = f"bsr {layout}" + (" +dense" if dispatch else "")
-                result = case(layout, kind, mode,
-                              lambda: measure_speeds(model, prompts, new_tokens, mode, sparse=True,
-                                                     block_size=block_size, dense_dispatch=dispatch, compare=False,
-                                                     ttft_repeats=repeats, on_sparse=inspect))
-                if result is None:
-                    continue
-                seen = result["inspected"]
-                print(f"{kind} {mode}: {dispatch_line(result['dispatch'])}", flush=True)
-                for i, s in enumerate(result["sparse"]):
-                    extra = {"weight_bytes": seen["weight_bytes"], "pdl": seen["pdl"],
-                             "dense_dispatch": dispatch, "dispatch": result["dispatch"]["text"],
-                             "dispatch_table": result["dispatch"]["table"],
-                             "kept_dense_bytes": result["dispatch"]["kept_dense_bytes"],
-                             "configs": seen["configs"][s.batch]}
-                    add_rows(layout, kind, mode, [s], [dense[i]] if dense else None, extra)
-                    rows[-1]["linears_tuned_ms"] = sum(c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
-                                                       if c["decode_tuned_us"] is not None) / 1e3
-                    print(format_generate_table(rows[-1:]).splitlines()[1], flush=True)
-                save()
-    if semi_structured:
-        _run_semi_structured(model, originals, prompts, new_tokens, modes, repeats, rows, case, add_rows)
-    if pdl is not None:
-        set_pdl(None)
-    save()
-    configs = format_linear_configs(rows)
-    if configs:
-        print(configs)
-    print(format_generate_table(rows))
-    if json_path:
-        print(f"wrote {json_path}")
-    return rows
+        return {"weight_bytes": _model_bytes(model_now),
+                "pdl": pdl_enabled(torch.device(self.device)) if self.cuda else None,
+                "configs": {b: _linear_configs(model_now, b, self.prompt_tokens, torch.bfloat16)
+                            for b in self.batch_sizes}}
+
+    def use_layout(self, layout: str) -> None:
+        """Prune the model from its original weights into `layout` (once per change of layout)."""
+        if layout == self.current:
+            return
+        shares = emit_masks(self.model, self.originals, layout, self.selection, self.sparsity,
+                            self.module_sparsity, self.seed)
+        self.current = layout
+        if layout not in self.summary["layouts"]:
+            self.summary["layouts"][layout] = layout_line(self.model, layout, self.selection, shares, self.block_size)
+            print(self.summary["layouts"][layout], flush=True)
+
+    def dense_rows(self, layout: str, mode: str):
+        """The dense speeds of `layout`'s masked model in `mode`, measured once."""
+        if (layout, mode) not in self.dense_of:
+            dense = self.case(layout, "dense", mode,
+                              lambda: measure_speeds(self.model, self.prompts, self.new_tokens, mode, sparse=False,
+                                                     ttft_repeats=self.repeats)["dense"])
+            self.dense_of[layout, mode] = dense
+            if dense is not None:
+                self.add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": _model_bytes(self.model)})
+                print("\n".join(format_generate_table(self.rows[-len(dense):]).splitlines()[1:]), flush=True)
+        return self.dense_of[layout, mode]
+
+    def run_case(self, layout: str, mode: str, dispatch: bool) -> None:
+        """Dense (once) and block-sparse speeds of `layout` in `mode`, with or without dense dispatch."""
+        self.use_layout(layout)
+        dense = self.dense_rows(layout, mode)
+        kind = f"bsr {layout}" + (" +dense" if dispatch else "")
+        result = self.case(layout, kind, mode,
+                           lambda: measure_speeds(self.model, self.prompts, self.new_tokens, mode, sparse=True,
+                                                  block_size=self.block_size, dense_dispatch=dispatch, compare=False,
+                                                  ttft_repeats=self.repeats, on_sparse=self.inspect))
+        if result is None:
+            return
+        seen = result["inspected"]
+        print(f"{kind} {mode}: {dispatch_line(result['dispatch'])}", flush=True)
+        for i, s in enumerate(result["sparse"]):
+            extra = {"weight_bytes": seen["weight_bytes"], "pdl": seen["pdl"],
+                     "dense_dispatch": dispatch, "dispatch": result["dispatch"]["text"],
+                     "dispatch_table": result["dispatch"]["table"],
+                     "kept_dense_bytes": result["dispatch"]["kept_dense_bytes"],
+                     "configs": seen["configs"][s.batch]}
+            self.add_rows(layout, kind, mode, [s], [dense[i]] if dense else None, extra)
+            self.rows[-1]["linears_tuned_ms"] = sum(c["layers"] * c["decode_tuned_us"] for c in extra["configs"]
+                                                    if c["decode_tuned_us"] is not None) / 1e3
+            print(format_generate_table(self.rows[-1:]).splitlines()[1], flush=True)
+        self.save()
+
+    def finish(self) -> list[dict]:
+        self.save()
+        configs = format_linear_configs(self.rows)
+        if configs:
+            print(configs)
+        print(format_generate_table(self.rows))
+        if self.json_path:
+            print(f"wrote {self.json_path}")
+        return self.rows
 
 
 def _check_layouts(layouts: list[str], block_size: int) -> None:
