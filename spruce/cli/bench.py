@@ -9,7 +9,7 @@ BENCHES = (
     ("kernels", "y = x W^T: dense cuBLAS against the block-sparse kernels at Llama-2-7B shapes",
      "Time dense cuBLAS, the block-sparse kernels and torch's 2:4 path for every shape, token\n"
      "count, block size, sparsity and layout; every sparse output is checked against float64."),
-    ("generate", "greedy generation tokens/s: dense, block-sparse and 2:4",
+    ("generate", "time to first token and decode tokens/s: dense against block-sparse on the pruner's layouts",
      "Greedy generation of a random Llama-2-7B-shaped bf16 model (random weights measure speed\n"
      "honestly), dense against block-sparse on every decoder linear, and torch's 2:4."),
 )

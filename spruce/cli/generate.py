@@ -22,12 +22,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max_new_tokens", type=positive_int, default=128, help="tokens to generate (default: 128)")
     p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                    help="block-sparse kernels: auto (on with a CUDA GPU), on, off (default: auto)")
-    p.add_argument("--mode", choices=["graph", "compile", "eager"],
+    p.add_argument("--mode", choices=["graph", "compile", "eager", "hf-static"],
                    help="graph: static KV cache, each step a replayed CUDA graph; compile: the same step compiled "
-                        "by torch.compile first (CUDA); eager: Hugging Face generate (default: graph on CUDA, "
+                        "by torch.compile first (CUDA); eager: Hugging Face generate; hf-static: Hugging Face "
+                        "generate with a static cache, its decode step compiled on CUDA (default: graph on CUDA, "
                         "eager on CPU)")
     p.add_argument("--block_size", type=int, default=16, choices=[16, 32, 64], help="kernel block size (default: 16)")
     p.add_argument("--compare", action="store_true", help="also time the dense model in the same run")
+    p.add_argument("--prompt_tokens", type=positive_int, metavar="N",
+                   help="also time the prompt's tokens repeated to N tokens (e.g. 2048): time to first token and "
+                        "decode tokens/s")
+    p.add_argument("--batch_sizes", type=positive_int, nargs="+", metavar="B",
+                   help="also time these batch sizes, the same prompt in every row (e.g. 1 8)")
+    p.add_argument("--dense_dispatch", choices=["on", "off"], default="on",
+                   help="on: each block-sparse layer runs dense cuBLAS at the token counts where the tuner timed "
+                        "dense faster on this GPU, so no layer is slower than dense; off: the kernel everywhere "
+                        "(default: on)")
     p.add_argument("--json", metavar="PATH", help="also write the text, speeds and settings as JSON")
 
 
@@ -44,6 +54,7 @@ def run(args) -> None:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tok = load_model(args.model, device, dtype, args.trust_remote_code, args.tokenizer)
     record = run_generate(model, tok, prompt, args.max_new_tokens, args.mode, args.kernels, args.compare,
-                          args.block_size)
+                          args.block_size, prompt_tokens=args.prompt_tokens, batch_sizes=args.batch_sizes,
+                          dense_dispatch=args.dense_dispatch == "on")
     if args.json:
         write_json(args.json, {"model": args.model, **record})
