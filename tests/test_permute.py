@@ -147,7 +147,7 @@ def test_the_recipe_decides_permute():
     # switching the default grouping turns the default 16x16 recipe grouped and permuted
     recipe = {**resolve_recipe("16x16"), "block_group": 4}
     got = spec_for_model(recipe, "16x16", 0.5, linears)[0]
-    assert (got.pattern, got.permute) == ("16x16g4", defaults.DEFAULT_PERMUTE)
+    assert (got.pattern, got.permute) == ("16x16g4", defaults.DEFAULT_PERMUTE["grouped"])
     with pytest.raises(SpruceError, match="permute reorders MLP features into block-rows; 2:4"):
         PruneSpec(method="sparsegpt", pattern="2:4", permute=True)
 
