@@ -87,6 +87,7 @@ def _prune(pattern: str, method: str | None = None, layers: int = 2, **given):
 def test_default_grouped_recipe_permutes_and_keeps_exact_grouped_sparsity(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from spruce.card import model_card
     from spruce.kernels import BlockSparseLinear, sparsify
     from spruce.prune.run import save_pruned
 
@@ -101,6 +102,7 @@ def test_default_grouped_recipe_permutes_and_keeps_exact_grouped_sparsity(tmp_pa
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     save_pruned(model, None, tmp_path / "p", info)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    assert "MLP features reordered for the block tiles first" in model_card(tmp_path / "p")
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits, rtol=0, atol=1e-5)
     sparsify(model, block_size=16, min_sparsity=0.2)
