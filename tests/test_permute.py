@@ -152,6 +152,8 @@ def test_the_recipe_decides_permute():
     assert (got.pattern, got.permute) == ("16x16g4", defaults.DEFAULT_PERMUTE["grouped"])
     with pytest.raises(SpruceError, match="permute reorders MLP features into block-rows; 2:4"):
         PruneSpec(method="sparsegpt", pattern="2:4", permute=True)
+    with pytest.raises(SpruceError, match="permute must be true or false, got 'yes'"):
+        PruneSpec(pattern="16x16", permute="yes")
 
 
 def test_progressive_rounds_keep_the_first_rounds_order(tiny_model_dir, corpus_file, tmp_path):
