@@ -64,6 +64,8 @@ def _method(info: dict) -> str | None:
     if info.get("reconstruct"):
         r = info["reconstruct"]
         parts.append(f"layer reconstruction ({r.get('epochs')} epochs, lr {r.get('lr')})")
+    if info.get("permute"):
+        parts.append("MLP features reordered for the block tiles first (same function)")
     if info.get("module_sparsity"):
         parts.append("module sparsity " + ", ".join(f"{k} {v:.0%}" for k, v in info["module_sparsity"].items()))
     if info.get("allocation") not in (None, "uniform"):

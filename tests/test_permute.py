@@ -87,6 +87,7 @@ def _prune(pattern: str, method: str | None = None, layers: int = 2, **given):
 def test_default_grouped_recipe_permutes_and_keeps_exact_grouped_sparsity(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from spruce.card import model_card
     from spruce.kernels import BlockSparseLinear, sparsify
     from spruce.prune.run import save_pruned
 
@@ -101,6 +102,7 @@ def test_default_grouped_recipe_permutes_and_keeps_exact_grouped_sparsity(tmp_pa
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     save_pruned(model, None, tmp_path / "p", info)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    assert "MLP features reordered for the block tiles first" in model_card(tmp_path / "p")
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits, rtol=0, atol=1e-5)
     sparsify(model, block_size=16, min_sparsity=0.2)
@@ -147,9 +149,11 @@ def test_the_recipe_decides_permute():
     # switching the default grouping turns the default 16x16 recipe grouped and permuted
     recipe = {**resolve_recipe("16x16"), "block_group": 4}
     got = spec_for_model(recipe, "16x16", 0.5, linears)[0]
-    assert (got.pattern, got.permute) == ("16x16g4", defaults.DEFAULT_PERMUTE)
+    assert (got.pattern, got.permute) == ("16x16g4", defaults.DEFAULT_PERMUTE["grouped"])
     with pytest.raises(SpruceError, match="permute reorders MLP features into block-rows; 2:4"):
         PruneSpec(method="sparsegpt", pattern="2:4", permute=True)
+    with pytest.raises(SpruceError, match="permute must be true or false, got 'yes'"):
+        PruneSpec(pattern="16x16", permute="yes")
 
 
 def test_progressive_rounds_keep_the_first_rounds_order(tiny_model_dir, corpus_file, tmp_path):

@@ -40,10 +40,10 @@ DEFAULTS["grouped"] = DEFAULTS["block"]   # grouped blocks (16x16g4) take the bl
 # every block-row independent; 4 prunes `16x16` as `16x16g4`, the layout the kernels run with
 # 64-feature tiles (patterns/grouped.py). A recipe's "block_group" (or a named method) overrides it.
 DEFAULT_BLOCK_GROUP = 1
-# Whether the default block recipe, when it prunes a grouped pattern (16x16g4, named or through
-# DEFAULT_BLOCK_GROUP), first reorders each MLP's intermediate features (PruneSpec.permute,
-# permute.py). A recipe's "permute" (or a named method, which runs plainly) overrides it.
-DEFAULT_PERMUTE = True
+# Whether the default block recipe first reorders each MLP's intermediate features (PruneSpec.permute,
+# permute.py), by the kind of the pattern it prunes: grouped blocks (16x16g4, named or through
+# DEFAULT_BLOCK_GROUP) and independent ones. A recipe's "permute" (or a named method) overrides it.
+DEFAULT_PERMUTE = {"grouped": True, "block": False}
 # a named method runs plainly: the PruneSpec defaults (spec.py), the one place they are defined
 BASE = {k: v for k, v in SPEC_DEFAULTS.items() if k not in ("pattern", "sparsity")}
 # the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there
@@ -106,11 +106,11 @@ def default_grouping(pattern: str, recipe: dict) -> str:
 
 
 def default_permutation(pattern: str, recipe: dict) -> dict:
-    """The recipe with its "permute" decided: DEFAULT_PERMUTE for a grouped pattern under the default
+    """The recipe with its "permute" decided: DEFAULT_PERMUTE for the pattern's kind under the default
     recipe unless the recipe sets it; as given otherwise."""
-    if recipe.get("method_is_default") and recipe.get("permute_is_default", True) \
-            and parse_pattern(pattern).kind == "grouped":
-        return {**recipe, "permute": DEFAULT_PERMUTE}
+    kind = parse_pattern(pattern).kind
+    if recipe.get("method_is_default") and recipe.get("permute_is_default", True) and kind in DEFAULT_PERMUTE:
+        return {**recipe, "permute": DEFAULT_PERMUTE[kind]}
     return recipe
 
 

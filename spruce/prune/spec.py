@@ -65,6 +65,8 @@ class PruneSpec:
         set_(self, "module_sparsity", dict(self.module_sparsity) if self.module_sparsity else None)
         pattern = self.parsed           # a bad pattern, selection, tile score or tiers fails here
         set_(self, "pattern", pattern.name)
+        if not isinstance(self.permute, bool):
+            raise SpruceError(f"permute must be true or false, got {self.permute!r}")
         if self.permute and pattern.kind not in ("block", "grouped"):
             raise SpruceError(f"permute reorders MLP features into block-rows; {pattern.name} is not a block pattern")
         fixed = pattern.fixed_sparsity
