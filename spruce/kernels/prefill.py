@@ -87,11 +87,11 @@ def transpose_padded(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return xt
 
 
-def tma_ready(x: torch.Tensor, w: BlockSparseWeight) -> bool:
-    """Whether tensor descriptors can address x and the weight (16-byte aligned, something stored);
-    a TMA configuration runs the pointer kernel with the same tile where not."""
-    esize = x.element_size()
-    return (w.values.numel() > 0 and x.data_ptr() % 16 == 0 and (x.stride(0) * esize) % 16 == 0
+def tma_ready(src: torch.Tensor, w: BlockSparseWeight) -> bool:
+    """Whether tensor descriptors can address the input (x or xt) and the weight (16-byte aligned,
+    something stored); a TMA configuration runs the pointer kernel with the same tile where not."""
+    esize = src.element_size()
+    return (w.values.numel() > 0 and src.data_ptr() % 16 == 0 and (src.stride(0) * esize) % 16 == 0
             and w.values.data_ptr() % 16 == 0)
 
 
@@ -116,34 +116,30 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
     group_t = band_tiles(m, k, block_t, x.element_size())
     grid = (-(-m // block_t) * ngroups,)
     bias_arg = bias if bias is not None else y
-    if tag in (TAG_TMA, TAG_ROWS_TMA) and tma_ready(x, w):
+    transposed = tag in (TAG, TAG_TMA)
+    if transposed and xt is None:
+        xt = transpose_padded(x)
+    src = xt if transposed else x
+    if tag in (TAG_TMA, TAG_ROWS_TMA) and tma_ready(src, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         b = w.block
-        if tag == TAG_TMA:
-            if xt is None:
-                xt = transpose_padded(x)
-            x_desc = TensorDescriptor(xt, list(xt.shape), [xt.stride(0), 1], [b, block_t])
-        else:
-            x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_t, b])
+        box = [b, block_t] if transposed else [block_t, b]
+        x_desc = TensorDescriptor(src, list(src.shape), [src.stride(0), 1], box)
         values = w.values.view(-1, b)  # [stored * GB, B]: entry e of the group is rows e*GB .. e*GB+GB-1
         w_desc = TensorDescriptor(values, list(values.shape), [b, 1], [w.group_features, b])
         _kernels().prefill_grouped_tma[grid](
             x_desc, w_desc, w.cols, w.group_ptr, bias_arg, y, m, w.uniform_count, ngroups, group_t,
-            int(bias is not None), y.stride(0), B=b, GB=w.group_features, X_T=tag == TAG_TMA, BLOCK_T=block_t,
+            int(bias is not None), y.stride(0), B=b, GB=w.group_features, X_T=transposed, BLOCK_T=block_t,
             NB=block_k // b, num_warps=warps, num_stages=stages,
         )
         return
-    if tag in (TAG, TAG_TMA):
-        if xt is None:
-            xt = transpose_padded(x)
-        src, stride_k, stride_t, mask_t = xt, xt.stride(0), 1, False
-    else:
-        src, stride_k, stride_t, mask_t = x, 1, x.stride(0), True
+    # xt: token axis contiguous, its padding tokens exist; x: input axis contiguous, tokens masked
+    stride_k, stride_t = (xt.stride(0), 1) if transposed else (1, x.stride(0))
     _kernels().prefill_grouped[grid](
         src, w.values, w.cols, w.group_ptr, bias_arg, y, m, w.uniform_count, ngroups, group_t,
-        int(bias is not None), stride_k, stride_t, y.stride(0), B=w.block, GB=w.group_features, MASK_T=mask_t,
-        BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        int(bias is not None), stride_k, stride_t, y.stride(0), B=w.block, GB=w.group_features,
+        MASK_T=not transposed, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
 
 
