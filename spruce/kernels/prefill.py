@@ -48,9 +48,11 @@ TAG_TMA, TAG_ROWS_TMA = "xt-tma", "xr-tma"  # the same two with tensor-descripto
 CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 6), (128, 64, 4, 4), (128, 64, 8, 4),
            (512, 32, 8, 5), (512, 64, 8, 3)]
 ROWS_CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (512, 32, 8, 5)]
-# TMA: no 512-token tiles (they spill registers)
-TMA_CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4)]
-ROWS_TMA_CONFIGS = [(256, 64, 8, 4), (128, 64, 4, 4)]
+# TMA: no 512-token tiles (they spill registers). One box pair and one tl.dot per kept block, so
+# BLOCK_K = B keeps the single dot of a step in flight across steps (Triton 3.6 waits for each
+# further dot of a step), with many stages at 10-12 KiB each; BLOCK_K = 64 for comparison.
+TMA_CONFIGS = [(256, 16, 8, 8), (256, 16, 8, 12), (128, 16, 4, 8), (256, 64, 8, 4), (128, 64, 4, 4)]
+ROWS_TMA_CONFIGS = [(256, 16, 8, 8), (256, 64, 8, 4)]
 MIN_GROUP_FEATURES = 64
 MAX_ACC = 64 * 512  # accumulator elements of one program (8 warps: 128 fp32 registers a thread)
 TOKEN_PAD = 512  # xt's token axis is padded to a multiple of the widest BLOCK_T
