@@ -13,7 +13,7 @@ each case's configurations, then the summary table of ratios last.
 
 Under Nsight Compute (one launch of each profiled configuration, plain launches, no graphs):
 
-    ncu --set full -k regex:"prefill|transpose" -c 8 -o $OUT/prefill_ncu python3 -m bench.prefill --profile
+    ncu --set full -k regex:"prefill|transpose" -c 24 -o $OUT/prefill_ncu python3 -m bench.prefill --profile
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from bench.emitted import emitted_weight
 SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 PATTERNS = ["16x16g4", "16x16g8"]
 # launched once each by --profile, in this order, after the old kernel's run-4 winner
-PROFILE_CONFIGS = [("xt", 256, 64, 8, 4), ("xr", 256, 64, 8, 4), ("xt", 512, 32, 8, 5), ("xt", 128, 64, 4, 4)]
+PROFILE_CONFIGS = [("xt", 256, 64, 8, 4), ("xr", 256, 64, 8, 4), ("xt", 512, 32, 8, 5), ("xt", 128, 64, 4, 4),
+                   ("xt-tma", 256, 16, 8, 8), ("xt-tma", 256, 64, 8, 4), ("xr-tma", 256, 16, 8, 8)]
 OLD_WINNER = (256, 64, 8, 3, True)
 # tests run the flow on the CPU (Triton's interpreter, float16) with the timing stubbed
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -48,10 +49,11 @@ def _cycle(fn, count: int) -> list:
     return [lambda i=i: fn(i) for i in range(count)]
 
 
-def bench_case(n, k, pattern, selection, tokens, gen, rows, json_path, header):
+def bench_case(w, pattern, selection, m, gen, rows, json_path, header):
+    """Time one masked weight w [N, K] at m tokens; appends its rows (and writes the JSON)."""
     from spruce.kernels import bsr, prefill
 
-    w = emitted_weight(n, k, pattern, selection, 0.5, gen, DEVICE).to(DTYPE)
+    n, k = w.shape
     sp = bsr.BlockSparseWeight.from_dense(w, 16)
     head = {"shape": f"{n}x{k}", "pattern": pattern, "selection": selection, "group": sp.group,
             "group_features": sp.group_features, "uniform": sp.uniform_count >= 0,
@@ -59,50 +61,50 @@ def bench_case(n, k, pattern, selection, tokens, gen, rows, json_path, header):
     copies = bsr._rotation(sp)
     esize = w.element_size()
     dense = [w] + [w.clone() for _ in range(copies_for(w.numel() * esize) - 1)]
-    for m in tokens:
-        xs = [torch.randn(m, k, generator=gen).to(DEVICE, DTYPE) for _ in range(copies_for(m * k * esize))]
-        ref = F.linear(xs[0].double(), w.double())
-        y = torch.empty(m, n, dtype=DTYPE, device=DEVICE)
-        count = max(len(copies), len(xs))
-        at = lambda i: (xs[i % len(xs)], copies[i % len(copies)])  # noqa: E731
-        case = {**head, "tokens": m}
-        dense_us = graph_time_us(_cycle(lambda i: torch.mm(xs[i % len(xs)], dense[i % len(dense)].t(), out=y),
-                                        max(len(dense), len(xs))))
-        rows.append({**case, "kernel": "dense cuBLAS", "us": dense_us, "x_dense": 1.0})
-        xts = [prefill.transpose_padded(x) for x in xs]
-        t_us = graph_time_us(_cycle(lambda i: prefill.transpose_padded(xs[i % len(xs)], out=xts[i % len(xs)]),
-                                    len(xs)))
-        rows.append({**case, "kernel": "transpose", "us": t_us, "x_dense": dense_us / t_us})
-        for cfg in bsr.prefill_candidates(sp):
-            row = {**case, "kernel": "grouped" if isinstance(cfg[0], str) else "bsr", "config": str(cfg)}
-            try:
-                y.fill_(float("nan"))
-                bsr.launch_prefill(xs[0], sp, None, y, cfg)
-                row["rel_err"] = _rel_err(y, ref)
-                us = graph_time_us(_cycle(lambda i: bsr.launch_prefill(*at(i), None, y, cfg), count))
-                row.update(us=us, x_dense=dense_us / us)
-                if cfg[0] == prefill.TAG:  # the kernel alone, on a ready xt
-                    alone = graph_time_us(_cycle(lambda i: prefill.launch(xs[i % len(xs)], copies[i % len(copies)],
-                                                                          None, y, cfg, xt=xts[i % len(xs)]), count))
-                    row.update(us_kernel=alone, x_dense_kernel=dense_us / alone)
-            except Exception as exc:  # noqa: BLE001 - a tile this card cannot run; report it and go on
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-        y.fill_(float("nan"))
-        bsr.block_sparse_linear(xs[0], sp)  # tunes this launch shape among all candidates
-        out = bsr.block_sparse_linear(xs[0], sp)
-        tuned_us = graph_time_us(_cycle(lambda i: bsr.block_sparse_linear(*at(i)), count))
-        key = bsr.tuning_key("prefill", sp, m, DTYPE)
-        rows.append({**case, "kernel": "tuned", "config": str(bsr.chosen_config("prefill", sp, m, DTYPE)),
-                     "us": tuned_us, "x_dense": dense_us / tuned_us, "rel_err": _rel_err(out, ref),
-                     "tuner_us": bsr._tune_ms.get(key)})
-        print(format_case([r for r in rows if r["shape"] == case["shape"] and r["pattern"] == pattern
-                           and r["tokens"] == m]), flush=True)
-        if json_path:
-            write_json(json_path, {**header, "rows": rows}, quiet=True)
-        del xs, xts
+    xs = [torch.randn(m, k, generator=gen).to(DEVICE, DTYPE) for _ in range(copies_for(m * k * esize))]
+    ref = F.linear(xs[0].double(), w.double())
+    y = torch.empty(m, n, dtype=DTYPE, device=DEVICE)
+    count = max(len(copies), len(xs))
+    at = lambda i: (xs[i % len(xs)], copies[i % len(copies)])  # noqa: E731
+    case = {**head, "tokens": m}
+    dense_us = graph_time_us(_cycle(lambda i: torch.mm(xs[i % len(xs)], dense[i % len(dense)].t(), out=y),
+                                    max(len(dense), len(xs))))
+    rows.append({**case, "kernel": "dense cuBLAS", "us": dense_us, "x_dense": 1.0})
+    xts = [prefill.transpose_padded(x) for x in xs]
+    t_us = graph_time_us(_cycle(lambda i: prefill.transpose_padded(xs[i % len(xs)], out=xts[i % len(xs)]),
+                                len(xs)))
+    rows.append({**case, "kernel": "transpose", "us": t_us, "x_dense": dense_us / t_us})
+    for cfg in bsr.prefill_candidates(sp):
+        row = {**case, "kernel": "grouped" if isinstance(cfg[0], str) else "bsr", "config": str(cfg)}
+        try:
+            y.fill_(float("nan"))
+            bsr.launch_prefill(xs[0], sp, None, y, cfg)
+            row["rel_err"] = _rel_err(y, ref)
+            us = graph_time_us(_cycle(lambda i: bsr.launch_prefill(*at(i), None, y, cfg), count))
+            row.update(us=us, x_dense=dense_us / us)
+            if cfg[0] in (prefill.TAG, prefill.TAG_TMA):  # the kernel alone, on a ready xt
+                alone = graph_time_us(_cycle(lambda i: prefill.launch(xs[i % len(xs)], copies[i % len(copies)],
+                                                                      None, y, cfg, xt=xts[i % len(xs)]), count))
+                row.update(us_kernel=alone, x_dense_kernel=dense_us / alone)
+        except Exception as exc:  # noqa: BLE001 - a tile this card cannot run; report it and go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+    y.fill_(float("nan"))
+    bsr.block_sparse_linear(xs[0], sp)  # tunes this launch shape among all candidates
+    out = bsr.block_sparse_linear(xs[0], sp)
+    tuned_us = graph_time_us(_cycle(lambda i: bsr.block_sparse_linear(*at(i)), count))
+    key = bsr.tuning_key("prefill", sp, m, DTYPE)
+    rows.append({**case, "kernel": "tuned", "config": str(bsr.chosen_config("prefill", sp, m, DTYPE)),
+                 "us": tuned_us, "x_dense": dense_us / tuned_us, "rel_err": _rel_err(out, ref),
+                 "tuner_us": bsr._tune_ms.get(key)})
+    print(format_case([r for r in rows if r["shape"] == case["shape"] and r["pattern"] == pattern
+                       and r["tokens"] == m]), flush=True)
+    if json_path:
+        write_json(json_path, {**header, "rows": rows}, quiet=True)
+    del xs, xts
     del copies, dense
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def format_case(rows: list[dict]) -> str:
@@ -163,8 +165,9 @@ def profile(shape: tuple[int, int], m: int, selection: str) -> None:
             bsr.launch_prefill(x, sp, None, y, cfg)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            kernels = ["transpose", "prefill_grouped"] if cfg[0] == prefill.TAG else \
-                ["prefill_grouped" if isinstance(cfg[0], str) else "prefill"]
+            name = "prefill" if not isinstance(cfg[0], str) else \
+                "prefill_grouped_tma" if cfg[0].endswith("tma") else "prefill_grouped"
+            kernels = ["transpose", name] if cfg[0] in (prefill.TAG, prefill.TAG_TMA) else [name]
             order += [f"{n}x{k} {pattern} tokens {m} {cfg}: {name}" for name in kernels]
     print("profiled launches, in order:\n" + "\n".join(order))
 
@@ -183,13 +186,22 @@ def main():
     if a.profile:
         profile(_shape(a.shapes[0]), a.tokens[0], a.selection)
         return
-    header = {"environment": environment(), "args": vars(a)}
+    try:
+        env = environment()
+    except ImportError:  # the environment record names transformers; the bench itself needs only torch and triton
+        import triton
+
+        env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    header = {"environment": env, "args": vars(a)}
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
-    for s in a.shapes:
-        n, k = _shape(s)
-        for pattern in a.patterns:
-            bench_case(n, k, pattern, a.selection, a.tokens, gen, rows, a.json, header)
+    weights = {}  # the pruner's masks are built once (on the CPU), then every token count runs on them
+    for m in a.tokens:  # token counts outermost: a run cut short keeps the first count on every case
+        for s in a.shapes:
+            for pattern in a.patterns:
+                if (s, pattern) not in weights:
+                    weights[s, pattern] = emitted_weight(*_shape(s), pattern, a.selection, 0.5, gen, DEVICE).to(DTYPE)
+                bench_case(weights[s, pattern], pattern, a.selection, m, gen, rows, a.json, header)
     from spruce.kernels import bsr
 
     header["tuned"] = bsr.tuned_configs()

@@ -281,8 +281,8 @@ def few_configs(monkeypatch):
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", bsr.DECODE_DOT_CONFIGS[:1])
     monkeypatch.setattr(bsr, "GEMV_MULTI_CONFIGS", 1)
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
-    monkeypatch.setattr(bsr.grouped_prefill, "CONFIGS", bsr.grouped_prefill.CONFIGS[:1])
-    monkeypatch.setattr(bsr.grouped_prefill, "ROWS_CONFIGS", bsr.grouped_prefill.ROWS_CONFIGS[:1])
+    for name in ("CONFIGS", "ROWS_CONFIGS", "TMA_CONFIGS", "ROWS_TMA_CONFIGS"):
+        monkeypatch.setattr(bsr.grouped_prefill, name, getattr(bsr.grouped_prefill, name)[:1])
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.gpu, gpu]), "interpreter"])

@@ -25,10 +25,13 @@ def _check_all(x, sparse, bias, ref):
 
 
 @pytest.mark.parametrize("layout,group", [("grouped", 4), ("grouped128", 8)])
-def test_every_configuration_matches_float64(layout, group, kernels_on):
+def test_every_configuration_matches_float64(layout, group, kernels_on, monkeypatch):
     device, dtype = kernels_on
     gen = torch.Generator().manual_seed(group)
     n, k = (1024, 2048) if device.type == "cuda" else (32 * group, 192)  # two groups on CPU
+    if device.type == "cpu":  # bands of two 128-token tiles: 300 tokens end in a band of one
+        monkeypatch.setattr(prefill, "L2_BAND_BYTES", 2 * 128 * k * 2)
+        assert prefill.band_tiles(300, k, 128, 2) == 2
     w = masked_weight(n, k, 16, 0.5, layout, seed=group).to(dtype)
     sparse = BlockSparseWeight.from_dense(w, 16).to(device)
     assert sparse.group == group and sparse.uniform_count > 0
@@ -39,7 +42,7 @@ def test_every_configuration_matches_float64(layout, group, kernels_on):
         b = bias if with_bias else None
         ref = F.linear(x.double(), w.double().to(device), None if b is None else b.double())
         configs = _check_all(x, sparse, b, ref)
-    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS}
+    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS, prefill.TAG_TMA, prefill.TAG_ROWS_TMA}
 
 
 def test_unequal_groups_and_an_empty_group(kernels_on):
@@ -91,6 +94,22 @@ def test_launch_prefill_runs_a_tagged_configuration(kernels_on):
         assert rel_err(y, ref) <= 1e-2, cfg
 
 
+def test_tma_configurations_fall_back_on_unaligned_input(kernels_on):
+    """A tensor descriptor needs a 16-byte aligned base: an input that starts one element into its
+    storage runs the pointer kernel with the same tile, and gives the same result."""
+    device, dtype = kernels_on
+    gen = torch.Generator().manual_seed(2)
+    w = masked_weight(128, 128, 16, 0.5, "grouped").to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
+    x = torch.randn(33 * 128 + 1, generator=gen).to(device, dtype)[1:].view(33, 128)
+    assert not prefill.tma_ready(x, sparse) and prefill.tma_ready(x.clone(), sparse)
+    ref = F.linear(x.double(), w.double().to(device))
+    for cfg in [c for c in prefill.candidates(sparse) if c[0] == prefill.TAG_ROWS_TMA][:1]:
+        y = torch.full((33, 128), float("nan"), dtype=dtype, device=device)
+        prefill.launch(x, sparse, None, y, cfg)
+        assert rel_err(y, ref) <= 1e-2
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
@@ -123,12 +142,16 @@ def test_prefill_bench_runs_every_candidate_and_summarises(monkeypatch):
     monkeypatch.setattr(bsr, "_rotation", lambda w: [w])
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", bsr.PREFILL_CONFIGS[:1])
     monkeypatch.setattr(prefill, "CONFIGS", prefill.CONFIGS[:1])
-    monkeypatch.setattr(prefill, "ROWS_CONFIGS", prefill.ROWS_CONFIGS[:1])
+    for name in ("ROWS_CONFIGS", "TMA_CONFIGS", "ROWS_TMA_CONFIGS"):
+        monkeypatch.setattr(prefill, name, getattr(prefill, name)[:1])
     rows = []
-    bp.bench_case(128, 128, "16x16g4", "global", [40], torch.Generator().manual_seed(0), rows, None, {})
+    gen = torch.Generator().manual_seed(0)
+    w = bp.emitted_weight(128, 128, "16x16g4", "global", 0.5, gen, bp.DEVICE).to(bp.DTYPE)
+    bp.bench_case(w, "16x16g4", "global", 40, gen, rows, None, {})
     kinds = [r["kernel"] for r in rows]
-    assert kinds == ["dense cuBLAS", "transpose", "bsr", "grouped", "grouped", "tuned"]
+    assert kinds == ["dense cuBLAS", "transpose", "bsr"] + ["grouped"] * 4 + ["tuned"]
     assert rows[2]["config"] == str(bsr.PREFILL_CONFIGS[0]) and rows[0]["group"] == 4
-    assert all(r["rel_err"] <= 1e-2 for r in rows if "rel_err" in r) and "us_kernel" in rows[3]
+    assert all(r["rel_err"] <= 1e-2 for r in rows if "rel_err" in r)
+    assert ["us_kernel" in r for r in rows[3:7]] == [True, False, True, False]  # xt, xr, xt-tma, xr-tma
     table = bp.summary(rows).splitlines()
     assert len(table) == 2 and "16x16g4" in table[1] and "1.00x" in table[1]
