@@ -61,16 +61,21 @@ def resolve_recipe(pattern: str, **given) -> dict:
     return recipe
 
 
-# `obs` refits every block-row with an (inputs x inputs) factor: seconds for 1-2k inputs, hours
-# and tens of GB for the 11008-input down_proj of a 7B model
-OBS_MAX_INPUTS = 4096
+# The widest linear (inputs) the default block recipe prunes with gradual block OBS; wider ones get
+# SparseGPT with block masks chosen in the sweep. OBS itself refits exactly where that is
+# affordable and iteratively where not (methods.OBS_EXACT_MAX_FLOPS), so this bounds memory only:
+# the iterative refit holds the (in x in) Hessian, its inverse and six (out x in) float32 matrices,
+# about 12 GB at 70B's 28672-input down_proj.
+OBS_MAX_INPUTS = 32768
 
 
 def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int | None = None) -> dict:
     """Adapt a default recipe to the model: drop default module overrides that name none of its
-    linears (user ones stay strict), and trade the default `obs` for SparseGPT with in-sweep block
-    masks when a layer has more inputs than `obs_max_inputs` (else the recipe's `obs_max_inputs`,
-    else OBS_MAX_INPUTS; 0 always falls back); a method the user names is kept."""
+    linears (user ones stay strict), and under the default `obs` prune each linear with more
+    inputs than `obs_max_inputs` (else the recipe's `obs_max_inputs`, else OBS_MAX_INPUTS; 0:
+    every linear) with SparseGPT and in-sweep block masks instead (PruneSpec.linear_method); when
+    that is every linear, the recipe's method becomes sparsegpt. A method the user names is kept,
+    with the recipe's own obs_max_inputs (None: obs on every linear)."""
     if obs_max_inputs is None:
         obs_max_inputs = recipe.get("obs_max_inputs")
     if obs_max_inputs is None:
@@ -79,15 +84,21 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int | None = None)
     if overrides and recipe.get("module_sparsity_is_default"):
         kept = {k: v for k, v in overrides.items() if any(k in n for n in linears)}
         recipe = {**recipe, "module_sparsity": kept or None}
-    widest = max((m.in_features for m in linears.values()), default=0)
-    if recipe["method"] == "obs" and recipe.get("method_is_default") and widest > obs_max_inputs:
-        warnings.warn(f"the default block recipe (gradual block OBS) does not scale to layers with {widest} "
+    if recipe["method"] != "obs" or not recipe.get("method_is_default"):
+        return recipe
+    wide = {n: m.in_features for n, m in linears.items() if m.in_features > obs_max_inputs}
+    if wide and len(wide) == len(linears):
+        warnings.warn(f"the default block recipe (gradual block OBS) does not scale to layers with {max(wide.values())} "
                       "inputs; using sparsegpt with block masks chosen in the sweep (pass --prune_method obs "
                       "to insist)")
-        recipe = {**recipe, "method": "sparsegpt", "dense_target": False}   # the reconstruction stays
+        recipe = {**recipe, "method": "sparsegpt", "dense_target": False, "obs_max_inputs": None}
         if recipe.get("reconstruct_is_default") and recipe.get("reconstruct_epochs"):
-            recipe.update(WIDE_RECONSTRUCT)
-    return recipe
+            recipe.update(WIDE_RECONSTRUCT)   # the reconstruction stays
+        return recipe
+    if wide:
+        warnings.warn(f"gradual block OBS prunes the linears of up to {obs_max_inputs} inputs; the {len(wide)} wider "
+                      f"(up to {max(wide.values())} inputs) use sparsegpt with block masks chosen in the sweep")
+    return {**recipe, "obs_max_inputs": obs_max_inputs}
 
 
 def default_grouping(pattern: str, recipe: dict) -> str:
