@@ -13,10 +13,13 @@ at 40% (MLP higher, total kept), then each layer's kept weights trained toward t
 threshold per matrix) and 52x for the same OBS recipe without the reconstruction. A longer,
 faster reconstruction (12 epochs, lr 3e-3; H200, 2026-11-30) reached 4.69x, and it is the 16x16
 default now (8 epochs at lr 1e-3: 7.2x, at lr 3e-3: 5.5x; 4 epochs at 3e-4 in the same run: 12.0x).
-On layers too wide for OBS (7B-class; `obs_max_inputs`, --obs_max_inputs, 0 forces it everywhere)
-the fallback, SparseGPT with block masks chosen in the sweep, gets the same reconstruction, 12
-epochs at lr 3e-3: forced on the embedded model (H200, 2026-12-01, sotu/test) it measured 6.11x
-dense with it against 90.9x with the 4 epochs at lr 3e-4 it had before (the OBS default: 4.61x).
+OBS refits exactly (a Cholesky factor per block-row) where that is affordable and with batched
+conjugate gradients where not (methods.OBS_EXACT_MAX_FLOPS: every linear of a 7B model), so the
+default recipe stays OBS on 7B-class layers. Linears wider than `obs_max_inputs` (--obs_max_inputs,
+default OBS_MAX_INPUTS; 0: all) get the fallback, SparseGPT with block masks chosen in the sweep,
+one linear at a time, with the same reconstruction, 12 epochs at lr 3e-3: forced on the whole
+embedded model (H200, 2026-12-01, sotu/test) it measured 6.11x dense with it against 90.9x with
+the 4 epochs at lr 3e-4 it had before (the OBS default: 4.61x).
 """
 
 from __future__ import annotations
