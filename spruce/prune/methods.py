@@ -46,7 +46,9 @@ OBS_REFITS = ("auto", "exact", "iterative")
 # linear of a 135M-1B model (SmolLM2-135M's widest, its down_proj: 1.2e12), none of a 7B one
 # (its q_proj: 1.6e14, its down_proj: 3.1e15)
 OBS_EXACT_MAX_FLOPS = 1e13
-CG_TOL = 1e-3        # the iterative refit stops at a bound of 0.1% on its excess output error
+# the iterative refit stops at a bound of 1% on its excess output error: on SmolLM2-135M's layer 0
+# o_proj and down_proj a bound of 0.1% ran about 30% more steps for the same errors (within 0.3%)
+CG_TOL = 1e-2
 CG_MAX_ITERS = 64    # at most this many conjugate-gradient steps per round
 
 
