@@ -82,6 +82,18 @@ ROWS = {
                                "--block_selection global --reconstruct_epochs 4"),
     "sparsegpt-2:4-rec": ("sparsegpt", "2:4", {"reconstruct": REC}, "--reconstruct_epochs 4"),
     "sparsegpt-unstructured-row-rec": ("sparsegpt", "unstructured", {"reconstruct": REC}, "--reconstruct_epochs 4"),
+    # the 16x16 default recipe (attention at 40%, 12 epochs of reconstruction at lr 3e-3) with each OBS
+    # refit, and the fallback past --obs_max_inputs (what --obs_max_inputs 0 forces)
+    "default-16x16-obs-exact": ("obs", "16x16", {"module_sparsity": {"attn": 0.4}, "obs_refit": "exact",
+                                                 "reconstruct": Reconstruct(12, 3e-3)},
+                                "--module_sparsity attn=0.4 --reconstruct_epochs 12 --reconstruct_lr 3e-3 --obs_refit exact"),
+    "default-16x16-obs-iterative": ("obs", "16x16", {"module_sparsity": {"attn": 0.4}, "obs_refit": "iterative",
+                                                     "reconstruct": Reconstruct(12, 3e-3)},
+                                    "--module_sparsity attn=0.4 --reconstruct_epochs 12 --reconstruct_lr 3e-3 "
+                                    "--obs_refit iterative"),
+    "default-16x16-fallback": ("sparsegpt", "16x16", {"module_sparsity": {"attn": 0.4},
+                                                      "reconstruct": Reconstruct(12, 3e-3)},
+                               "--module_sparsity attn=0.4 --reconstruct_epochs 12 --reconstruct_lr 3e-3"),
     "wanda-hybrid:16x16": ("wanda", "hybrid:16x16", {}, ""),
     "sparsegpt-hybrid:16x16": ("sparsegpt", "hybrid:16x16", {}, ""),
 }

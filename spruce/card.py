@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections import Counter
 from pathlib import Path
 
 CARD_FILE = "README.md"
@@ -61,6 +62,9 @@ def _method(info: dict) -> str | None:
     if not method:
         return None
     parts = [method]
+    used = Counter((info.get("linear_methods") or {}).values())
+    if set(used) - {method}:    # obs with its refit per linear, or the sparsegpt fallback on some
+        parts[0] += " (" + ", ".join(f"{m} on {n} linears" for m, n in sorted(used.items())) + ")"
     if info.get("reconstruct"):
         r = info["reconstruct"]
         parts.append(f"layer reconstruction ({r.get('epochs')} epochs, lr {r.get('lr')})")

@@ -59,7 +59,7 @@ class PruneConfig:
     batch_size: int = PRUNE["batch_size"]    # calibration samples per forward call
     options: dict = field(default_factory=dict)  # more PruneSpec fields: selection, allocation, tiers, ...
     # the default block recipe falls back from OBS to sparsegpt (same reconstruction) on layers with
-    # more inputs than this; None = prune.defaults.OBS_MAX_INPUTS (4096); 0 = everywhere
+    # more inputs than this, per linear; None = prune.defaults.OBS_MAX_INPUTS (32768); 0 = everywhere
     obs_max_inputs: int | None = None
     # progressive pruning: one entry per prune -> recover round, a sparsity or a mapping
     # {sparsity: s, <prune option>: value, ...} (e.g. hybrid tiers); the last must equal `sparsity`

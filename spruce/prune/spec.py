@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import SpruceError
 from . import allocate as alloc
-from .methods import METHODS
+from .methods import METHODS, OBS_REFITS, obs_refit_for
 from .patterns import Pattern, parse_pattern
 from .reconstruct import RECONSTRUCT_LR, Reconstruct
 
@@ -43,6 +43,9 @@ class PruneSpec:
     reconstruct_lr: float = RECONSTRUCT_LR  # learning rate of that reconstruction
     reconstruct_target: str = "dense"   # dense model's outputs on its own inputs (dense) or on the pruned inputs (local)
     reconstruct_norms: bool = False     # the reconstruction also trains the layer's norm weights
+    # --- gradual block OBS (method obs)
+    obs_refit: str = "auto"             # exact (a Cholesky refit per block-row) | iterative (batched CG) | auto (exact while affordable)
+    obs_max_inputs: int | None = None   # linears with more inputs are pruned with sparsegpt instead; None = obs on all
     # --- calibration
     nsamples: int = 128                 # calibration samples drawn by run_prune (prune_model reads what it is given)
     seqlen: int = 2048                  # tokens per calibration sample (the Wanda and SparseGPT scripts' length)
@@ -57,6 +60,10 @@ class PruneSpec:
             raise SpruceError(f"unknown allocation '{self.allocation}'; use {' or '.join(alloc.ALLOCATIONS)}")
         Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target,
                     self.reconstruct_norms)   # checks the reconstruction fields
+        if self.obs_refit not in OBS_REFITS:
+            raise SpruceError(f"unknown OBS refit '{self.obs_refit}'; use one of {', '.join(OBS_REFITS)}")
+        if self.obs_max_inputs is not None and (not isinstance(self.obs_max_inputs, int) or self.obs_max_inputs < 0):
+            raise SpruceError(f"obs_max_inputs must be a whole number >= 0, got {self.obs_max_inputs}")
         if min(self.nsamples, self.seqlen, self.batch_size) <= 0:
             raise SpruceError("nsamples, seqlen and batch_size must be positive, got "
                               f"{self.nsamples}, {self.seqlen} and {self.batch_size}")
@@ -87,6 +94,15 @@ class PruneSpec:
             return None
         return Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target, self.reconstruct_norms)
 
+    def linear_method(self, shape: tuple[int, int]) -> str:
+        """What prunes a linear of `shape` (out, in): the method, except for `obs`: "sparsegpt"
+        past obs_max_inputs, else "obs-exact" or "obs-iterative" (methods.obs_refit_for)."""
+        if self.method != "obs" or not self.parsed.obs_tiles:   # obs itself refuses a pattern without tiles
+            return self.method
+        if self.obs_max_inputs is not None and shape[1] > self.obs_max_inputs:
+            return "sparsegpt"
+        return "obs-" + obs_refit_for(shape, self.parsed, self.obs_refit)
+
     @property
     def needs_calibration(self) -> bool:
         """Whether pruning reads calibration samples: a data-driven method, OWL or the reconstruction."""
@@ -97,7 +113,7 @@ class PruneSpec:
 FIELDS = tuple(f.name for f in dataclasses.fields(PruneSpec))
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(PruneSpec)}
 # the fields a YAML recipe sets outside `prune.options` (the calibration is sized there too)
-TOP_LEVEL = ("method", "pattern", "sparsity", "nsamples", "seqlen", "batch_size")
+TOP_LEVEL = ("method", "pattern", "sparsity", "nsamples", "seqlen", "batch_size", "obs_max_inputs")
 OPTIONS = tuple(n for n in FIELDS if n not in TOP_LEVEL)   # the `prune.options` keys
 
 
