@@ -131,7 +131,10 @@ def test_default_block_group_turns_the_block_recipe_grouped():
     from spruce.prune.defaults import default_grouping, resolve_recipe
 
     recipe = resolve_recipe("16x16")
-    assert default_grouping("16x16", recipe) == "16x16"            # today's default: independent
+    assert default_grouping("16x16", recipe) == "16x16g4"          # the default: 64-row groups
+    assert default_grouping("16x16", {**recipe, "block_group": 1}) == "16x16"
+    assert default_grouping("16x16g1", recipe) == "16x16g1"        # the spelling that keeps rows independent
+    assert default_grouping("16x16", resolve_recipe("16x16", method="obs")) == "16x16"   # a named method: plain
     assert default_grouping("16x16", {**recipe, "block_group": 4}) == "16x16g4"
     assert default_grouping("2:4", {**recipe, "block_group": 4}) == "2:4"
     assert resolve_recipe("16x16g4")["method"] == resolve_recipe("16x16")["method"] == "obs"
@@ -269,3 +272,14 @@ def test_permutation_groups_rows_with_similar_columns():
     assert sorted(perm.tolist()) == list(range(256))
     assert kept(score[perm]) > 0.85 > kept(score)   # 0.875 is the most any mask keeps here
     assert _is_grouped(pattern.mask(score[perm], 0.75), 64, 16)
+
+
+def test_default_group_shrinks_to_what_the_model_divides_into():
+    from spruce.prune.defaults import default_grouping, resolve_recipe
+
+    recipe = resolve_recipe("16x16")
+    rows = lambda *outs: {f"l{i}": torch.nn.Linear(16, o, bias=False) for i, o in enumerate(outs)}  # noqa: E731
+    assert default_grouping("16x16", recipe, rows(128, 192)) == "16x16g4"
+    assert default_grouping("16x16", recipe, rows(128, 96)) == "16x16g2"     # 96 rows: groups of 32
+    assert default_grouping("16x16", recipe, rows(128, 48)) == "16x16"       # 48 rows: one block-row each
+    assert default_grouping("16x16", {**recipe, "block_group": 4}, rows(48)) == "16x16g4"   # asked: kept (and checked)

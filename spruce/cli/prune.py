@@ -55,6 +55,7 @@ def _method_flags(p) -> None:
     """What to remove and how the kept weights are updated."""
     from ..prune.allocate import ALLOCATIONS
     from ..prune.defaults import DEFAULTS as RECIPES
+    from ..prune.defaults import DEFAULT_BLOCK_GROUP
     from ..prune.methods import METHODS
     from ..prune.patterns import DEFAULT_TIERS, SELECTIONS, TILE_SCORES
     from ..prune.reconstruct import RECONSTRUCT_TARGETS
@@ -65,8 +66,10 @@ def _method_flags(p) -> None:
     p.add_argument("--sparsity_type", default=PRUNE["pattern"],
                    help="unstructured, unstructured-layer, N:M such as 2:4, BxB / RxC blocks such as 16x16, "
                         "grouped blocks such as 16x16g4 (groups of 4 block-rows share their kept columns: the "
-                        "kernels' wide tiles), hybrid:16x16, or 'block' with --block_size "
-                        f"(default: {PRUNE['pattern']})")
+                        "kernels' wide tiles), hybrid:16x16, or 'block' with --block_size. Without "
+                        f"--prune_method, RxC prunes as RxCg{DEFAULT_BLOCK_GROUP} with each MLP's features "
+                        "reordered first (a smaller group where the model's rows do not divide); RxCg1 keeps "
+                        f"every block-row independent (default: {PRUNE['pattern']})")
     p.add_argument("--block_selection", choices=SELECTIONS,
                    help="blocks: one threshold per matrix, or the same tile count in every block-row "
                         "(default: the pattern's recipe)")
