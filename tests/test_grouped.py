@@ -278,8 +278,10 @@ def test_default_group_shrinks_to_what_the_model_divides_into():
     from spruce.prune.defaults import default_grouping, resolve_recipe
 
     recipe = resolve_recipe("16x16")
-    rows = lambda *outs: {f"l{i}": torch.nn.Linear(16, o, bias=False) for i, o in enumerate(outs)}  # noqa: E731
+    rows = lambda *outs, i=1024: {f"l{k}": torch.nn.Linear(i, o, bias=False) for k, o in enumerate(outs)}  # noqa: E731
     assert default_grouping("16x16", recipe, rows(128, 192)) == "16x16g4"
     assert default_grouping("16x16", recipe, rows(128, 96)) == "16x16g2"     # 96 rows: groups of 32
     assert default_grouping("16x16", recipe, rows(128, 48)) == "16x16"       # 48 rows: one block-row each
+    assert default_grouping("16x16", recipe, rows(128, i=256)) == "16x16g2"  # g4: 2 x 16 tiles, too coarse
+    assert default_grouping("16x16", recipe, rows(64, i=64)) == "16x16"      # a tiny model: independent
     assert default_grouping("16x16", {**recipe, "block_group": 4}, rows(48)) == "16x16g4"   # asked: kept (and checked)

@@ -144,7 +144,7 @@ def test_the_recipe_decides_permute():
     assert spec("16x16g4").permute is True                        # grouped, default recipe
     assert spec("16x16g4", permute=False).permute is False        # the recipe's word wins
     assert spec("16x16g4", method="sparsegpt").permute is False   # a named method runs plainly
-    assert spec("16x16").permute is False                         # independent blocks: as before
+    assert spec("16x16").permute is True                          # independent blocks: permuted as well
     assert spec("16x16", permute=True).permute is True
     # switching the default grouping turns the default 16x16 recipe grouped and permuted
     recipe = {**resolve_recipe("16x16"), "block_group": 4}

@@ -19,7 +19,6 @@ from .common import EPILOG_CORPORA, EPILOG_MODELS, add_command, add_model_args, 
 
 def add_parser(subparsers) -> None:
     from ..prune.defaults import DEFAULTS as RECIPES
-    from ..prune.defaults import OBS_MAX_INPUTS
 
     block = RECIPES["block"]
     p = add_command(subparsers, "prune", "prune a model (magnitude, Wanda, SparseGPT, OBS) into unstructured, N:M, block or hybrid sparsity",
@@ -31,9 +30,8 @@ def add_parser(subparsers) -> None:
                     f"for blocks, {block['method']} with attention at {block['module_sparsity']['attn']:.0%} "
                     f"and layer reconstruction ({block['reconstruct_epochs']} epochs, lr "
                     f"{show_default(block['reconstruct_lr'])}),\n"
-                    "falling back to sparsegpt + the same reconstruction on layers wider than "
-                    f"{OBS_MAX_INPUTS} inputs\n"
-                    "(--obs_max_inputs). Naming\n"
+                    "the OBS refit by conjugate gradients on 7B-class linears (--obs_refit), and sparsegpt +\n"
+                    "the same reconstruction on linears wider than --obs_max_inputs. Naming\n"
                     "--prune_method runs that method plainly, with only the options you add.\n\n"
                     "Patterns: 'unstructured' prunes the same share of every output row (Wanda);\n"
                     "'unstructured-layer' uses one threshold per matrix; 'N:M' (2:4, 4:8) keeps at most N\n"
@@ -110,15 +108,20 @@ def _method_flags(p) -> None:
 def _calibration_flags(p) -> None:
     """Per-module sparsity, the OBS width limit, the sparsity and the calibration data."""
     from ..prune.defaults import OBS_MAX_INPUTS
+    from ..prune.methods import OBS_EXACT_MAX_FLOPS, OBS_REFITS
     from ..prune.spec import DEFAULTS as PRUNE
 
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
     p.add_argument("--obs_max_inputs", type=nonnegative_int, metavar="N",
-                   help="the default block recipe runs gradual block OBS on layers of up to N inputs and falls back "
-                        "to sparsegpt with block masks chosen in the sweep (same reconstruction) on wider ones, as "
-                        f"on 7B-class models; 0 forces the fallback everywhere (default: {OBS_MAX_INPUTS})")
+                   help="the default block recipe runs gradual block OBS on linears of up to N inputs and falls "
+                        "back, per linear, to sparsegpt with block masks chosen in the sweep (same reconstruction) "
+                        f"on wider ones; 0 forces the fallback everywhere (default: {OBS_MAX_INPUTS})")
+    p.add_argument("--obs_refit", choices=OBS_REFITS,
+                   help="gradual block OBS: refit the kept weights exactly (a Cholesky factor per block-row), "
+                        "iteratively (batched conjugate gradients, what 7B-class linears get), or auto: exact while "
+                        f"its cost estimate is at most {OBS_EXACT_MAX_FLOPS:.0e} flops (default: auto)")
     p.add_argument("--block_size", type=positive_int, help="with --sparsity_type block: square block side")
     p.add_argument("--sparsity_ratio", type=float, default=PRUNE["sparsity"],
                    help=f"fraction of weights set to zero, in [0, 1) (default: {PRUNE['sparsity']:g})")
@@ -221,7 +224,8 @@ def _prune_options(args) -> dict:
                 dense_target=args.dense_target, sequential=args.sequential,
                 reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
                 reconstruct_target=args.reconstruct_target, reconstruct_norms=args.reconstruct_norms or None,
-                obs_max_inputs=args.obs_max_inputs, nsamples=args.nsamples, seqlen=args.seqlen,
+                obs_max_inputs=args.obs_max_inputs, obs_refit=args.obs_refit, nsamples=args.nsamples,
+                seqlen=args.seqlen,
                 batch_size=args.calib_batch_size)
 
 

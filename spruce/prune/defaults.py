@@ -42,12 +42,14 @@ DEFAULTS["grouped"] = DEFAULTS["block"]   # grouped blocks (16x16g4) take the bl
 # Block-rows that share their kept block-columns when the default block recipe prunes `RxC`: 1 keeps
 # every block-row independent; 4 prunes `16x16` as `16x16g4`, the layout the kernels run with
 # 64-feature tiles (patterns/grouped.py). A recipe's "block_group" (or a named method) overrides it;
-# a model whose linears do not divide into such groups gets the largest group that fits (g2, g1).
+# a model whose linears do not divide into such groups, or would hold fewer than MIN_GROUP_TILES group
+# tiles (too coarse to hit a linear's share of zeros), gets the largest group that fits (g2, g1).
 # Measured one-shot on the embedded model (H200, 2026-12-02, sotu/test / moby/test x dense, 12
 # epochs of reconstruction): 16x16g4 with the MLP permutation 4.48 / 6.24 against 4.61 / 6.83 for
 # independent block-rows without it (the default before), 4.10 / 5.88 with it; g4 without the
 # permutation 5.11 / 7.98. The grouped layout runs prefill 3x faster in the kernels.
 DEFAULT_BLOCK_GROUP = 4
+MIN_GROUP_TILES = 64
 # Whether the default block recipe first reorders each MLP's intermediate features (PruneSpec.permute,
 # permute.py), by the kind of the pattern it prunes: grouped blocks (16x16g4, named or through
 # DEFAULT_BLOCK_GROUP) and independent ones. A recipe's "permute" (or a named method) overrides it.
@@ -117,13 +119,19 @@ def fit_to_model(recipe: dict, linears: dict, obs_max_inputs: int | None = None)
 def default_grouping(pattern: str, recipe: dict, linears: dict | None = None) -> str:
     """The pattern the recipe prunes: a block pattern under the default block recipe becomes its
     grouped form with recipe["block_group"] block-rows per group; without one, DEFAULT_BLOCK_GROUP,
-    or the largest smaller group (a power of two) into which every linear of `linears` divides."""
+    or the largest smaller group (a power of two) into which every linear of `linears` divides with
+    at least MIN_GROUP_TILES group tiles."""
     parsed = parse_pattern(pattern)
     if parsed.kind != "block":
         return pattern
     group = recipe.get("block_group", DEFAULT_BLOCK_GROUP if recipe.get("method_is_default") else 1)
     if "block_group" not in recipe and linears:
-        while group > 1 and any(m.weight.shape[0] % (parsed.rows * group) for m in linears.values()):
+        def fits(g: int) -> bool:
+            tile = parsed.rows * g
+            return all(m.weight.shape[0] % tile == 0 and
+                       (m.weight.shape[0] // tile) * (m.weight.shape[1] // parsed.cols) >= MIN_GROUP_TILES
+                       for m in linears.values())
+        while group > 1 and not fits(group):
             group //= 2
     if group == 1:
         return pattern
