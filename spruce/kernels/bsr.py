@@ -23,7 +23,8 @@ Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
 - prefill, more tokens: a GEMM tile [BLOCK_M tokens, BLOCK_N features of one group] iterates over
   the group's stored block-columns with `tl.dot`, the input tile gathered by column index. For
   groups of 64 or more features `prefill.py`'s kernel is a candidate too (x transposed once, so a
-  kept block-column is B contiguous input rows; several kept blocks per pipelined step).
+  kept block-column is B contiguous input rows, or read as it is; pointer or TMA loads; several
+  kept blocks per pipelined step).
 Column-index gathers carry contiguity hints (runs of B from multiples of B), so the input is read
 with 16-byte loads and the prefill loop is software pipelined with cp.async like the weights.
 Each launch shape (weight shape, block, group width, density in eighths, tokens, dtype) picks its
