@@ -98,6 +98,10 @@ def _method_flags(p) -> None:
                    help="learning rate of the reconstruction (default: the pattern's recipe: "
                         f"{show_default(RECIPES['block']['reconstruct_lr'])} for square "
                         f"blocks, {show_default(PRUNE['reconstruct_lr'])} otherwise)")
+    p.add_argument("--permute", action=argparse.BooleanOptionalAction, default=None,
+                   help="block patterns: reorder each MLP's intermediate features before pruning so that rows "
+                        "valuing the same block-columns share a tile (the dense function is unchanged; the saved "
+                        "model is an ordinary one) (default: on under the default block recipe)")
     p.add_argument("--reconstruct_norms", action="store_true",
                    help="the reconstruction also trains each layer's norm weights (default: off)")
     p.add_argument("--reconstruct_target", choices=RECONSTRUCT_TARGETS,
@@ -224,6 +228,7 @@ def _prune_options(args) -> dict:
                 dense_target=args.dense_target, sequential=args.sequential,
                 reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
                 reconstruct_target=args.reconstruct_target, reconstruct_norms=args.reconstruct_norms or None,
+                permute=args.permute,
                 obs_max_inputs=args.obs_max_inputs, obs_refit=args.obs_refit, nsamples=args.nsamples,
                 seqlen=args.seqlen,
                 batch_size=args.calib_batch_size)
