@@ -87,7 +87,7 @@ class Clock:
         engine._prune_weight, engine.reconstruct_layer = self.saved
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="wanda:16x16,sparsegpt:16x16",
                    help="comma list of METHOD:PATTERN, or default:PATTERN for the pattern's default recipe")
@@ -106,65 +106,65 @@ def main() -> None:
     p.add_argument("--intermediate_size", type=int, default=11008, help="another shape: MLP size (default: 11008)")
     p.add_argument("--per_linear", action="store_true", help="print the seconds of each pruned linear as it finishes")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a quick check of the script")
-    args = p.parse_args()
-    shape = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                 num_attention_heads=args.hidden_size // 128, num_key_value_heads=args.hidden_size // 128)
-    device = args.device
+    return p.parse_args()
+
+
+def time_run(run: str, args, shape: dict, samples: torch.Tensor, device: str, sync) -> tuple:
+    """Build the model, prune it as `run` says and time it: the table row of one run."""
     gpu = device == "cuda"
-    card = torch.cuda.get_device_name(0) if gpu else "cpu"
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    samples = torch.randint(0, 32000, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for run in args.runs.split(","):
-        method, pattern = run.split(":", 1)
-        t = time.time()
-        model = build_llama7b_shape(args.layers, getattr(torch, args.dtype), device, **shape)
-        if args.offload:
-            model.to("cpu")
-        sync()
-        built = time.time() - t
+    method, pattern = run.split(":", 1)
+    t = time.time()
+    model = build_llama7b_shape(args.layers, getattr(torch, args.dtype), device, **shape)
+    if args.offload:
+        model.to("cpu")
+    sync()
+    built = time.time() - t
+    if method == "default":
+        recipe = resolve_recipe(pattern, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+                                reconstruct_epochs=args.reconstruct_epochs, obs_refit=args.obs_refit,
+                                obs_max_inputs=args.obs_max_inputs)
+        spec, _ = spec_for_model(recipe, pattern, 0.5, prunable_linears(model))
+        call = dict(spec=spec)
+    else:
+        epochs = args.reconstruct_epochs
+        call = dict(spec=method, pattern=pattern, sparsity=0.5, batch_size=args.batch_size,
+                    reconstruct=Reconstruct(epochs) if epochs else None)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    clock = Clock(sync, args.per_linear)
+    t = time.time()
+    try:
         if method == "default":
-            recipe = resolve_recipe(pattern, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-                                    reconstruct_epochs=args.reconstruct_epochs, obs_refit=args.obs_refit,
-                                    obs_max_inputs=args.obs_max_inputs)
-            spec, _ = spec_for_model(recipe, pattern, 0.5, prunable_linears(model))
-            call = dict(spec=spec)
+            info = prune_model(model, call["spec"], samples, device=device, progress=False)
         else:
-            epochs = args.reconstruct_epochs
-            call = dict(spec=method, pattern=pattern, sparsity=0.5, batch_size=args.batch_size,
-                        reconstruct=Reconstruct(epochs) if epochs else None)
-        if gpu:
-            torch.cuda.reset_peak_memory_stats()
-        clock = Clock(sync, args.per_linear)
-        t = time.time()
-        try:
-            if method == "default":
-                info = prune_model(model, call["spec"], samples, device=device, progress=False)
-            else:
-                info = prune_model(model, call.pop("spec"), samples=samples, device=device, progress=False, **call)
-        finally:
-            clock.close()
-        sync()
-        seconds = time.time() - t
-        used = sorted(set(info["linear_methods"].values()))
-        per_layer = {k: v / args.layers for k, v in clock.seconds.items()}
-        per_layer["rest"] = seconds / args.layers - per_layer["methods"] - per_layer["reconstruct"]
-        proj = projection(per_layer["methods"], per_layer["reconstruct"] + per_layer["rest"],
-                          (args.hidden_size, args.intermediate_size, args.hidden_size))
-        peak = (torch.cuda.max_memory_allocated() if gpu else 0) / 2**30
-        # the layers this run did not build would sit on the GPU too, unless offloaded
-        layer_gib = sum(t.numel() * t.element_size() for t in decoder_layers(model)[0].parameters()) / 2**30
-        peak_full = peak + (0 if args.offload else (SHAPES["7B"][0] - args.layers) * layer_gib)
-        rows.append((run, "+".join(used), info.get("reconstruct"), seconds, seconds / args.layers, per_layer,
-                     overall_sparsity(model), peak, peak_full, proj))
-        print(f"{run} ({', '.join(used)}): {seconds:.1f} s for {args.layers} layers = {seconds / args.layers:.1f} s per "
-              f"layer (methods {per_layer['methods']:.1f}, reconstruction {per_layer['reconstruct']:.1f}, rest "
-              f"{per_layer['rest']:.1f}); model built in {built:.0f} s; peak {peak:.1f} GiB "
-              f"({peak_full:.1f} GiB with 32 layers); projected "
-              + ", ".join(f"{s} {v / 60:.1f} min" for s, v in proj.items()), flush=True)
-        del model
-        if gpu:
-            torch.cuda.empty_cache()
+            info = prune_model(model, call.pop("spec"), samples=samples, device=device, progress=False, **call)
+    finally:
+        clock.close()
+    sync()
+    seconds = time.time() - t
+    used = sorted(set(info["linear_methods"].values()))
+    per_layer = {k: v / args.layers for k, v in clock.seconds.items()}
+    per_layer["rest"] = seconds / args.layers - per_layer["methods"] - per_layer["reconstruct"]
+    proj = projection(per_layer["methods"], per_layer["reconstruct"] + per_layer["rest"],
+                      (args.hidden_size, args.intermediate_size, args.hidden_size))
+    peak = (torch.cuda.max_memory_allocated() if gpu else 0) / 2**30
+    # the layers this run did not build would sit on the GPU too, unless offloaded
+    layer_gib = sum(t.numel() * t.element_size() for t in decoder_layers(model)[0].parameters()) / 2**30
+    peak_full = peak + (0 if args.offload else (SHAPES["7B"][0] - args.layers) * layer_gib)
+    row = (run, "+".join(used), info.get("reconstruct"), seconds, seconds / args.layers, per_layer,
+           overall_sparsity(model), peak, peak_full, proj)
+    print(f"{run} ({', '.join(used)}): {seconds:.1f} s for {args.layers} layers = {seconds / args.layers:.1f} s per "
+          f"layer (methods {per_layer['methods']:.1f}, reconstruction {per_layer['reconstruct']:.1f}, rest "
+          f"{per_layer['rest']:.1f}); model built in {built:.0f} s; peak {peak:.1f} GiB "
+          f"({peak_full:.1f} GiB with 32 layers); projected "
+          + ", ".join(f"{s} {v / 60:.1f} min" for s, v in proj.items()), flush=True)
+    del model
+    if gpu:
+        torch.cuda.empty_cache()
+    return row
+
+
+def print_table(rows: list[tuple], args, card: str) -> None:
     print(f"\nLlama-2 shape (hidden {args.hidden_size}, MLP {args.intermediate_size}), {args.layers} layers, {args.dtype}, {args.nsamples} x {args.seqlen} calibration "
           f"tokens, batch {args.batch_size}, {'model in CPU memory, one layer on the GPU, ' if args.offload else ''}"
           f"{card}, {time.strftime('%Y-%m-%d')}")
@@ -176,6 +176,19 @@ def main() -> None:
         print(f"| {run} | {used} | {rec} | {seconds:.1f} | {per:.1f} ({parts['methods']:.1f}, {parts['reconstruct']:.1f}, "
               f"{parts['rest']:.1f}) | {sparsity:.4f} | {peak:.1f} ({peak_full:.1f}) | "
               + " / ".join(f"{v / 60:.1f}" for v in proj.values()) + " |")
+
+
+def main() -> None:
+    args = parse_args()
+    shape = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                 num_attention_heads=args.hidden_size // 128, num_key_value_heads=args.hidden_size // 128)
+    device = args.device
+    gpu = device == "cuda"
+    card = torch.cuda.get_device_name(0) if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    samples = torch.randint(0, 32000, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    rows = [time_run(run, args, shape, samples, device, sync) for run in args.runs.split(",")]
+    print_table(rows, args, card)
 
 
 if __name__ == "__main__":
