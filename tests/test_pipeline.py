@@ -113,6 +113,10 @@ def test_the_demo_prune_stages_give_the_same_weights_in_two_fresh_processes(tiny
         a, b = (load_file(tmp_path / name / folder / "model.safetensors") for name in ("a", "b"))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), folder
+    # and the same rows of the table, to the last bit
+    for stage, row in (("reference", "reference"), ("prune", "pruned")):
+        a, b = (json.loads((tmp_path / name / "stages" / f"{stage}.json").read_text())[row] for name in ("a", "b"))
+        assert (a["ppl"], a["sparsity"]) == (b["ppl"], b["sparsity"]), stage
 
 
 def test_distill_recipe_end_to_end_on_a_tiny_model(tiny_model_dir, corpus_file, tmp_path):
