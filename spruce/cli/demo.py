@@ -37,7 +37,7 @@ def run(args) -> None:
               "evaluation windows, the default 16x16 recipe, distillation; a few minutes); --device cpu runs "
               "the CPU-sized one")
     else:
-        print(f"spruce demo: no GPU, so the CPU-sized demo ({recipe.name}; about 15 minutes on 2 cores); "
+        print(f"spruce demo: no GPU, so the CPU-sized demo ({recipe.name}; about 13 minutes on 2 cores); "
               "on a GPU it runs the full-size one")
     where = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = load_recipe(recipe, [*where, f"device={args.device}", *args.overrides])
