@@ -16,7 +16,6 @@ a layer runs dense where dense won, and the run prints which layers run sparse.
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 import sys
@@ -131,15 +130,6 @@ def hf_generate(model, ids: torch.Tensor, new_tokens: int, static: bool = False)
     extra = {"cache_implementation": "static"} if static else {}
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, **extra)
-
-
-def greedy_generator(model, mode: str, batch: int, prompt_tokens: int, new_tokens: int):
-    """A function of the prompt ids that generates `new_tokens` greedily in the given mode."""
-    if mode in ("graph", "compile"):
-        greedy = StaticGreedy(model, batch, prompt_tokens + new_tokens,
-                              compile_backend="inductor" if mode == "compile" else None)
-        return functools.partial(greedy.generate, new_tokens=new_tokens)
-    return functools.partial(hf_generate, model, new_tokens=new_tokens, static=mode == "hf-static")
 
 
 def resolve_mode(mode: str | None, device: torch.device) -> str:
