@@ -178,7 +178,7 @@ def test_generation_bench_runs_emitted_layouts_on_cpu(capsys, tmp_path):
 
     from bench.generate import bench_generate, default_layout
 
-    assert default_layout() == "16x16"   # what the default 16x16 recipe emits today
+    assert default_layout() == "16x16g4"   # what the default 16x16 recipe emits on 7B shapes
     tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                 vocab_size=96, max_position_embeddings=64)
     rows = bench_generate(batch_sizes=[2], new_tokens=3, prompt_tokens=8, layouts=["16x16", "16x16g4"],
