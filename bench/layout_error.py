@@ -70,6 +70,22 @@ def linear_inputs(model, ids: torch.Tensor, names: list[str], last_layer, hessia
     return out
 
 
+def capture(a, corpora: list[str], keep=None) -> tuple[dict, list[str], dict, dict]:
+    """(linears, names, {name: X^T X on calibration samples}, {corpus: {name: test inputs X}}) for
+    the linears of decoder layers `a.layers` of `a.model` that `keep` accepts (default: all), from
+    the options both proxies share (calib, nsamples, seqlen, test_seqlen, test_windows)."""
+    torch.manual_seed(0)
+    model, tok = load_model(a.model)
+    layers = [int(v) for v in a.layers.split(",")]
+    last = decoder_layers(model)[max(layers)]
+    linears = prunable_linears(model)
+    names = [n for n in linears if any(f".layers.{i}." in n for i in layers) and (keep is None or keep(n))]
+    hess = linear_inputs(model, calibration_samples(a.calib, tok, a.nsamples, a.seqlen), names, last, True)
+    tests = {c: linear_inputs(model, eval_windows(c, "test", tok, a.test_seqlen, a.test_windows), names, last, False)
+             for c in corpora}
+    return linears, names, hess, tests
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -85,15 +101,7 @@ def main() -> None:
     p.add_argument("--test_seqlen", type=int, default=512)
     p.add_argument("--json")
     a = p.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_model(a.model)
-    layers = [int(v) for v in a.layers.split(",")]
-    last = decoder_layers(model)[max(layers)]
-    linears = prunable_linears(model)
-    names = [n for n in linears if any(f".layers.{i}." in n for i in layers)]
-    hess = linear_inputs(model, calibration_samples(a.calib, tok, a.nsamples, a.seqlen), names, last, True)
-    tests = {c: linear_inputs(model, eval_windows(c, "test", tok, a.test_seqlen, a.test_windows), names, last, False)
-             for c in a.corpora.split(",")}
+    linears, names, hess, tests = capture(a, a.corpora.split(","))
     perms = {}
 
     def perm_for(mlp: str, rows: int, level: str):

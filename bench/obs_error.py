@@ -21,11 +21,8 @@ import argparse
 import json
 import time
 
-import torch
 
-from bench.layout_error import linear_inputs
-from spruce.data import calibration_samples, eval_windows
-from spruce.models import decoder_layers, load_model, prunable_linears
+from bench.layout_error import capture
 from spruce.prune import methods
 from spruce.prune.patterns import parse_pattern
 
@@ -54,15 +51,9 @@ def main() -> None:
     p.add_argument("--test_seqlen", type=int, default=512)
     p.add_argument("--json")
     a = p.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_model(a.model)
-    layers = [int(v) for v in a.layers.split(",")]
-    last = decoder_layers(model)[max(layers)]
-    linears = prunable_linears(model)
-    names = [n for n in linears if any(f".layers.{i}." in n for i in layers)
-             and (a.linears is None or n.endswith(tuple(a.linears.split(","))))]
-    hess = linear_inputs(model, calibration_samples(a.calib, tok, a.nsamples, a.seqlen), names, last, True)
-    test = linear_inputs(model, eval_windows(a.corpus, "test", tok, a.test_seqlen, a.test_windows), names, last, False)
+    keep = None if a.linears is None else (lambda n: n.endswith(tuple(a.linears.split(","))))
+    linears, names, hess, tests = capture(a, [a.corpus], keep)
+    test = tests[a.corpus]
     pattern = parse_pattern(a.pattern)
     steps = []
     solve = methods.refit_block_rows_iterative
