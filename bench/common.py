@@ -34,6 +34,21 @@ def llama2_7b_config(num_layers: int = 32, **overrides):
     return LlamaConfig(**{**fields, **overrides})
 
 
+def random_llama(num_layers: int, dtype: torch.dtype, device: str, **overrides):
+    """A Llama-2-7B-shaped model (llama2_7b_config) with random weights, built directly in `dtype`
+    on `device` (no download, no float32 copy), in eval mode; the caller seeds torch."""
+    from transformers import LlamaForCausalLM
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama2_7b_config(num_layers, **overrides))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
+
+
 def random_block_mask(n: int, k: int, block: int, sparsity: float, layout: str = "independent",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """A row-balanced random block mask [n // block, k // block] (True = kept block).

@@ -39,14 +39,14 @@ print(before, status('VmHWM'), ','.join(kinds))
 
 def build(folder: Path, layers: int) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from bench.common import llama2_7b_config
     from spruce.compress import dense_size, save_compressed, weights_bytes
     from spruce.kernels import BlockSparseLinear
     from spruce.models import prunable_linears
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, dtype="float16")
+    config = llama2_7b_config(layers, dtype="float16")
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.float16)
     model.to_empty(device="cpu")

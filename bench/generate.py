@@ -26,7 +26,7 @@ from spruce.generate import MODES as GENERATE_MODES
 from spruce.generate import dispatch_line, measure_speeds, speed_prompts
 from spruce.models import prunable_linears
 
-from .common import _pdl_choice, cli_main, environment, llama2_7b_config, measure_ceilings, prune_2_4, require_cuda, write_json
+from .common import _pdl_choice, cli_main, environment, measure_ceilings, prune_2_4, random_llama, require_cuda, write_json
 
 DISPATCH_CHOICES = {"both": [True, False], "on": [True], "off": [False]}
 
@@ -246,15 +246,7 @@ def _check_options(layouts, block_size: int, modes, dense_dispatch: str, sparsit
 
 def _random_llama(num_layers: int, device: str, config_overrides: dict | None):
     """A random bf16 Llama-2-7B-shaped model with `num_layers` decoder layers that never stops early."""
-    from transformers import LlamaForCausalLM
-
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(llama2_7b_config(num_layers, **(config_overrides or {}))).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = random_llama(num_layers, torch.bfloat16, device, **(config_overrides or {}))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

@@ -22,7 +22,7 @@ import time
 import torch
 
 
-from bench.common import llama2_7b_config
+from bench.common import random_llama
 from spruce.masks import overall_sparsity
 from spruce.models import decoder_layers, prunable_linears
 from spruce.prune import Reconstruct, engine, prune_model
@@ -51,12 +51,8 @@ def projection(method_s: float, rest_s: float, measured: tuple[int, int, int]) -
 
 
 def build_llama7b_shape(layers: int, dtype: torch.dtype, device: str, **overrides):
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(llama2_7b_config(layers, **overrides)).to(dtype)
-    return model.eval()
+    return random_llama(layers, dtype, device, **overrides)
 
 
 class Clock:
