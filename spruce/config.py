@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .assets import DEFAULT_CORPUS
 from .errors import SpruceError
 from .prune.spec import DEFAULTS as PRUNE
 from .prune.spec import OPTIONS as PRUNE_OPTIONS
@@ -32,7 +33,7 @@ def _require(cond: bool, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    corpus: str = "sotu"          # corpus spec for calibration, training and evaluation (see spruce.data)
+    corpus: str = DEFAULT_CORPUS  # corpus spec for calibration, training and evaluation (see spruce.data)
     eval_split: str = "test"      # split that perplexity is measured on
     eval_seqlen: int = 1024       # tokens per evaluation window
     eval_windows: int | None = None  # first N windows only (None = all)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..assets import DEFAULT_CORPUS
 from ..outdir import write_json
 from .common import EPILOG_CORPORA, EPILOG_MODELS, add_command, add_model_args, check_writable_outputs, positive_int
 
@@ -19,7 +20,7 @@ def add_parser(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--lora_weights", metavar="ADAPTER", help="peft adapter folder to apply on top of MODEL")
     p.add_argument("--dataset", nargs="+", action="extend", metavar="CORPUS",
-                   help="corpus, or several (--dataset sotu moby): one model load, one line each (default: sotu)")
+                   help=f"corpus, or several (--dataset sotu moby): one model load, one line each (default: {DEFAULT_CORPUS})")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default: test)")
     p.add_argument("--seqlen", "--ctx_length", type=positive_int, default=1024,
                    help="tokens per window (default: 1024; the Wanda LoRA evaluate script's --ctx_length)")
@@ -41,7 +42,7 @@ def run(args) -> None:
     from ..models import check_context, load_model
     from ..recover.lora import load_adapter
 
-    datasets = args.dataset or ["sotu"]
+    datasets = args.dataset or [DEFAULT_CORPUS]
     for spec in datasets:
         data.check_corpus(spec)
     check_writable_outputs(args.json)

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..assets import DEFAULT_CORPUS
 from ..errors import SpruceError
 from .common import EPILOG_CORPORA, EPILOG_MODELS, add_command, add_model_args, nonnegative_int, positive_int, \
     show_default
@@ -133,7 +134,8 @@ def _calibration_flags(p) -> None:
                    help=f"calibration samples (default: {PRUNE['nsamples']})")
     p.add_argument("--seqlen", type=positive_int, default=PRUNE["seqlen"],
                    help=f"tokens per calibration sample (default: {PRUNE['seqlen']})")
-    p.add_argument("--calib_dataset", default="sotu", metavar="CORPUS", help="calibration corpus, train split (default: sotu)")
+    p.add_argument("--calib_dataset", default=DEFAULT_CORPUS, metavar="CORPUS",
+                   help=f"calibration corpus, train split (default: {DEFAULT_CORPUS})")
     p.add_argument("--calib_batch_size", type=positive_int, default=PRUNE["batch_size"],
                    help=f"calibration samples per forward call (default: {PRUNE['batch_size']})")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default: 0)")
