@@ -180,7 +180,8 @@ def test_default_block_recipe_on_cpu_says_it_is_sized_for_a_gpu(capsys, tiny_mod
                              "--device", "cpu", "--save_model", str(tmp_path / "p"))
     assert code == 0 and "sized for a GPU" in err and "--reconstruct_epochs 4" in err
     info = json.loads((tmp_path / "p" / "sparsity.json").read_text())
-    assert info["method"] == "obs" and info["reconstruct"]["epochs"] == 12
+    from spruce.prune.defaults import DEFAULTS
+    assert info["method"] == "obs" and info["reconstruct"]["epochs"] == DEFAULTS["block"]["reconstruct_epochs"] == 24
     _, _, err = run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--sparsity_type", "16x16",
                         "--prune_method", "wanda", "--nsamples", "2", "--seqlen", "32",
                         "--calib_dataset", str(corpus_file), "--device", "cpu", "--save_model", str(tmp_path / "w"))

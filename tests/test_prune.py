@@ -189,7 +189,7 @@ def test_default_recipes_per_pattern():
     from spruce.prune.defaults import fit_to_model, resolve_recipe
     block = resolve_recipe("16x16")
     assert block["method"] == "obs" and not block["dense_target"] and block["module_sparsity"] == {"attn": 0.4}
-    assert block["reconstruct_epochs"] == 12 and block["reconstruct_lr"] == 3e-3
+    assert block["reconstruct_epochs"] == 24 and block["reconstruct_lr"] == 3e-3
     assert resolve_recipe("2:4")["reconstruct_epochs"] == 4
     # naming a method opts out of the pattern's default recipe: the reference command stays the reference
     named = resolve_recipe("16x16", method="wanda")
@@ -203,8 +203,28 @@ def test_default_recipes_per_pattern():
     gpt2_like = {"h.0.mlp.c_fc": torch.nn.Linear(64, 256)}
     assert fit_to_model(block, gpt2_like)["module_sparsity"] is None
     user = resolve_recipe("16x16", module_sparsity={"attn": 0.3})
-    assert user["method"] == "obs" and user["reconstruct_epochs"] == 12   # a flag changes one thing only
+    assert user["method"] == "obs" and user["reconstruct_epochs"] == 24   # a flag changes one thing only
     assert fit_to_model(user, gpt2_like)["module_sparsity"] == {"attn": 0.3}
+
+
+def test_default_block_reconstruction_is_sized_to_the_model(tiny_model):
+    from spruce.prune.defaults import LONG_RECONSTRUCT_MAX_PARAMS, WIDE_RECONSTRUCT, resolve_recipe, spec_for_model
+
+    small = prunable_linears(tiny_model)
+    spec, fitted = spec_for_model(resolve_recipe("16x16"), "16x16", 0.5, small)
+    assert spec.reconstruct_epochs == fitted["reconstruct_epochs"] == 24
+    # a 7B-class linear (meta tensors: no memory) keeps the shorter reconstruction that fits its time budget
+    seven_b = {**small, "model.layers.0.mlp.up_proj": torch.nn.Linear(4096, 11008, device="meta")}
+    assert 4096 * 11008 > LONG_RECONSTRUCT_MAX_PARAMS
+    spec, _ = spec_for_model(resolve_recipe("16x16"), "16x16", 0.5, seven_b)
+    assert (spec.reconstruct_epochs, spec.reconstruct.lr) == (WIDE_RECONSTRUCT["reconstruct_epochs"],
+                                                              WIDE_RECONSTRUCT["reconstruct_lr"])
+    # a reconstruction the user sets, or a named method, is kept as given
+    spec, _ = spec_for_model(resolve_recipe("16x16", reconstruct_epochs=30), "16x16", 0.5, seven_b)
+    assert spec.reconstruct_epochs == 30
+    spec, _ = spec_for_model(resolve_recipe("16x16", method="obs", reconstruct_epochs=5), "16x16", 0.5, seven_b)
+    assert spec.reconstruct_epochs == 5
+    assert spec_for_model(resolve_recipe("2:4"), "2:4", 0.5, seven_b)[0].reconstruct_epochs == 4
 
 
 def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model):
@@ -219,7 +239,7 @@ def test_default_block_recipe_trades_obs_for_sparsegpt_on_wide_layers(tiny_model
     assert wide["method"] == "sparsegpt" and wide["dense_target"] is False
     assert (wide["reconstruct_epochs"], wide["reconstruct_lr"]) == (12, 3e-3)  # the best measured there
     mine = fit_to_model(resolve_recipe("16x16", reconstruct_lr=1e-3), linears, obs_max_inputs=64)
-    assert (mine["reconstruct_epochs"], mine["reconstruct_lr"]) == (12, 1e-3)  # a user's choice stays
+    assert (mine["reconstruct_epochs"], mine["reconstruct_lr"]) == (24, 1e-3)  # a user's choice stays
     chosen = resolve_recipe("16x16", method="obs")
     assert fit_to_model(chosen, linears, obs_max_inputs=64)["method"] == "obs"  # the user's choice stays
     # the limit can come with the recipe (--obs_max_inputs, prune.obs_max_inputs); 0 falls back everywhere

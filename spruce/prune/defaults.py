@@ -12,7 +12,8 @@ at 40% (MLP higher, total kept), then each layer's kept weights trained toward t
 (4 epochs, lr 3e-4) 11.8x dense, against 583x for the reference (Wanda, mean tile score, one
 threshold per matrix) and 52x for the same OBS recipe without the reconstruction. A longer,
 faster reconstruction (12 epochs, lr 3e-3; H200, 2026-11-30) reached 4.69x, and it is the 16x16
-default now (8 epochs at lr 1e-3: 7.2x, at lr 3e-3: 5.5x; 4 epochs at 3e-4 in the same run: 12.0x).
+default on 7B-class models (8 epochs at lr 1e-3: 7.2x, at lr 3e-3: 5.5x; 4 epochs at 3e-4 in the same
+run: 12.0x); on smaller ones it is 24 epochs (LONG_RECONSTRUCT_MAX_PARAMS).
 OBS refits exactly (a Cholesky factor per block-row) where that is affordable and with batched
 conjugate gradients where not (methods.OBS_EXACT_MAX_FLOPS: every linear of a 7B model), so the
 default recipe stays OBS on 7B-class layers. Linears wider than `obs_max_inputs` (--obs_max_inputs,
@@ -35,7 +36,7 @@ DEFAULTS: dict[str, dict] = {
     "unstructured-layer": {"method": "sparsegpt"},
     "nm": {"method": "sparsegpt", "reconstruct_epochs": 4, "reconstruct_lr": 1e-4},
     "block": {"method": "obs", "selection": "global", "module_sparsity": {"attn": 0.4},
-              "reconstruct_epochs": 12, "reconstruct_lr": 3e-3},
+              "reconstruct_epochs": 24, "reconstruct_lr": 3e-3},
     "hybrid": {"method": "sparsegpt"},
 }
 DEFAULTS["grouped"] = DEFAULTS["block"]   # grouped blocks (16x16g4) take the block recipe
@@ -56,8 +57,15 @@ MIN_GROUP_TILES = 64
 DEFAULT_PERMUTE = {"grouped": True, "block": True}
 # a named method runs plainly: the PruneSpec defaults (spec.py), the one place they are defined
 BASE = {k: v for k, v in SPEC_DEFAULTS.items() if k not in ("pattern", "sparsity")}
-# the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there
+# the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there;
+# also the default block recipe's on models with linears larger than LONG_RECONSTRUCT_MAX_PARAMS
 WIDE_RECONSTRUCT = {"reconstruct_epochs": 12, "reconstruct_lr": 3e-3}
+# The default block recipe reconstructs each layer for 24 epochs (embedded model, H200, 2026-12-02,
+# 16x16g4 with the permutation: 3.87x / 5.45x dense on sotu/test / moby/test, against 4.48x / 6.24x
+# with 12). The reconstruction's time grows with the layer's weights: on a model whose largest linear
+# holds more weights than this (Llama-2-7B's MLP linears: 45M) it keeps WIDE_RECONSTRUCT's 12
+# epochs, so a 7B prune stays near 13 minutes on one H200 (24 epochs project to 18).
+LONG_RECONSTRUCT_MAX_PARAMS = 32 << 20
 
 
 def resolve_recipe(pattern: str, **given) -> dict:
@@ -139,6 +147,18 @@ def default_grouping(pattern: str, recipe: dict, linears: dict | None = None) ->
     return grouped_name(pattern, group)
 
 
+def default_reconstruction(pattern: str, recipe: dict, linears: dict | None = None) -> dict:
+    """The recipe with the default block recipe's reconstruction fitted to the model: WIDE_RECONSTRUCT
+    when a linear of `linears` holds more than LONG_RECONSTRUCT_MAX_PARAMS weights; as given when the
+    user set the reconstruction or named a method, or for other patterns."""
+    kind = parse_pattern(pattern).kind
+    if (kind in ("block", "grouped") and linears and recipe.get("method_is_default")
+            and recipe.get("reconstruct_is_default") and recipe.get("reconstruct_epochs")
+            and max(m.weight.numel() for m in linears.values()) > LONG_RECONSTRUCT_MAX_PARAMS):
+        return {**recipe, **WIDE_RECONSTRUCT}
+    return recipe
+
+
 def default_permutation(pattern: str, recipe: dict) -> dict:
     """The recipe with its "permute" decided: DEFAULT_PERMUTE for the pattern's kind under the default
     recipe unless the recipe sets it; as given otherwise."""
@@ -151,9 +171,10 @@ def default_permutation(pattern: str, recipe: dict) -> dict:
 def spec_for_model(recipe: dict, pattern: str, sparsity: float, linears: dict) -> tuple[PruneSpec, dict]:
     """(the PruneSpec, the recipe fitted to the model's linears) for a resolved recipe; the default
     block recipe prunes block patterns in their grouped form (default_grouping), permuted
-    (default_permutation)."""
+    (default_permutation), with a reconstruction sized to the model (default_reconstruction)."""
     pattern = default_grouping(pattern, recipe, linears)
-    recipe = default_permutation(pattern, fit_to_model(recipe, linears))
+    recipe = default_reconstruction(pattern, fit_to_model(recipe, linears), linears)
+    recipe = default_permutation(pattern, recipe)
     spec = PruneSpec(pattern=pattern, sparsity=sparsity,
                      **{k: v for k, v in recipe.items() if k in FIELDS})
     return spec, recipe
