@@ -20,6 +20,7 @@ from .common import EPILOG_CORPORA, EPILOG_MODELS, add_command, add_model_args, 
 
 def add_parser(subparsers) -> None:
     from ..prune.defaults import DEFAULTS as RECIPES
+    from ..prune.defaults import WIDE_RECONSTRUCT
 
     block = RECIPES["block"]
     p = add_command(subparsers, "prune", "prune a model (magnitude, Wanda, SparseGPT, OBS) into unstructured, N:M, block or hybrid sparsity",
@@ -30,10 +31,11 @@ def add_parser(subparsers) -> None:
                     "sparsegpt for unstructured and hybrid; sparsegpt + layer reconstruction for N:M;\n"
                     f"for blocks, {block['method']} with attention at {block['module_sparsity']['attn']:.0%} "
                     f"and layer reconstruction ({block['reconstruct_epochs']} epochs, lr "
-                    f"{show_default(block['reconstruct_lr'])}),\n"
-                    "the OBS refit by conjugate gradients on 7B-class linears (--obs_refit), and sparsegpt +\n"
-                    "the same reconstruction on linears wider than --obs_max_inputs. Naming\n"
-                    "--prune_method runs that method plainly, with only the options you add.\n\n"
+                    f"{show_default(block['reconstruct_lr'])};\n{WIDE_RECONSTRUCT['reconstruct_epochs']} on 7B-class "
+                    "models, for time), the OBS refit by conjugate gradients on 7B-class\n"
+                    "linears (--obs_refit), and sparsegpt + the same reconstruction on linears wider than\n"
+                    "--obs_max_inputs. Naming --prune_method runs that method plainly, with only the\n"
+                    "options you add.\n\n"
                     "Patterns: 'unstructured' prunes the same share of every output row (Wanda);\n"
                     "'unstructured-layer' uses one threshold per matrix; 'N:M' (2:4, 4:8) keeps at most N\n"
                     "of every M consecutive input weights (so 2:4 is 50%); 'BxB' or 'RxC' (e.g. 16x16)\n"
