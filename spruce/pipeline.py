@@ -6,8 +6,10 @@
 Each stage writes its outputs into the run folder and then a marker `stages/<stage>.json` with
 its results and the parts of the recipe it depends on. A stage finished with the same inputs is
 not run again, so an interrupted run picks up where it stopped (training resumes from its last
-checkpoint), and after editing one line of a recipe only the stages it touches run again. The
-resolved recipe is saved as config.yaml. Stages:
+checkpoint), and after editing one line of a recipe only the stages it touches run again. A
+finished stage whose recipe changed only in how models are measured (EVAL_FIELDS: the evaluation
+split, seqlen, windows, held-out corpus, zero-shot tasks) measures its saved model again instead:
+a new evaluation never prunes or trains again. The resolved recipe is saved as config.yaml. Stages:
 
   baseline  perplexity of the dense model, on data.corpus and (held out) on data.heldout; every
             later model is measured on both
@@ -313,6 +315,35 @@ STAGE_FUNCTIONS = {"baseline": stage_baseline, "reference": stage_reference, "pr
                    "recover": stage_recover, "report": stage_report}
 # stages whose outputs no later stage reads: running one again does not run the later ones again
 SIDE_STAGES = {"reference"}
+# data fields that only say how a stage's model is measured: a finished stage whose other inputs are
+# the same measures its saved model again instead of running again (for recover, the held-out corpus
+# also gives its validation blocks, so there it stays an input of the work)
+EVAL_FIELDS = ("eval_split", "eval_seqlen", "eval_windows", "zero_shot_tasks", "heldout")
+# the stages that can be measured again: the saved model's folder and the result's key
+SAVED_MODELS = {"reference": ("reference", "reference"), "prune": ("pruned", "pruned"),
+                "recover": ("recover/merged", "recovered")}
+
+
+def work_inputs(inputs: dict, stage: str) -> dict:
+    """A stage's inputs (stage_inputs) without the data fields that only choose its evaluation."""
+    fields = [f for f in EVAL_FIELDS if not (stage == "recover" and f == "heldout")]
+    return {**inputs, "data": {k: v for k, v in (inputs.get("data") or {}).items() if k not in fields}}
+
+
+def measure_again(run: Run, stage: str, done: dict) -> dict | None:
+    """The finished stage's result with its saved model measured under the recipe's evaluation
+    settings; None where that cannot stand in for running the stage (the baseline, which is only a
+    measurement, progressive rounds, a saved model that is missing)."""
+    if stage not in SAVED_MODELS or (stage == "prune" and run.cfg.prune.rounds):
+        return None
+    folder, key = SAVED_MODELS[stage]
+    if not (run.dir / folder / "config.json").exists():
+        return None
+    run.say(f"[{stage}] done earlier with other evaluation settings; measuring {run.dir / folder} again")
+    model, tok = run.load(str(run.dir / folder))
+    result = run.evaluate(key, model, tok)
+    run.say(f"[{stage}] {key} perplexity: {result['ppl']:.2f}" + _heldout_note(run, result))
+    return {**{k: v for k, v in done.items() if k not in ("seconds", "inputs")}, key: result}
 
 
 def stage_inputs(cfg: RunConfig, stage: str) -> dict:
@@ -350,7 +381,14 @@ def run_recipe(cfg: RunConfig, fresh: bool = False, say=print, progress: bool = 
                 say(f"[{stage}] done earlier; skipped (results in {run.dir / 'stages' / (stage + '.json')})")
                 results[stage] = done
                 continue
-            rerun = rerun or stage not in SIDE_STAGES
+            same_work = bool(done) and work_inputs(done.get("inputs") or {}, stage) == work_inputs(inputs, stage)
+            again = measure_again(run, stage, done) if stage != "report" and not rerun and same_work else None
+            if again is not None:
+                again.update(seconds=done.get("seconds"), inputs=inputs)
+                results[stage] = run.mark(stage, again)
+                continue
+            # a stage that runs again makes the later ones run again, unless it only measures anew
+            rerun = rerun or (stage not in SIDE_STAGES and not (same_work and stage == "baseline"))
             run.resume = run.begin(stage, inputs) and done is None
             seed_everything(cfg.seed)
             start = time.time()

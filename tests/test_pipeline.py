@@ -234,6 +234,34 @@ def test_editing_one_line_reruns_only_what_it_touches(tiny_model_dir, corpus_fil
     assert sum("done earlier" in line for line in lines) == 1  # only the baseline is kept
 
 
+def test_changing_only_the_evaluation_measures_the_saved_models_again(tiny_model_dir, corpus_file, tmp_path):
+    recipe = recipes_dir() / "smollm2-block16.yaml"
+    out = tmp_path / "run"
+    base = tiny_overrides(tiny_model_dir, corpus_file, out, "recover.max_steps=4")
+    first = run_recipe(load_recipe(recipe, base), say=quiet([]), progress=False)
+    weights = sorted((out / "pruned").glob("*.safetensors")) + sorted((out / "recover" / "merged").glob("*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in weights]
+    lines = []
+    again = run_recipe(load_recipe(recipe, [*base, "data.eval_windows=3"]), say=quiet(lines), progress=False)
+    for stage in ("prune", "recover"):
+        assert any(line.startswith(f"[{stage}] done earlier with other evaluation settings") for line in lines)
+    assert len(weights) >= 2 and [p.stat().st_mtime_ns for p in weights] == stamps  # nothing pruned or trained again
+    assert (first["prune"]["pruned"]["windows"], again["prune"]["pruned"]["windows"]) == (6, 3)
+    assert again["recover"]["recovered"]["windows"] == again["baseline"]["dense"]["windows"] == 3
+    assert again["recover"]["train"] == first["recover"]["train"]
+    assert again["prune"]["inputs"]["data"]["eval_windows"] == 3
+    report = (out / "report.md").read_text()
+    assert f"{again['prune']['pruned']['ppl']:.2f}" in report and f"{again['recover']['recovered']['ppl']:.2f}" in report
+    # the same settings again: every stage is skipped; the calibration corpus is a work input
+    lines = []
+    run_recipe(load_recipe(recipe, [*base, "data.eval_windows=3"]), say=quiet(lines), progress=False)
+    assert sum("done earlier; skipped" in line for line in lines) == 3
+    lines = []
+    run_recipe(load_recipe(recipe, [*base, "data.eval_windows=3", "prune.nsamples=2"]), say=quiet(lines),
+               progress=False)
+    assert not any("[prune] done earlier" in line or "[recover] done earlier" in line for line in lines)
+
+
 def test_interrupted_recovery_resumes_from_its_checkpoint(tiny_model_dir, corpus_file, tmp_path):
     recipe = recipes_dir() / "smollm2-block16.yaml"
     cfg = load_recipe(recipe, tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run",

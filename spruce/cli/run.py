@@ -14,8 +14,11 @@ def add_parser(subparsers) -> None:
                     "Run the stages of a YAML recipe in order (baseline, prune, recover, report; with a\n"
                     "prune_reference section, a one-shot 'reference' prune before 'prune', to compare) into\n"
                     "its output_dir. A finished stage is not run again, so an interrupted run resumes where\n"
-                    "it stopped; the resolved recipe is saved as config.yaml. Shipped recipes are in recipes/,\n"
-                    "each headed by its command. Override any key on the command line: prune.sparsity=0.6.",
+                    "it stopped, and one whose recipe changed only in how it is measured (data.eval_split,\n"
+                    "eval_seqlen, eval_windows, heldout, zero_shot_tasks) measures its saved model again\n"
+                    "(a new data.heldout trains the recovery again: its training log reports on that corpus).\n"
+                    "The resolved recipe is saved as config.yaml. Shipped recipes are in recipes/, each\n"
+                    "headed by its command. Override any key on the command line: prune.sparsity=0.6.",
                     "Example: spruce run recipes/smollm2-block16.yaml recover.max_steps=300 --stages prune recover")
     p.add_argument("recipe", help="YAML recipe file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as recover.learning_rate=5e-4")
