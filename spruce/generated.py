@@ -139,12 +139,30 @@ def settings_from_args(a) -> GeneratedSettings:
 
 # --- sampling (pure tensor functions, then the loop) ---------------------------------------------
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+# top-p looks for the nucleus among this many most likely tokens of each row (a partial sort), and
+# sorts the whole row only where those candidates hold less probability than top_p
+TOP_P_CANDIDATES = 1024
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float, candidates: int | None = TOP_P_CANDIDATES) -> torch.Tensor:
     """Keep, per row, the smallest set of most likely tokens whose probability reaches `top_p`
-    (at least one); the rest get 0. Rows are renormalised."""
+    (at least one); the rest get 0. Rows are renormalised. The nucleus is found among a row's
+    `candidates` most likely tokens when they hold `top_p` (the set a full sort finds), else, and
+    for every row with candidates None, by sorting the whole row."""
     if top_p >= 1:
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    if candidates is None or candidates >= probs.shape[-1]:
+        return _nucleus(probs, *probs.sort(dim=-1, descending=True), top_p)
+    top, order = probs.topk(candidates, dim=-1)
+    kept = _nucleus(probs, top, order, top_p)
+    short = (top.sum(-1) < top_p).nonzero().squeeze(1)   # rows whose nucleus reaches past the candidates
+    if short.numel():
+        kept[short] = top_p_filter(probs[short], top_p, candidates=None)
+    return kept
+
+
+def _nucleus(probs: torch.Tensor, sorted_probs: torch.Tensor, order: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top_p_filter on the rows' most likely tokens, sorted (`sorted_probs`, at `order` in `probs`)."""
     before = sorted_probs.cumsum(-1) - sorted_probs      # mass of the more likely tokens
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0)
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -24,6 +24,20 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     assert (top_p_filter(probs, 1e-6) > 0).sum() == 2  # at least the most likely token
 
 
+def test_top_p_among_the_candidates_keeps_what_a_full_sort_keeps():
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.softmax(torch.randn(6, 5000, generator=gen) * 6, dim=-1)   # 64 tokens hold 0.9 in each row
+    flat = torch.full((1, 5000), 1 / 5000)
+    for probs, sorted_rows in ((peaked, 0), (torch.cat([peaked, flat, peaked[:2]]), 1)):
+        assert int((probs.topk(64, dim=-1).values.sum(-1) < 0.9).sum()) == sorted_rows  # rows sorted whole
+        reference = top_p_filter(probs, 0.9, candidates=None)                       # whole rows sorted
+        kept = top_p_filter(probs, 0.9, candidates=64)
+        assert torch.equal(kept > 0, reference > 0)
+        assert torch.allclose(kept, reference, atol=1e-7, rtol=0)
+        assert torch.allclose(kept.sum(-1), torch.ones(len(probs)))
+    assert (top_p_filter(flat, 0.9, candidates=64) > 0).sum() == 4500       # the flat row: 90% of its tokens
+
+
 def test_sampling_is_reproducible_and_respects_lengths(tiny_model, tokenizer):
     prompts = [[5, 6, 7], [8]]
 
