@@ -17,6 +17,7 @@ import time
 import torch
 
 from bench.common import cli_main, environment, median_ms, write_json
+from spruce.cli.common import positive_int
 from spruce.errors import SpruceError
 from spruce.generated import TOP_P_CANDIDATES, top_p_filter
 
@@ -36,6 +37,8 @@ def _ms(fn, device: torch.device, reps: int) -> float:
 def run(args) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpruceError("--device cuda needs a CUDA GPU")
+    if not 0 < args.top_p <= 1:
+        raise SpruceError(f"--top_p must be in (0, 1], got {args.top_p}")
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(args.rows, args.vocab, generator=gen, device=device) * args.scale
@@ -57,11 +60,11 @@ def run(args) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--rows", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--rows", type=positive_int, default=1024)
+    p.add_argument("--vocab", type=positive_int, default=49152)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--scale", type=float, default=6.0, help="logit scale: larger is more peaked (default: 6)")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the row and the environment as JSON")
 
