@@ -382,7 +382,7 @@ def run_recipe(cfg: RunConfig, fresh: bool = False, say=print, progress: bool = 
                 results[stage] = done
                 continue
             same_work = bool(done) and work_inputs(done.get("inputs") or {}, stage) == work_inputs(inputs, stage)
-            again = measure_again(run, stage, done) if stage != "report" and not rerun and same_work else None
+            again = measure_again(run, stage, done) if same_work and not rerun else None
             if again is not None:
                 again.update(seconds=done.get("seconds"), inputs=inputs)
                 results[stage] = run.mark(stage, again)
