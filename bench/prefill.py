@@ -148,15 +148,20 @@ def summary(rows: list[dict]) -> str:
 
 
 def profile(shape: tuple[int, int], m: int, selection: str) -> None:
-    """One plain launch of the old kernel's run-4 winner and of each PROFILE_CONFIGS entry, per
-    pattern, for Nsight Compute (`-k regex:"prefill|transpose"`); prints the launch order."""
+    """One plain launch of dense cuBLAS, then of the old kernel's run-4 winner and of each
+    PROFILE_CONFIGS entry per pattern, for Nsight Compute (`-k regex:"prefill|transpose|gemm|nvjet"`);
+    prints the launch order."""
     from spruce.kernels import bsr, prefill
 
     gen = torch.Generator().manual_seed(0)
     n, k = shape
     x = torch.randn(m, k, generator=gen).to(DEVICE, DTYPE)
     y = torch.empty(m, n, dtype=DTYPE, device=DEVICE)
-    order = []
+    dense = torch.randn(n, k, generator=gen).to(DEVICE, DTYPE)
+    torch.matmul(x, dense.t(), out=y)  # dense cuBLAS first, the baseline (ncu: -k regex:"gemm|nvjet|...")
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    order = [f"{n}x{k} dense tokens {m}: cuBLAS"]
     for pattern in PATTERNS:
         sp = bsr.BlockSparseWeight.from_dense(emitted_weight(n, k, pattern, selection, 0.5, gen, DEVICE).to(DTYPE), 16)
         for cfg in [OLD_WINNER, *PROFILE_CONFIGS]:

@@ -36,9 +36,11 @@ class StaticGreedy:
     Replaying a captured step removes the per-layer Python and launch overhead that otherwise
     hides the kernels' time at batch 1-8. The cache keeps its own fill count on the device, so
     the captured step writes at the right place on every replay; positions are passed explicitly.
+    With `logits`, `start` and `advance` return each step's last-position logits [batch, vocab]
+    instead of the greedy token (the caller picks the token: the sampler of spruce.generated).
     """
 
-    def __init__(self, model, batch: int, max_len: int, compile_backend: str | None = None):
+    def __init__(self, model, batch: int, max_len: int, compile_backend: str | None = None, logits: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -46,9 +48,10 @@ class StaticGreedy:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.logits = logits
         self.use_graph = self.device.type == "cuda"
         self.graph = None
-        self.next_token = None
+        self.next_out = None
         # compile: torch.compile fuses what lies between the linears (norms, rotary embedding,
         # residual adds, the MLP's activation) before the step is captured; block-sparse layers
         # enter the compiled graph as one opaque op each (spruce::block_sparse_linear)
@@ -57,10 +60,12 @@ class StaticGreedy:
             torch._dynamo.reset()
             self.step = torch.compile(self._step, backend=compile_backend)
 
+    def _head(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1] if self.logits else logits[:, -1].argmax(-1)
+
     def _step(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.token, past_key_values=self.cache, position_ids=self.position,
-                            use_cache=True).logits
-        return logits[:, -1].argmax(-1)
+        return self._head(self.model(input_ids=self.token, past_key_values=self.cache, position_ids=self.position,
+                                     use_cache=True).logits)
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.cache.reset()
@@ -69,7 +74,7 @@ class StaticGreedy:
         logits = self.model(input_ids=input_ids, past_key_values=self.cache, position_ids=positions,
                             use_cache=True, logits_to_keep=1).logits
         self.position.fill_(prompt)
-        return logits[:, -1].argmax(-1)
+        return self._head(logits)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -81,7 +86,7 @@ class StaticGreedy:
         try:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.next_token = self.step()
+                self.next_out = self.step()
         except Exception:
             from .kernels.bsr import disable_pdl, pdl_enabled
 
@@ -90,7 +95,27 @@ class StaticGreedy:
             disable_pdl()  # capture without programmatic dependent launches
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.next_token = self.step()
+                self.next_out = self.step()
+
+    def start(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's forward into a fresh cache (capturing the step on first use): the first
+        token (or its logits)."""
+        out = self._prefill(input_ids)
+        if self.use_graph and self.graph is None:
+            self._capture()
+            out = self._prefill(input_ids)  # the warm-up steps wrote into the cache
+        return out
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([batch]): the next token (or its logits)."""
+        self.token.copy_(token[:, None])
+        if self.use_graph:
+            self.graph.replay()
+            out = self.next_out.clone()
+        else:
+            out = self.step()
+        self.position += 1
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int, times: dict | None = None) -> torch.Tensor:
@@ -100,24 +125,15 @@ class StaticGreedy:
         if times is not None:
             _sync(self.device)
             start = time.perf_counter()
-        token = self._prefill(input_ids)
-        if self.use_graph and self.graph is None:
-            self._capture()
-            token = self._prefill(input_ids)  # the warm-up steps wrote into the cache
+        token = self.start(input_ids)
         if times is not None:
             _sync(self.device)
             times["prefill_s"] = time.perf_counter() - start
             start = time.perf_counter()
         out = [token]
         for _ in range(new_tokens - 1):
-            self.token.copy_(token[:, None])
-            if self.use_graph:
-                self.graph.replay()
-                token = self.next_token.clone()
-            else:
-                token = self.step()
+            token = self.advance(token)
             out.append(token)
-            self.position += 1
         if times is not None:
             _sync(self.device)
             times["decode_s"] = time.perf_counter() - start

@@ -32,6 +32,8 @@ import torch
 from .errors import SpruceError
 
 CACHE_FILE = "generated.safetensors"
+# 2: prompts sampled in batches of one length on a static cache (other draws than format 1's)
+CACHE_FORMAT = 2
 
 # short openings across registers and subjects: news, narrative, science, letters, instructions,
 # dialogue, lists, code, history, law, recipes, questions
@@ -205,12 +207,94 @@ def sample_continuations(model, prompts: list[list[int]], new_tokens: int, tempe
         positions = positions[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True)
-    new = torch.stack(steps, 1).tolist()
+    return _rows(prompts, torch.stack(steps, 1).tolist(), eos_id)
+
+
+# a batch checks whether all its rows have ended every this many steps (each check waits for the device)
+DONE_CHECK_STEPS = 16
+
+
+@torch.no_grad()
+def sample_static(decoder, prompts: list[list[int]], new_tokens: int, temperature: float, top_p: float,
+                  generator: torch.Generator, eos_id: int | None) -> list[list[int]]:
+    """sample_continuations for prompts of one length, on a static-cache decoder
+    (`generate.StaticGreedy` with logits=True, batch len(prompts)): no padding and no attention
+    mask, and on CUDA each step is a replayed CUDA graph, so a step costs the device's time alone
+    rather than the host's launches. For one batch, the same tokens as sample_continuations draws
+    for these prompts with the same generator, up to the last bits of the logits (a batch whose
+    rows all end early may draw up to DONE_CHECK_STEPS - 1 steps more before it stops)."""
+    device = decoder.device
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    logits = decoder.start(ids)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps = []
+    for i in range(new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        steps.append(token)
+        if eos_id is not None:
+            done |= token == eos_id
+            if (i + 1) % DONE_CHECK_STEPS == 0 and bool(done.all()):
+                break
+        if i + 1 < new_tokens:
+            logits = decoder.advance(token)
+    return _rows(prompts, torch.stack(steps, 1).tolist(), eos_id)
+
+
+def _rows(prompts: list[list[int]], new: list[list[int]], eos_id: int | None) -> list[list[int]]:
+    """Each prompt followed by its sampled tokens, cut before the first end-of-text token."""
     rows = []
     for p, row in zip(prompts, new):
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         rows.append(list(p) + row)
+    return rows
+
+
+def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in batches of one prompt length each: every length's full batches
+    first, then each length's remainder (so that batches of one size follow each other)."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    full, rest = [], []
+    for length in sorted(by_length):
+        idx = by_length[length]
+        for j in range(0, len(idx), batch_size):
+            (full if len(idx) - j >= batch_size else rest).append(idx[j:j + batch_size])
+    return full + rest
+
+
+def static_cache_ok(model) -> bool:
+    """Whether the model can decode from a static KV cache (Hugging Face's own flag)."""
+    return bool(getattr(model, "_can_compile_fullgraph", False))
+
+
+def sample_all(model, prompts: list[list[int]], settings: GeneratedSettings, generator: torch.Generator,
+               pad_id: int, eos_id: int | None, on_batch=lambda n: None) -> list[list[int]]:
+    """Every prompt continued (rows in the prompts' order): batches of one prompt length on a
+    static-cache decoder (one per batch size, its step captured once) where the model allows it,
+    else left-padded batches on Hugging Face's dynamic cache (sample_continuations)."""
+    rows: list = [None] * len(prompts)
+    if not static_cache_ok(model):
+        for i in range(0, len(prompts), settings.batch_size):
+            batch = prompts[i:i + settings.batch_size]
+            rows[i:i + len(batch)] = sample_continuations(model, batch, settings.new_tokens, settings.temperature,
+                                                          settings.top_p, generator, pad_id, eos_id)
+            on_batch(len(batch))
+        return rows
+    from .generate import StaticGreedy
+
+    max_len = max(len(p) for p in prompts) + settings.new_tokens
+    decoder = None
+    for idx in length_batches(prompts, settings.batch_size):
+        if decoder is None or decoder.token.shape[0] != len(idx):
+            decoder = None  # free the last cache first
+            decoder = StaticGreedy(model, len(idx), max_len, logits=True)
+        batch = [prompts[i] for i in idx]
+        for i, row in zip(idx, sample_static(decoder, batch, settings.new_tokens, settings.temperature,
+                                             settings.top_p, generator, eos_id)):
+            rows[i] = row
+        on_batch(len(idx))
     return rows
 
 
@@ -249,7 +333,7 @@ def _model_fingerprint(source: str) -> object:
 def cache_key(settings: GeneratedSettings, tokenizer, dtype: str) -> dict:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {"settings": dataclasses.asdict(settings), "model": _model_fingerprint(settings.model),
-            "dtype": dtype, "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16], "format": 1}
+            "dtype": dtype, "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16], "format": CACHE_FORMAT}
 
 
 def _digest(tokens: torch.Tensor, lengths: torch.Tensor) -> str:
@@ -312,13 +396,8 @@ def generate_tokens(settings: GeneratedSettings, tokenizer, cache_dir: str | Pat
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rows = []
     with progress_bar(total=len(prompts), desc="sampling generated text", unit="seq", show=progress) as bar:
-        for i in range(0, len(prompts), settings.batch_size):
-            batch = prompts[i:i + settings.batch_size]
-            rows += sample_continuations(model, batch, settings.new_tokens, settings.temperature, settings.top_p,
-                                         gen, pad, tokenizer.eos_token_id)
-            bar.update(len(batch))
+        rows = sample_all(model, prompts, settings, gen, pad, tokenizer.eos_token_id, bar.update)
     del model
     tokens = torch.tensor([t for r in rows for t in r], dtype=torch.long)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)

@@ -54,6 +54,32 @@ def test_sampling_is_reproducible_and_respects_lengths(tiny_model, tokenizer):
     assert greedy[1] == alone[0]
 
 
+def test_the_static_cache_sampler_draws_what_the_dynamic_loop_draws(tiny_model):
+    from spruce.generate import StaticGreedy
+
+    prompts = [[5, 6, 7], [9, 4, 2], [3, 3, 8]]
+    dynamic = generated.sample_continuations(tiny_model, prompts, 9, 1.0, 0.9, torch.Generator().manual_seed(3), 0, None)
+    decoder = StaticGreedy(tiny_model, batch=3, max_len=12, logits=True)
+    static = generated.sample_static(decoder, prompts, 9, 1.0, 0.9, torch.Generator().manual_seed(3), None)
+    assert static == dynamic and len({tuple(r) for r in static}) == 3
+    # the decoder serves a second batch of another length (a fresh cache each start)
+    again = generated.sample_static(decoder, [[1, 2], [2, 1], [4, 4]], 9, 1.0, 0.9,
+                                    torch.Generator().manual_seed(3), None)
+    assert again == generated.sample_continuations(tiny_model, [[1, 2], [2, 1], [4, 4]], 9, 1.0, 0.9,
+                                                   torch.Generator().manual_seed(3), 0, None)
+
+
+def test_prompts_of_mixed_lengths_come_back_in_their_order_cut_at_the_end_token(tiny_model):
+    prompts = [[5, 6, 7], [8], [9, 9], [4, 5, 6], [7], [1, 2, 3]]
+    assert generated.length_batches(prompts, 2) == [[1, 4], [0, 3], [2], [5]]   # full batches first
+    s = GeneratedSettings(sequences=6, new_tokens=6, batch_size=2)
+    rows = generated.sample_all(tiny_model, prompts, s, torch.Generator().manual_seed(0), 0, None)
+    assert [r[:len(p)] for r, p in zip(rows, prompts)] == prompts and all(len(r) == len(p) + 6 for r, p in zip(rows, prompts))
+    eos = rows[0][3 + 2]   # the third token sampled after the first prompt: that row ends before it
+    cut = generated.sample_all(tiny_model, prompts, s, torch.Generator().manual_seed(0), 0, eos)
+    assert cut[0] == rows[0][: rows[0].index(eos, 3)] and all(eos not in r[len(p):] for r, p in zip(cut, prompts))
+
+
 def settings(tiny_model_dir, **extra):
     return GeneratedSettings(model=str(tiny_model_dir), **{**SMALL, **extra})
 
@@ -176,3 +202,15 @@ def test_a_recipe_recovers_on_generated_text_cached_in_the_run(tiny_model_dir, c
     # prompts drawn from the held-out corpus would train on it
     with pytest.raises(SpruceError, match="is also in recover.generated.prompts"):
         load_recipe(None, ["recover.corpus=generated", "recover.generated={prompts: moby}", "data.heldout=moby"])
+
+
+def test_sampling_bench_times_the_whole_sampler_and_refuses_a_bad_temperature(capsys):
+    from bench import sampling
+
+    assert sampling.main(["--loop", "--rows", "2", "--new_tokens", "3", "--layers", "1"]) in (0, None)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| rows | new tokens | layers | sampler |")
+    assert table[2].startswith("| 2 | 3 | 1 | dynamic |") and table[3].startswith("| 2 | 3 | 1 | static |")
+    assert table[4].startswith("static (the sampler spruce runs) against dynamic")
+    assert sampling.main(["--loop", "--temperature", "0"]) == 2
+    assert "temperature must be positive" in capsys.readouterr().err
