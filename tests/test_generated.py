@@ -214,3 +214,14 @@ def test_sampling_bench_times_the_whole_sampler_and_refuses_a_bad_temperature(ca
     assert table[4].startswith("static (the sampler spruce runs) against dynamic")
     assert sampling.main(["--loop", "--temperature", "0"]) == 2
     assert "temperature must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_the_graph_replayed_sampler_on_the_gpu_draws_what_the_dynamic_loop_draws(tiny_model):
+    model = tiny_model.cuda()
+    prompts = [[5, 6, 7], [9, 4, 2], [3, 3, 8], [1, 1, 1]]
+    dynamic = generated.sample_continuations(model, prompts, 9, 1.0, 0.9,
+                                             torch.Generator(device="cuda").manual_seed(3), 0, None)
+    static = generated.sample_all(model, prompts, GeneratedSettings(sequences=4, new_tokens=9, batch_size=4),
+                                  torch.Generator(device="cuda").manual_seed(3), 0, None)
+    assert static == dynamic
