@@ -50,7 +50,7 @@ def _simulate(monkeypatch, dense_wins):
     return timed
 
 
-def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch):
+def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch, capsys):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
@@ -64,6 +64,8 @@ def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch):
     timed = _simulate(monkeypatch, lambda kind, shape: kind == "prefill" and shape == (128, 64))
     report = prepare_dispatch(model, decode_tokens=[1], prefill_tokens=[24], tune=True)
     assert report.launches == ["decode 1", "prefill 32"]
+    err = capsys.readouterr().err
+    assert "tuning kernels" in err and "4/4" in err   # two weights, two token counts: four cases
     assert {(k, s) for k, s, c in timed if c == ("dense",)} == {("decode", (64, 64)), ("prefill", (64, 64)),
                                                               ("decode", (128, 64)), ("prefill", (128, 64))}
     table = dispatch_table(model, report.launches)

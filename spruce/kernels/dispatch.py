@@ -41,29 +41,33 @@ def _tune_launch(layer: BlockSparseLinear, tokens: int) -> None:
         bsr.launch_prefill(x, w, layer.bias, y)
 
 
-def prepare_dispatch(model: nn.Module, decode_tokens=(1,), prefill_tokens=(), tune: bool | None = None
-                     ) -> DispatchReport:
+def prepare_dispatch(model: nn.Module, decode_tokens=(1,), prefill_tokens=(), tune: bool | None = None,
+                     progress: bool = True) -> DispatchReport:
     """Tune every distinct block-sparse weight of `model` for each token count (decode: tokens per
     step, i.e. the batch; prefill: batch x prompt length), then release the dense copies not needed.
 
     tune None: on CUDA only; elsewhere the layers run the torch reference, nothing is timed, and the
     dense copies are released (they would never run). True tunes anyway (Triton's interpreter).
+    The first tuning of each case compiles and times every kernel tile (minutes for a whole model):
+    `progress` shows a bar over the cases.
     """
+    from ..progress import progress_bar
+
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
     counts = sorted(set(decode_tokens)) + sorted(set(prefill_tokens))
     report = DispatchReport()
     cuda = any(m.values.device.type == "cuda" for m in layers) if tune is None else tune
     if cuda:
-        done = set()
+        cases = {}  # one launch per distinct tuning key (shape, block, group, density bucket, tokens)
+        for layer in layers:
+            w = layer.sparse_weight
+            for tokens in counts:
+                kind = "decode" if tokens <= bsr.DECODE_MAX_TOKENS else "prefill"
+                cases.setdefault(bsr.tuning_key(kind, w, tokens, w.values.dtype), (layer, tokens))
         with torch.no_grad():
-            for layer in layers:
-                w = layer.sparse_weight
-                for tokens in counts:
-                    kind = "decode" if tokens <= bsr.DECODE_MAX_TOKENS else "prefill"
-                    key = bsr.tuning_key(kind, w, tokens, w.values.dtype)
-                    if key not in done:
-                        done.add(key)
-                        _tune_launch(layer, tokens)
+            for layer, tokens in progress_bar(list(cases.values()), desc="tuning kernels", unit="case",
+                                              show=progress):
+                _tune_launch(layer, tokens)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     for tokens in counts:

@@ -6,8 +6,8 @@ transposed once per call, xt = x^T [K, M_pad] (`transpose_padded`; the padding, 
 of TOKEN_PAD tokens, is zeros), and a kept block-column c is B whole rows of xt, c*B .. c*B+B-1,
 each BLOCK_T contiguous tokens: a gather by row index whose every row is one coalesced run.
 Configurations tagged TAG_ROWS run the same kernel on x as it is (no transpose to pay). TAG_TMA
-and TAG_ROWS_TMA are the same two with tensor-descriptor (TMA) loads, one box per kept block
-(Hopper has no TMA gather). The kernels themselves are in `prefill_triton.py`.
+and TAG_ROWS_TMA are the same two with tensor-descriptor (TMA) loads, one kept block (one box of
+each operand) a step (Hopper has no TMA gather). The kernels themselves are in `prefill_triton.py`.
 
 One program computes the output tile [GB features of one group] x [BLOCK_T tokens]:
 
@@ -48,11 +48,12 @@ TAG_TMA, TAG_ROWS_TMA = "xt-tma", "xr-tma"  # the same two with tensor-descripto
 CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 6), (128, 64, 4, 4), (128, 64, 8, 4),
            (512, 32, 8, 5), (512, 64, 8, 3)]
 ROWS_CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (512, 32, 8, 5)]
-# TMA: no 512-token tiles (they spill registers). One box pair and one tl.dot per kept block, so
-# BLOCK_K = B keeps the single dot of a step in flight across steps (Triton 3.6 waits for each
-# further dot of a step), with many stages at 10-12 KiB each; BLOCK_K = 64 for comparison.
-TMA_CONFIGS = [(256, 16, 8, 8), (256, 16, 8, 12), (128, 16, 4, 8), (256, 64, 8, 4), (128, 64, 4, 4)]
-ROWS_TMA_CONFIGS = [(256, 16, 8, 8), (256, 64, 8, 4)]
+# TMA: no 512-token tiles (they spill registers). One kept block a step (BLOCK_K = B: one box pair
+# and one tl.dot, which stays in flight across steps), many stages at 10-12 KiB each. Four blocks a
+# step (BLOCK_K = 64) lost everywhere it was measured (ncu, 2026-12-02: 561.8 / 119.4 us against
+# 117.9 / 99.7 us for one block on 16x16g4 / g8) and are no longer offered.
+TMA_CONFIGS = [(256, 16, 8, 8), (256, 16, 8, 12), (128, 16, 4, 8)]
+ROWS_TMA_CONFIGS = [(256, 16, 8, 8)]
 MIN_GROUP_FEATURES = 64
 MAX_ACC = 64 * 512  # accumulator elements of one program (8 warps: 128 fp32 registers a thread)
 TOKEN_PAD = 512  # xt's token axis is padded to a multiple of the widest BLOCK_T
@@ -70,8 +71,10 @@ def candidates(w: BlockSparseWeight) -> list[tuple]:
         return []
     fits = lambda c: (c[0] * w.group_features <= MAX_ACC and c[1] % w.block == 0  # noqa: E731
                       and (c[2] == 8 or c[0] * w.group_features <= 128 * 128))
-    lists = ((TAG, CONFIGS), (TAG_ROWS, ROWS_CONFIGS), (TAG_TMA, TMA_CONFIGS), (TAG_ROWS_TMA, ROWS_TMA_CONFIGS))
-    return [(tag, *c) for tag, configs in lists for c in configs if fits(c)]
+    pointer = ((TAG, CONFIGS), (TAG_ROWS, ROWS_CONFIGS))
+    tma = ((TAG_TMA, TMA_CONFIGS), (TAG_ROWS_TMA, ROWS_TMA_CONFIGS))  # one block a step: BLOCK_K = B
+    return ([(tag, *c) for tag, configs in pointer for c in configs if fits(c)]
+            + [(tag, *c) for tag, configs in tma for c in configs if fits(c) and c[1] == w.block])
 
 
 def padded_tokens(m: int) -> int:
@@ -133,7 +136,7 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
         _kernels().prefill_grouped_tma[grid](
             x_desc, w_desc, w.cols, w.group_ptr, bias_arg, y, m, w.uniform_count, ngroups, group_t,
             int(bias is not None), y.stride(0), B=b, GB=w.group_features, X_T=transposed, BLOCK_T=block_t,
-            NB=block_k // b, num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages,
         )
         return
     # xt: token axis contiguous, its padding tokens exist; x: input axis contiguous, tokens masked

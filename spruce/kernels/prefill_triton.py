@@ -98,40 +98,27 @@ def prefill_grouped(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, cou
     store_transposed(acc, y_ptr, bias_ptr, g, pid_t, M, stride_ym, has_bias, GB, BLOCK_T)
 
 
-# The same tile with tensor-memory-accelerator loads (Hopper): every kept block is one box of
+# The same tile with tensor-memory-accelerator loads (Hopper): one kept block a step, one box of
 # the input, [B, BLOCK_T] of xt (X_T) or [BLOCK_T, B] of x, and one [GB, B] box of the weight
-# (values seen as [stored * GB, B]); NB blocks a step, one tl.dot each. Hopper has no TMA
-# gather, so a block is a box of its own. The group's last (entries mod NB) blocks run in a
-# second loop one by one: a box cannot be masked, and past the group's end lie the next
-# group's weights.
+# (values seen as [stored * GB, B]), one tl.dot. Hopper has no TMA gather, so a block is a box of
+# its own. The block's column index is a scalar loaded one step ahead (a uniform register: no
+# vector reduction to pick it out of a tile). One dot a step keeps it in flight across steps;
+# with several, Triton 3.6 waits for each further one (and at 64 inputs a step on 64-feature
+# groups its code did 1.74x the tensor work: 561.8 us against 117.9 us, ncu, docs/kernels-notes.md).
 @triton.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T", "has_bias"])
 def prefill_grouped_tma(x_desc, w_desc, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, ngroups, GROUP_T, has_bias,
-                        stride_ym, B: tl.constexpr, GB: tl.constexpr, X_T: tl.constexpr, BLOCK_T: tl.constexpr,
-                        NB: tl.constexpr):
+                        stride_ym, B: tl.constexpr, GB: tl.constexpr, X_T: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t, g, start, entries = program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T)
     t0 = pid_t * BLOCK_T
-    offs_j = tl.arange(0, NB)
-    full = entries // NB * NB
     acc = tl.zeros([GB, BLOCK_T], dtype=tl.float32)
-    idx = tl.load(cols_ptr + start + offs_j, mask=offs_j < full, other=0)  # one step ahead, as above
-    for e0 in range(0, full, NB):
-        nxt = e0 + NB + offs_j
-        idx_next = tl.load(cols_ptr + start + nxt, mask=nxt < full, other=0)
-        for j in tl.static_range(NB):
-            c = tl.sum(tl.where(offs_j == j, idx, 0))
-            wb = w_desc.load([(start + e0 + j) * GB, 0])
-            if X_T:
-                xb = x_desc.load([c * B, t0])
-            else:
-                xb = tl.trans(x_desc.load([t0, c * B]))
-            acc = tl.dot(wb, xb, acc)
-        idx = idx_next
-    for e in range(full, entries):
-        c = tl.load(cols_ptr + start + e)
+    c = tl.load(cols_ptr + start, mask=entries > 0, other=0)
+    for e in range(0, entries):
+        c_next = tl.load(cols_ptr + start + e + 1, mask=e + 1 < entries, other=0)
         wb = w_desc.load([(start + e) * GB, 0])
         if X_T:
             xb = x_desc.load([c * B, t0])
         else:
             xb = tl.trans(x_desc.load([t0, c * B]))
         acc = tl.dot(wb, xb, acc)
+        c = c_next
     store_transposed(acc, y_ptr, bias_ptr, g, pid_t, M, stride_ym, has_bias, GB, BLOCK_T)
