@@ -271,7 +271,7 @@ def _release_compiled(model) -> None:
 
 def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: str, sparse: bool = True,
                    block_size: int = 16, dense_dispatch: bool = True, compare: bool = True,
-                   ttft_repeats: int = TTFT_REPEATS, on_sparse=None) -> dict:
+                   ttft_repeats: int = TTFT_REPEATS, on_sparse=None, note=lambda message: None) -> dict:
     """Time greedy generation of each batch of prompt ids in `prompts`: dense (when `compare` or not
     `sparse`), then block-sparse (when `sparse`), with the dense dispatch when `dense_dispatch`:
     every block-sparse layer keeps its dense weight while the tuner times the kernel against dense
@@ -281,20 +281,25 @@ def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: st
     Returns {"dense": [Speed per prompt], "sparse": [...], "sparsify": SparsifyReport, "dispatch":
     {"text", "table", "freed_bytes", "kept_dense_bytes", "dense_dispatch"}} (parts not run left out),
     and under "inspected" what `on_sparse(model)` returned, called on the block-sparse model after
-    its timed runs (e.g. to read its memory and tuned configurations).
+    its timed runs (e.g. to read its memory and tuned configurations). `note(message)` hears of each
+    stage as it starts (the first run of a mode compiles or captures, which can take minutes).
     """
     from .kernels import densify, sparsify
     from .kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
 
     out: dict = {}
+    runs = f"{len(prompts)} run{'s' if len(prompts) > 1 else ''}, {mode} mode, each after a warm-up"
     if compare or not sparse:
         _release_compiled(model)
+        note(f"timing dense ({runs})")
         out["dense"] = [timed_speed(model, ids, new_tokens, mode, ttft_repeats) for ids in prompts]
     if not sparse:
         return out
     report = sparsify(model, block_size=block_size, dense_fallback=dense_dispatch)
     out["sparsify"] = report
     try:
+        tuning = "; tuning their kernels on this device" if next(model.parameters()).is_cuda else ""
+        note(f"{len(report.swapped)} linears block-sparse{tuning}")
         dispatch = prepare_dispatch(model, decode_tokens=[ids.shape[0] for ids in prompts],
                                     prefill_tokens=[ids.numel() for ids in prompts])
         table = dispatch_table(model, dispatch.launches)
@@ -302,6 +307,7 @@ def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: st
         out["dispatch"] = {"text": text, "table": table, "freed_bytes": dispatch.freed_bytes,
                            "kept_dense_bytes": dispatch.kept_dense_bytes, "dense_dispatch": dense_dispatch}
         _release_compiled(model)
+        note(f"timing block-sparse ({runs})")
         out["sparse"] = [timed_speed(model, ids, new_tokens, mode, ttft_repeats) for ids in prompts]
         if on_sparse is not None:
             out["inspected"] = on_sparse(model)
@@ -401,7 +407,8 @@ def run_generate(model, tok, prompt: str, new_tokens: int, mode: str | None = No
     if sparse and device.type != "cuda":
         print(f"spruce: on {device.type} the block-sparse layers run the torch reference: correct, not faster",
               file=sys.stderr)
-    speeds = measure_speeds(model, prompts, new_tokens, mode, sparse, block_size, dense_dispatch, compare)
+    speeds = measure_speeds(model, prompts, new_tokens, mode, sparse, block_size, dense_dispatch, compare,
+                            note=lambda message: print(f"spruce generate: {message}", file=sys.stderr))
     result = speeds["sparse"][0] if sparse else speeds["dense"][0]
     if sparse:
         report = speeds["sparsify"]

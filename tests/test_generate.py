@@ -19,6 +19,10 @@ def test_block_sparse_generation_matches_dense_and_reports_speed(capsys, pruned_
     assert code == 0 and "tokens/s | dense | eager mode, float32 on cpu" in dense_out
     code, out, err = run_cli(capsys, *base, "--kernels", "on", "--compare", "--json", str(tmp_path / "g.json"))
     assert code == 0 and "torch reference: correct, not faster" in err
+    stages = [line for line in err.splitlines() if line.startswith("spruce generate: ")]
+    assert stages == ["spruce generate: timing dense (1 run, eager mode, each after a warm-up)",
+                      "spruce generate: 14 linears block-sparse",   # on CUDA: "; tuning their kernels ..."
+                      "spruce generate: timing block-sparse (1 run, eager mode, each after a warm-up)"]
     assert "block-sparse kernels on 14 linears (1 kept dense)" in out and "same tokens: yes" in out
     record = json.loads((tmp_path / "g.json").read_text())
     assert record["same_tokens"] is True and record["kernels"] is True and record["new_tokens"] == 10
