@@ -13,8 +13,11 @@ The tokens are cached in one file (`generated.safetensors` in the cache folder, 
 under a key made of every setting, the writing model (its files' sizes and times) and the
 tokenizer's vocabulary: change any of them and the text is sampled again. The file is written to a
 temporary name and renamed, and on reading its token count and SHA-256 are checked, so a
-truncated or partial cache is never used. The last 1/16 of the sequences (at least one) form the
-validation split; there is no test split (evaluate on a real corpus).
+truncated or partial cache is never used. While sampling, the batches done so far and the
+generator's state are saved every PARTIAL_EVERY seconds (`generated.partial.safetensors`, checked
+the same way): a run stopped part way continues from there and draws the same text. The last 1/16
+of the sequences (at least one) form the validation split; there is no test split (evaluate on a
+real corpus).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,8 @@ import torch
 from .errors import SpruceError
 
 CACHE_FILE = "generated.safetensors"
+PARTIAL_FILE = "generated.partial.safetensors"  # the batches sampled so far, while sampling
+PARTIAL_EVERY = 60.0  # seconds between checkpoints of the sampled batches
 # 2: prompts sampled in batches of one length on a static cache (other draws than format 1's)
 CACHE_FORMAT = 2
 
@@ -269,33 +275,50 @@ def static_cache_ok(model) -> bool:
     return bool(getattr(model, "_can_compile_fullgraph", False))
 
 
-def sample_all(model, prompts: list[list[int]], settings: GeneratedSettings, generator: torch.Generator,
-               pad_id: int, eos_id: int | None, on_batch=lambda n: None) -> list[list[int]]:
-    """Every prompt continued (rows in the prompts' order): batches of one prompt length on a
-    static-cache decoder (one per batch size, its step captured once) where the model allows it,
-    else left-padded batches on Hugging Face's dynamic cache (sample_continuations)."""
-    rows: list = [None] * len(prompts)
-    if not static_cache_ok(model):
-        for i in range(0, len(prompts), settings.batch_size):
-            batch = prompts[i:i + settings.batch_size]
-            rows[i:i + len(batch)] = sample_continuations(model, batch, settings.new_tokens, settings.temperature,
-                                                          settings.top_p, generator, pad_id, eos_id)
-            on_batch(len(batch))
-        return rows
-    from .generate import StaticGreedy
+def sampling_batches(model, prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in the batches sample_all samples, in its order: of one prompt length
+    each on a static cache (length_batches), else consecutive (left-padded on the dynamic cache)."""
+    if static_cache_ok(model):
+        return length_batches(prompts, batch_size)
+    return [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
 
-    max_len = max(len(p) for p in prompts) + settings.new_tokens
+
+def sample_all(model, prompts: list[list[int]], settings: GeneratedSettings, generator: torch.Generator,
+               pad_id: int, eos_id: int | None, on_batch=lambda n: None, done: dict[int, list[int]] | None = None,
+               after_batch=lambda batches_done, rows: None) -> list[list[int]]:
+    """Every prompt continued (rows in the prompts' order), batch by batch (sampling_batches): on a
+    static-cache decoder (one per batch size, its step captured once) where the model allows it,
+    else left-padded on Hugging Face's dynamic cache (sample_continuations).
+
+    Resuming: `done` holds the rows of the first batches already sampled ({prompt index: row}),
+    with `generator` in the state it had after them; those batches are skipped.
+    `after_batch(batches done, rows so far)` is called after each batch (to save a checkpoint)."""
+    rows = dict(done or {})
+    batches = sampling_batches(model, prompts, settings.batch_size)
+    skip = 0
+    while skip < len(batches) and all(i in rows for i in batches[skip]):
+        skip += 1
+    static = static_cache_ok(model)
+    if static:
+        from .generate import StaticGreedy
+
+        max_len = max(len(p) for p in prompts) + settings.new_tokens
     decoder = None
-    for idx in length_batches(prompts, settings.batch_size):
-        if decoder is None or decoder.token.shape[0] != len(idx):
-            decoder = None  # free the last cache first
-            decoder = StaticGreedy(model, len(idx), max_len, logits=True)
+    for number, idx in enumerate(batches[skip:], start=skip + 1):
         batch = [prompts[i] for i in idx]
-        for i, row in zip(idx, sample_static(decoder, batch, settings.new_tokens, settings.temperature,
-                                             settings.top_p, generator, eos_id)):
-            rows[i] = row
+        if not static:
+            new = sample_continuations(model, batch, settings.new_tokens, settings.temperature, settings.top_p,
+                                       generator, pad_id, eos_id)
+        else:
+            if decoder is None or decoder.token.shape[0] != len(idx):
+                decoder = None  # free the last cache first
+                decoder = StaticGreedy(model, len(idx), max_len, logits=True)
+            new = sample_static(decoder, batch, settings.new_tokens, settings.temperature, settings.top_p,
+                                generator, eos_id)
+        rows.update(zip(idx, new))
         on_batch(len(idx))
-    return rows
+        after_batch(number, rows)
+    return [rows[i] for i in range(len(prompts))]
 
 
 def prompt_ids(settings: GeneratedSettings, tokenizer) -> list[list[int]]:
@@ -376,10 +399,60 @@ def read_cache(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | Non
     return tokens, lengths
 
 
+def read_partial(path: Path, key: dict) -> tuple[dict[int, list[int]], torch.Tensor] | None:
+    """({prompt index: row} of the batches sampled so far, the generator's state after them) when
+    `path` holds a complete checkpoint written under `key`, else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != json.dumps(key, sort_keys=True):
+                return None
+            tokens, lengths = f.get_tensor("tokens"), f.get_tensor("lengths")
+            index, state = f.get_tensor("index"), f.get_tensor("generator")
+    except Exception:  # truncated or not a safetensors file: start again
+        return None
+    if int(lengths.sum()) != tokens.numel() or index.numel() != lengths.numel() \
+            or _digest(tokens, lengths) != meta.get("sha256"):
+        return None
+    rows = dict(zip(index.tolist(), (r.tolist() for r in torch.split(tokens, lengths.tolist()))))
+    return rows, state
+
+
+class PartialSaver:
+    """after_batch for sample_all: every `every` seconds (and never after the last batch, which the
+    cache itself follows) the rows sampled so far and the generator's state go to `path`, written to
+    a temporary name and renamed, so a killed run resumes from its last checkpoint."""
+
+    def __init__(self, path: Path, key: dict, generator: torch.Generator, batches: int, every: float):
+        self.path, self.key, self.generator, self.batches, self.every = path, key, generator, batches, every
+        self.last = time.monotonic()
+
+    def __call__(self, batches_done: int, rows: dict[int, list[int]]) -> None:
+        if batches_done >= self.batches or time.monotonic() - self.last < self.every:
+            return
+        from safetensors.torch import save_file
+
+        index = sorted(rows)
+        tokens = torch.tensor([t for i in index for t in rows[i]], dtype=torch.int64)
+        lengths = torch.tensor([len(rows[i]) for i in index], dtype=torch.int64)
+        meta = {"key": json.dumps(self.key, sort_keys=True), "sha256": _digest(tokens, lengths),
+                "batches": str(batches_done)}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file({"tokens": tokens, "lengths": lengths, "index": torch.tensor(index, dtype=torch.int64),
+                   "generator": self.generator.get_state()}, str(tmp), metadata=meta)
+        os.replace(tmp, self.path)
+        self.last = time.monotonic()
+
+
 def generate_tokens(settings: GeneratedSettings, tokenizer, cache_dir: str | Path, device="cpu",
                     dtype: str = "float32", say=print, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, per-sequence lengths) of the generated text: from the cache when it matches, else
-    sampled from `settings.model` and cached."""
+    sampled from `settings.model` and cached. A run stopped while sampling continues from its last
+    checkpoint (PARTIAL_FILE, saved every PARTIAL_EVERY seconds) and draws the same text."""
     from .models import load_model
     from .progress import progress_bar
 
@@ -396,12 +469,24 @@ def generate_tokens(settings: GeneratedSettings, tokenizer, cache_dir: str | Pat
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    with progress_bar(total=len(prompts), desc="sampling generated text", unit="seq", show=progress) as bar:
-        rows = sample_all(model, prompts, settings, gen, pad, tokenizer.eos_token_id, bar.update)
+    partial = Path(cache_dir) / PARTIAL_FILE
+    resumed = read_partial(partial, key)
+    done = None
+    if resumed is not None:
+        done, state = resumed
+        gen.set_state(state)
+        say(f"generated text: continuing from {partial} ({len(done)} of {len(prompts)} sequences sampled)")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    saver = PartialSaver(partial, key, gen, len(sampling_batches(model, prompts, settings.batch_size)),
+                         PARTIAL_EVERY)
+    with progress_bar(total=len(prompts), initial=len(done or {}), desc="sampling generated text", unit="seq",
+                      show=progress) as bar:
+        rows = sample_all(model, prompts, settings, gen, pad, tokenizer.eos_token_id, bar.update, done, saver)
     del model
     tokens = torch.tensor([t for r in rows for t in r], dtype=torch.long)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     write_cache(path, tokens, lengths, key)
+    partial.unlink(missing_ok=True)
     say(f"generated text: sampled {len(rows)} sequences ({tokens.numel():,} tokens) from {settings.model}, "
         f"temperature {settings.temperature:g}, top-p {settings.top_p:g}; cached in {path}")
     return tokens, lengths

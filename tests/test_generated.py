@@ -231,3 +231,41 @@ def test_the_graph_replayed_sampler_on_the_gpu_draws_what_the_same_steps_draw_ea
         draws.append(generated.sample_static(decoder, prompts, 24, 1.0, 0.9,
                                              torch.Generator(device="cuda").manual_seed(3), None))
     assert draws[0] == draws[1] and decoder.graph is None
+
+
+def test_a_stopped_sampling_run_continues_from_its_checkpoint_and_draws_the_same_text(
+        tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    import shutil
+
+    s = settings(tiny_model_dir, batch_size=2)
+    whole, lengths = generate_tokens(s, tokenizer, tmp_path / "whole", say=lambda m: None, progress=False)
+    monkeypatch.setattr(generated, "PARTIAL_EVERY", 0.0)   # a checkpoint after every batch
+    real, calls = generated.sample_static, []
+
+    def stop_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generated, "sample_static", stop_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_tokens(s, tokenizer, tmp_path / "cut", say=lambda m: None, progress=False)
+    monkeypatch.setattr(generated, "sample_static", real)
+    partial = tmp_path / "cut" / generated.PARTIAL_FILE
+    assert partial.is_file() and not (tmp_path / "cut" / generated.CACHE_FILE).exists()
+    done, _ = generated.read_partial(partial, generated.cache_key(s, tokenizer, "float32"))
+    assert 0 < len(done) < 8
+    # other settings never continue from it; a damaged checkpoint is never read
+    shutil.copytree(tmp_path / "cut", tmp_path / "other")
+    lines = []
+    generate_tokens(settings(tiny_model_dir, batch_size=2, temperature=0.7), tokenizer, tmp_path / "other",
+                    say=lines.append, progress=False)
+    assert not any("continuing" in line for line in lines)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(partial.read_bytes()[:-9])
+    assert generated.read_partial(damaged, generated.cache_key(s, tokenizer, "float32")) is None
+    lines = []
+    again, again_lengths = generate_tokens(s, tokenizer, tmp_path / "cut", say=lines.append, progress=False)
+    assert f"({len(done)} of 8 sequences sampled)" in lines[0]
+    assert torch.equal(again, whole) and torch.equal(again_lengths, lengths) and not partial.exists()
