@@ -48,11 +48,13 @@ TAG_TMA, TAG_ROWS_TMA = "xt-tma", "xr-tma"  # the same two with tensor-descripto
 CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 6), (128, 64, 4, 4), (128, 64, 8, 4),
            (512, 32, 8, 5), (512, 64, 8, 3)]
 ROWS_CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (512, 32, 8, 5)]
-# TMA: no 512-token tiles (they spill registers). One kept block a step (BLOCK_K = B: one box pair
-# and one tl.dot, which stays in flight across steps), many stages at 10-12 KiB each. Four blocks a
-# step (BLOCK_K = 64) lost everywhere it was measured (ncu, 2026-12-02: 561.8 / 119.4 us against
-# 117.9 / 99.7 us for one block on 16x16g4 / g8) and are no longer offered.
-TMA_CONFIGS = [(256, 16, 8, 8), (256, 16, 8, 12), (128, 16, 4, 8)]
+# TMA: one kept block a step (BLOCK_K = B: one box pair and one tl.dot, which stays in flight
+# across steps), many stages at 10-18 KiB each. Four blocks a step (BLOCK_K = 64) lost everywhere it
+# was measured (ncu, 2026-12-02: 561.8 / 119.4 us against 117.9 / 99.7 us for one block on
+# 16x16g4 / g8) and are no longer offered. 512-token tiles (64-feature groups only, MAX_ACC) take
+# 155 registers at 8 warps with no spill (Triton 3.6, sm_90): the larger tile cuts g4's input
+# rereads by 10% and, in the pointer kernel, was g4's fastest (110.9 us against 151.3 at 256).
+TMA_CONFIGS = [(256, 16, 8, 8), (256, 16, 8, 12), (128, 16, 4, 8), (512, 16, 8, 6), (512, 16, 8, 8)]
 ROWS_TMA_CONFIGS = [(256, 16, 8, 8)]
 MIN_GROUP_FEATURES = 64
 MAX_ACC = 64 * 512  # accumulator elements of one program (8 warps: 128 fp32 registers a thread)
