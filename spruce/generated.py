@@ -425,14 +425,15 @@ def read_partial(path: Path, key: dict) -> tuple[dict[int, list[int]], torch.Ten
 class PartialSaver:
     """after_batch for sample_all: every `every` seconds (and never after the last batch, which the
     cache itself follows) the rows sampled so far and the generator's state go to `path`, written to
-    a temporary name and renamed, so a killed run resumes from its last checkpoint."""
+    a temporary name and renamed, so a killed run resumes from its last checkpoint. A checkpoint
+    that cannot be written (a full disk) is said once and not tried again: sampling goes on."""
 
-    def __init__(self, path: Path, key: dict, generator: torch.Generator, batches: int, every: float):
+    def __init__(self, path: Path, key: dict, generator: torch.Generator, batches: int, every: float, say=print):
         self.path, self.key, self.generator, self.batches, self.every = path, key, generator, batches, every
-        self.last = time.monotonic()
+        self.say, self.last, self.off = say, time.monotonic(), False
 
     def __call__(self, batches_done: int, rows: dict[int, list[int]]) -> None:
-        if batches_done >= self.batches or time.monotonic() - self.last < self.every:
+        if self.off or batches_done >= self.batches or time.monotonic() - self.last < self.every:
             return
         from safetensors.torch import save_file
 
@@ -442,9 +443,15 @@ class PartialSaver:
         meta = {"key": json.dumps(self.key, sort_keys=True), "sha256": _digest(tokens, lengths),
                 "batches": str(batches_done)}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file({"tokens": tokens, "lengths": lengths, "index": torch.tensor(index, dtype=torch.int64),
-                   "generator": self.generator.get_state()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.path)
+        try:
+            save_file({"tokens": tokens, "lengths": lengths, "index": torch.tensor(index, dtype=torch.int64),
+                       "generator": self.generator.get_state()}, str(tmp), metadata=meta)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as exc:  # safetensors reports a full disk as either
+            tmp.unlink(missing_ok=True)
+            self.off = True
+            self.say(f"generated text: could not save a checkpoint in {self.path.parent} ({exc}); sampling goes on "
+                     "without one")
         self.last = time.monotonic()
 
 
@@ -478,7 +485,7 @@ def generate_tokens(settings: GeneratedSettings, tokenizer, cache_dir: str | Pat
         say(f"generated text: continuing from {partial} ({len(done)} of {len(prompts)} sequences sampled)")
     partial.parent.mkdir(parents=True, exist_ok=True)
     saver = PartialSaver(partial, key, gen, len(sampling_batches(model, prompts, settings.batch_size)),
-                         PARTIAL_EVERY)
+                         PARTIAL_EVERY, say)
     with progress_bar(total=len(prompts), initial=len(done or {}), desc="sampling generated text", unit="seq",
                       show=progress) as bar:
         rows = sample_all(model, prompts, settings, gen, pad, tokenizer.eos_token_id, bar.update, done, saver)

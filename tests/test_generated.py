@@ -269,3 +269,26 @@ def test_a_stopped_sampling_run_continues_from_its_checkpoint_and_draws_the_same
     again, again_lengths = generate_tokens(s, tokenizer, tmp_path / "cut", say=lines.append, progress=False)
     assert f"({len(done)} of 8 sequences sampled)" in lines[0]
     assert torch.equal(again, whole) and torch.equal(again_lengths, lengths) and not partial.exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_said_once_and_sampling_goes_on(tiny_model_dir, tokenizer, tmp_path,
+                                                                               monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    monkeypatch.setattr(generated, "PARTIAL_EVERY", 0.0)
+    real_save = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if str(filename).endswith(".partial.safetensors.tmp"):
+            open(filename, "wb").close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    lines = []
+    tokens, _ = generate_tokens(settings(tiny_model_dir, batch_size=2), tokenizer, tmp_path, say=lines.append,
+                                progress=False)
+    assert sum("could not save a checkpoint" in line for line in lines) == 1 and tokens.numel() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated.json", "generated.safetensors"]
