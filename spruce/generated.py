@@ -365,61 +365,61 @@ def _digest(tokens: torch.Tensor, lengths: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def write_cache(path: Path, tokens: torch.Tensor, lengths: torch.Tensor, key: dict) -> None:
-    """Write atomically: a temporary file renamed over the cache, so a reader sees all or nothing."""
+def _write_rows(path: Path, tokens: torch.Tensor, lengths: torch.Tensor, key: dict, tmp: Path, **extra) -> None:
+    """tokens, lengths (and `extra` tensors) to `path` under `key` with their count and digest,
+    written to `tmp` and renamed over `path`, so a reader sees all or nothing."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokens, lengths = tokens.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
     meta = {"key": json.dumps(key, sort_keys=True), "count": str(tokens.numel()), "sha256": _digest(tokens, lengths)}
-    tmp = path.with_name(path.name + ".partial")
-    save_file({"tokens": tokens, "lengths": lengths}, str(tmp), metadata=meta)
+    save_file({"tokens": tokens, "lengths": lengths, **extra}, str(tmp), metadata=meta)
     os.replace(tmp, path)
+
+
+def _read_rows(path: Path, key: dict, *extra: str) -> dict[str, torch.Tensor] | None:
+    """{"tokens", "lengths", *extra: tensor} when `path` holds a complete file written under `key`
+    by _write_rows (its count and digest checked), else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != json.dumps(key, sort_keys=True):
+                return None
+            found = {name: f.get_tensor(name) for name in ("tokens", "lengths", *extra)}
+    except Exception:  # truncated or not a safetensors file
+        return None
+    tokens, lengths = found["tokens"], found["lengths"]
+    if str(tokens.numel()) != meta.get("count") or int(lengths.sum()) != tokens.numel() \
+            or _digest(tokens, lengths) != meta.get("sha256"):
+        return None
+    return found
+
+
+def write_cache(path: Path, tokens: torch.Tensor, lengths: torch.Tensor, key: dict) -> None:
+    """Write atomically: a temporary file renamed over the cache, so a reader sees all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_rows(path, tokens, lengths, key, path.with_name(path.name + ".partial"))
     (path.parent / "generated.json").write_text(json.dumps({**key, "tokens": tokens.numel(),
                                                             "sequences": lengths.numel()}, indent=2) + "\n")
 
 
 def read_cache(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(tokens, lengths) when `path` holds a complete cache written under `key`, else None."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != json.dumps(key, sort_keys=True):
-                return None
-            tokens, lengths = f.get_tensor("tokens"), f.get_tensor("lengths")
-    except Exception:  # truncated or not a safetensors file: sample again
-        return None
-    if str(tokens.numel()) != meta.get("count") or int(lengths.sum()) != tokens.numel() \
-            or _digest(tokens, lengths) != meta.get("sha256"):
-        return None
-    return tokens, lengths
+    """(tokens, lengths) when `path` holds a complete cache written under `key`, else None (sample again)."""
+    found = _read_rows(path, key)
+    return None if found is None else (found["tokens"], found["lengths"])
 
 
 def read_partial(path: Path, key: dict) -> tuple[dict[int, list[int]], torch.Tensor] | None:
     """({prompt index: row} of the batches sampled so far, the generator's state after them) when
-    `path` holds a complete checkpoint written under `key`, else None."""
-    from safetensors import safe_open
-
-    if not path.is_file():
+    `path` holds a complete checkpoint written under `key`, else None (start again)."""
+    found = _read_rows(path, key, "index", "generator")
+    if found is None or found["index"].numel() != found["lengths"].numel():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != json.dumps(key, sort_keys=True):
-                return None
-            tokens, lengths = f.get_tensor("tokens"), f.get_tensor("lengths")
-            index, state = f.get_tensor("index"), f.get_tensor("generator")
-    except Exception:  # truncated or not a safetensors file: start again
-        return None
-    if int(lengths.sum()) != tokens.numel() or index.numel() != lengths.numel() \
-            or _digest(tokens, lengths) != meta.get("sha256"):
-        return None
-    rows = dict(zip(index.tolist(), (r.tolist() for r in torch.split(tokens, lengths.tolist()))))
-    return rows, state
+    rows = torch.split(found["tokens"], found["lengths"].tolist())
+    return dict(zip(found["index"].tolist(), (r.tolist() for r in rows))), found["generator"]
 
 
 class PartialSaver:
@@ -435,18 +435,13 @@ class PartialSaver:
     def __call__(self, batches_done: int, rows: dict[int, list[int]]) -> None:
         if self.off or batches_done >= self.batches or time.monotonic() - self.last < self.every:
             return
-        from safetensors.torch import save_file
-
         index = sorted(rows)
         tokens = torch.tensor([t for i in index for t in rows[i]], dtype=torch.int64)
         lengths = torch.tensor([len(rows[i]) for i in index], dtype=torch.int64)
-        meta = {"key": json.dumps(self.key, sort_keys=True), "sha256": _digest(tokens, lengths),
-                "batches": str(batches_done)}
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            save_file({"tokens": tokens, "lengths": lengths, "index": torch.tensor(index, dtype=torch.int64),
-                       "generator": self.generator.get_state()}, str(tmp), metadata=meta)
-            os.replace(tmp, self.path)
+            _write_rows(self.path, tokens, lengths, self.key, tmp, index=torch.tensor(index, dtype=torch.int64),
+                        generator=self.generator.get_state())
         except (OSError, RuntimeError) as exc:  # safetensors reports a full disk as either
             tmp.unlink(missing_ok=True)
             self.off = True
