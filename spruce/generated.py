@@ -481,16 +481,20 @@ def generate_tokens(settings: GeneratedSettings, tokenizer, cache_dir: str | Pat
     partial.parent.mkdir(parents=True, exist_ok=True)
     saver = PartialSaver(partial, key, gen, len(sampling_batches(model, prompts, settings.batch_size)),
                          PARTIAL_EVERY, say)
+    start = time.perf_counter()
     with progress_bar(total=len(prompts), initial=len(done or {}), desc="sampling generated text", unit="seq",
                       show=progress) as bar:
         rows = sample_all(model, prompts, settings, gen, pad, tokenizer.eos_token_id, bar.update, done, saver)
+    seconds = time.perf_counter() - start
+    sampled = len(prompts) - len(done or {})
     del model
     tokens = torch.tensor([t for r in rows for t in r], dtype=torch.long)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     write_cache(path, tokens, lengths, key)
     partial.unlink(missing_ok=True)
     say(f"generated text: sampled {len(rows)} sequences ({tokens.numel():,} tokens) from {settings.model}, "
-        f"temperature {settings.temperature:g}, top-p {settings.top_p:g}; cached in {path}")
+        f"temperature {settings.temperature:g}, top-p {settings.top_p:g}, in {seconds:.0f} s "
+        f"({sampled / max(seconds, 1e-9):.1f} sequences/s); cached in {path}")
     return tokens, lengths
 
 

@@ -1,6 +1,7 @@
 """Training text sampled from the dense model: sampling, the cache, mixing, and recovery on it."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -170,6 +171,7 @@ def test_finetune_on_generated_text_lowers_its_loss_and_keeps_the_zero_set(capsy
     text = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "generated" and "sampled 32 sequences" in text
+    assert re.search(r"temperature 0.5, top-p 0.95, in \d+ s \([\d.]+ sequences/s\); cached in", text)
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
     assert summary["merged_zero_set_unchanged"] is True
     before = zero_masks(AutoModelForCausalLM.from_pretrained(pruned_dir))
