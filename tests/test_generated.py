@@ -294,3 +294,15 @@ def test_a_checkpoint_that_cannot_be_written_is_said_once_and_sampling_goes_on(t
                                 progress=False)
     assert sum("could not save a checkpoint" in line for line in lines) == 1 and tokens.numel() > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generated.json", "generated.safetensors"]
+
+
+def test_models_without_a_static_cache_sample_consecutive_left_padded_batches(tiny_model, monkeypatch):
+    monkeypatch.setattr(generated, "static_cache_ok", lambda model: False)
+    prompts = [[5, 6, 7], [8], [9, 9], [4, 5, 6], [7]]
+    s = GeneratedSettings(sequences=5, new_tokens=4, batch_size=2)
+    assert generated.sampling_batches(tiny_model, prompts, 2) == [[0, 1], [2, 3], [4]]
+    rows = generated.sample_all(tiny_model, prompts, s, torch.Generator().manual_seed(0), 0, None)
+    gen = torch.Generator().manual_seed(0)
+    expected = [r for i in range(0, 5, 2)
+                for r in generated.sample_continuations(tiny_model, prompts[i:i + 2], 4, 1.0, 0.95, gen, 0, None)]
+    assert rows == expected
