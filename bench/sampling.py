@@ -8,8 +8,8 @@ CUDA events after a warm-up, on CPU with the wall clock.
 
 --loop times the whole sampler instead: one batch of --rows prompts (of one length) continued by
 --new_tokens sampled tokens on a model of the embedded model's shape (SmolLM2-135M: 30 layers,
-hidden 576, vocab 49,152) with random weights in bfloat16 (float32 on CPU), each path after one
-untimed warm-up batch: `generated.sample_all` (what `--dataset_name generated` runs: a static KV
+hidden 576, vocab 49,152) with random weights in bfloat16 (float32 on CPU), each path after an
+untimed warm-up of 4 steps: `generated.sample_all` (what `--dataset_name generated` runs: a static KV
 cache, each step a replayed CUDA graph on CUDA) against `generated.sample_continuations` (Hugging
 Face's dynamic cache, a launch per operator), sequences/s of each and the ratio. Random weights
 never end a row early, so every row runs all --new_tokens steps (the worst case), and their flat
@@ -81,6 +81,7 @@ def run_loop(args, device: torch.device) -> dict:
     prompts = [[3 + i % 7 + j for j in range(8)] for i in range(args.rows)]   # one length: full batches
     settings = GeneratedSettings(sequences=max(2, args.rows), new_tokens=args.new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, batch_size=args.rows)
+
     def path(name: str, steps: int):
         if name == "static":   # the timed call captures its own graph, as every sample_all call does
             return lambda gen: sample_all(model, prompts, dataclasses.replace(settings, new_tokens=steps), gen, 0, None)
