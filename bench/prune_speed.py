@@ -25,7 +25,7 @@ import torch
 from bench.common import random_llama
 from spruce.masks import overall_sparsity
 from spruce.models import decoder_layers, prunable_linears
-from spruce.prune import Reconstruct, engine, prune_model
+from spruce.prune import Reconstruct, engine, methods, prune_model
 from spruce.prune.defaults import resolve_recipe, spec_for_model
 
 # (layers, hidden, MLP, key/value heads x head dim): the decoder layers of the Llama-2 shapes
@@ -98,6 +98,8 @@ def parse_args():
                    help="layer reconstruction epochs (default: 0 for a named method, the recipe's for default)")
     p.add_argument("--obs_refit", choices=["auto", "exact", "iterative"], help="default runs: the OBS refit")
     p.add_argument("--obs_max_inputs", type=int, help="default runs: sparsegpt on linears with more inputs")
+    p.add_argument("--cg_tol", type=float,
+                   help="the iterative OBS refit's conjugate-gradient tolerance (default: spruce's, methods.CG_TOL)")
     p.add_argument("--hidden_size", type=int, default=4096, help="another shape: hidden size (default: 4096)")
     p.add_argument("--intermediate_size", type=int, default=11008, help="another shape: MLP size (default: 11008)")
     p.add_argument("--per_linear", action="store_true", help="print the seconds of each pruned linear as it finishes")
@@ -163,6 +165,7 @@ def time_run(run: str, args, shape: dict, samples: torch.Tensor, device: str, sy
 def print_table(rows: list[tuple], args, card: str) -> None:
     print(f"\nLlama-2 shape (hidden {args.hidden_size}, MLP {args.intermediate_size}), {args.layers} layers, {args.dtype}, {args.nsamples} x {args.seqlen} calibration "
           f"tokens, batch {args.batch_size}, {'model in CPU memory, one layer on the GPU, ' if args.offload else ''}"
+          f"{f'CG tolerance {args.cg_tol:g}, ' if args.cg_tol is not None else ''}"
           f"{card}, {time.strftime('%Y-%m-%d')}")
     print("| run | linears pruned by | reconstruction | seconds | s / layer (methods, reconstruction, rest) "
           "| sparsity | peak GiB (with 32 layers) | projected 7B / 13B / 70B min |")
@@ -176,6 +179,9 @@ def print_table(rows: list[tuple], args, card: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.cg_tol is not None:  # every iterative refit of the runs stops at this tolerance
+        solve = methods.refit_block_rows_iterative
+        methods.refit_block_rows_iterative = lambda *a, **k: solve(*a, **{**k, "tol": args.cg_tol})
     shape = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                  num_attention_heads=args.hidden_size // 128, num_key_value_heads=args.hidden_size // 128)
     device = args.device
