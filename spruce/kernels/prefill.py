@@ -13,7 +13,7 @@ One program computes the output tile [GB features of one group] x [BLOCK_T token
 
     acc[GB, BLOCK_T] = sum over the group's kept blocks of W_g[:, block] @ xt[block rows, tokens]
 
-BLOCK_K inputs (BLOCK_K / B kept blocks) per step: the weight tile [GB, BLOCK_K] is BLOCK_K / B
+BLOCK_K inputs (BLOCK_K / B kept blocks; the TMA kernel one) per step: the weight tile [GB, BLOCK_K] is BLOCK_K / B
 stored entries of the group, each [GB, B] contiguous (values' layout in bsr.py), and the input
 tile is the BLOCK_K gathered rows; `tl.dot` with fp32 accumulation (wgmma on Hopper, both
 operands from shared memory), the loop software pipelined over num_stages buffers (cp.async).
