@@ -134,3 +134,26 @@ def test_cli_prunes_part_of_the_model_with_the_fallback(capsys, tiny_model_dir, 
     assert info["method"] == "obs" and info["obs_max_inputs"] == 64
     assert sorted(set(info["linear_methods"].values())) == ["obs-exact", "sparsegpt"]
     assert "obs (obs-exact on 12 linears, sparsegpt on 2 linears)" in (out / "README.md").read_text()
+
+
+def test_the_prune_speed_bench_times_a_default_prune_at_the_given_cg_tolerance(monkeypatch, capsys):
+    """bench.prune_speed's flow on the CPU, a tiny Llama shape: every iterative refit gets --cg_tol."""
+    import sys
+
+    from bench import prune_speed
+
+    tolerances = []
+    solve = methods.refit_block_rows_iterative
+
+    def recorded(*args, **kwargs):
+        tolerances.append(kwargs.get("tol"))
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "refit_block_rows_iterative", recorded)
+    monkeypatch.setattr(sys, "argv", ["prune_speed", "--device", "cpu", "--runs", "default:16x16", "--layers", "1",
+                                      "--hidden_size", "128", "--intermediate_size", "256", "--nsamples", "2",
+                                      "--seqlen", "32", "--obs_refit", "iterative", "--cg_tol", "0.1"])
+    prune_speed.main()
+    out = capsys.readouterr().out
+    assert "CG tolerance 0.1," in out and "| default:16x16 | obs-iterative |" in out
+    assert tolerances and set(tolerances) == {0.1}
