@@ -285,14 +285,15 @@ def sampling_batches(model, prompts: list[list[int]], batch_size: int) -> list[l
 
 def sample_all(model, prompts: list[list[int]], settings: GeneratedSettings, generator: torch.Generator,
                pad_id: int, eos_id: int | None, on_batch=lambda n: None, done: dict[int, list[int]] | None = None,
-               after_batch=lambda batches_done, rows: None) -> list[list[int]]:
+               after_batch=lambda rows: None) -> list[list[int]]:
     """Every prompt continued (rows in the prompts' order), batch by batch (sampling_batches): on a
     static-cache decoder (one per batch size, its step captured once) where the model allows it,
     else left-padded on Hugging Face's dynamic cache (sample_continuations).
 
     Resuming: `done` holds the rows of the first batches already sampled ({prompt index: row}),
     with `generator` in the state it had after them; those batches are skipped.
-    `after_batch(batches done, rows so far)` is called after each batch (to save a checkpoint)."""
+    `after_batch(rows so far)` is called after each batch but the last (to save a
+    checkpoint; the finished rows are the caller's to keep)."""
     rows = dict(done or {})
     batches = sampling_batches(model, prompts, settings.batch_size)
     skip = 0
@@ -304,7 +305,7 @@ def sample_all(model, prompts: list[list[int]], settings: GeneratedSettings, gen
 
         max_len = max(len(p) for p in prompts) + settings.new_tokens
     decoder = None
-    for number, idx in enumerate(batches[skip:], start=skip + 1):
+    for idx in batches[skip:]:
         batch = [prompts[i] for i in idx]
         if not static:
             new = sample_continuations(model, batch, settings.new_tokens, settings.temperature, settings.top_p,
@@ -317,7 +318,8 @@ def sample_all(model, prompts: list[list[int]], settings: GeneratedSettings, gen
                                 generator, eos_id)
         rows.update(zip(idx, new))
         on_batch(len(idx))
-        after_batch(number, rows)
+        if idx is not batches[-1]:
+            after_batch(rows)
     return [rows[i] for i in range(len(prompts))]
 
 
@@ -423,17 +425,16 @@ def read_partial(path: Path, key: dict) -> tuple[dict[int, list[int]], torch.Ten
 
 
 class PartialSaver:
-    """after_batch for sample_all: every `every` seconds (and never after the last batch, which the
-    cache itself follows) the rows sampled so far and the generator's state go to `path`, written to
+    """after_batch for sample_all: every `every` seconds the rows sampled so far and the generator's state go to `path`, written to
     a temporary name and renamed, so a killed run resumes from its last checkpoint. A checkpoint
     that cannot be written (a full disk) is said once and not tried again: sampling goes on."""
 
-    def __init__(self, path: Path, key: dict, generator: torch.Generator, batches: int, every: float, say=print):
-        self.path, self.key, self.generator, self.batches, self.every = path, key, generator, batches, every
+    def __init__(self, path: Path, key: dict, generator: torch.Generator, every: float, say=print):
+        self.path, self.key, self.generator, self.every = path, key, generator, every
         self.say, self.last, self.off = say, time.monotonic(), False
 
-    def __call__(self, batches_done: int, rows: dict[int, list[int]]) -> None:
-        if self.off or batches_done >= self.batches or time.monotonic() - self.last < self.every:
+    def __call__(self, rows: dict[int, list[int]]) -> None:
+        if self.off or time.monotonic() - self.last < self.every:
             return
         index = sorted(rows)
         tokens = torch.tensor([t for i in index for t in rows[i]], dtype=torch.int64)
@@ -479,8 +480,7 @@ def generate_tokens(settings: GeneratedSettings, tokenizer, cache_dir: str | Pat
         gen.set_state(state)
         say(f"generated text: continuing from {partial} ({len(done)} of {len(prompts)} sequences sampled)")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    saver = PartialSaver(partial, key, gen, len(sampling_batches(model, prompts, settings.batch_size)),
-                         PARTIAL_EVERY, say)
+    saver = PartialSaver(partial, key, gen, PARTIAL_EVERY, say)
     start = time.perf_counter()
     with progress_bar(total=len(prompts), initial=len(done or {}), desc="sampling generated text", unit="seq",
                       show=progress) as bar:
