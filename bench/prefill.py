@@ -101,10 +101,6 @@ def bench_case(w, pattern, selection, m, gen, rows, json_path, header):
                        and r["tokens"] == m]), flush=True)
     if json_path:
         write_json(json_path, {**header, "rows": rows}, quiet=True)
-    del xs, xts
-    del copies, dense
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
 
 
 def format_case(rows: list[dict]) -> str:
@@ -207,6 +203,8 @@ def main():
                 if (s, pattern) not in weights:
                     weights[s, pattern] = emitted_weight(*_shape(s), pattern, a.selection, 0.5, gen, DEVICE).to(DTYPE)
                 bench_case(weights[s, pattern], pattern, a.selection, m, gen, rows, a.json, header)
+                if DEVICE == "cuda":  # the case's inputs and copies are freed on its return
+                    torch.cuda.empty_cache()
     from spruce.kernels import bsr
 
     header["tuned"] = bsr.tuned_configs()

@@ -27,8 +27,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from ...errors import SpruceError
 from .base import lowest, register
 from .block import Block
