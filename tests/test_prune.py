@@ -208,7 +208,7 @@ def test_default_recipes_per_pattern():
 
 
 def test_default_block_reconstruction_is_sized_to_the_model(tiny_model):
-    from spruce.prune.defaults import LONG_RECONSTRUCT_MAX_PARAMS, WIDE_RECONSTRUCT, resolve_recipe, spec_for_model
+    from spruce.prune.defaults import LARGE_RECONSTRUCT, LONG_RECONSTRUCT_MAX_PARAMS, resolve_recipe, spec_for_model
 
     small = prunable_linears(tiny_model)
     spec, fitted = spec_for_model(resolve_recipe("16x16"), "16x16", 0.5, small)
@@ -217,8 +217,9 @@ def test_default_block_reconstruction_is_sized_to_the_model(tiny_model):
     seven_b = {**small, "model.layers.0.mlp.up_proj": torch.nn.Linear(4096, 11008, device="meta")}
     assert 4096 * 11008 > LONG_RECONSTRUCT_MAX_PARAMS
     spec, _ = spec_for_model(resolve_recipe("16x16"), "16x16", 0.5, seven_b)
-    assert (spec.reconstruct_epochs, spec.reconstruct.lr) == (WIDE_RECONSTRUCT["reconstruct_epochs"],
-                                                              WIDE_RECONSTRUCT["reconstruct_lr"])
+    assert (spec.reconstruct_epochs, spec.reconstruct.lr) == (LARGE_RECONSTRUCT["reconstruct_epochs"],
+                                                              LARGE_RECONSTRUCT["reconstruct_lr"])
+    assert 12 < spec.reconstruct_epochs < 24
     # a reconstruction the user sets, or a named method, is kept as given
     spec, _ = spec_for_model(resolve_recipe("16x16", reconstruct_epochs=30), "16x16", 0.5, seven_b)
     assert spec.reconstruct_epochs == 30

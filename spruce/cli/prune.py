@@ -20,7 +20,7 @@ from .common import EPILOG_CORPORA, EPILOG_MODELS, add_command, add_model_args, 
 
 def add_parser(subparsers) -> None:
     from ..prune.defaults import DEFAULTS as RECIPES
-    from ..prune.defaults import WIDE_RECONSTRUCT
+    from ..prune.defaults import LARGE_RECONSTRUCT
 
     block = RECIPES["block"]
     p = add_command(subparsers, "prune", "prune a model (magnitude, Wanda, SparseGPT, OBS) into unstructured, N:M, block or hybrid sparsity",
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
                     "sparsegpt for unstructured and hybrid; sparsegpt + layer reconstruction for N:M;\n"
                     f"for blocks, {block['method']} with attention at {block['module_sparsity']['attn']:.0%} "
                     f"and layer reconstruction ({block['reconstruct_epochs']} epochs, lr "
-                    f"{show_default(block['reconstruct_lr'])};\n{WIDE_RECONSTRUCT['reconstruct_epochs']} on 7B-class "
+                    f"{show_default(block['reconstruct_lr'])};\n{LARGE_RECONSTRUCT['reconstruct_epochs']} on 7B-class "
                     "models, for time), the OBS refit by conjugate gradients on 7B-class\n"
                     "linears (--obs_refit), and sparsegpt + the same reconstruction on linears wider than\n"
                     "--obs_max_inputs. Naming --prune_method runs that method plainly, with only the\n"

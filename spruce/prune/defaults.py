@@ -11,9 +11,9 @@ layer reconstruction 2.41x (without 3.89x, Wanda 7.86x); 16x16: gradual block OB
 at 40% (MLP higher, total kept), then each layer's kept weights trained toward the dense outputs
 (4 epochs, lr 3e-4) 11.8x dense, against 583x for the reference (Wanda, mean tile score, one
 threshold per matrix) and 52x for the same OBS recipe without the reconstruction. A longer,
-faster reconstruction (12 epochs, lr 3e-3; H200, 2026-11-30) reached 4.69x, and it is the 16x16
-default on 7B-class models (8 epochs at lr 1e-3: 7.2x, at lr 3e-3: 5.5x; 4 epochs at 3e-4 in the same
-run: 12.0x); on smaller ones it is 24 epochs (LONG_RECONSTRUCT_MAX_PARAMS).
+faster reconstruction (12 epochs, lr 3e-3; H200, 2026-11-30) reached 4.69x (8 epochs at lr 1e-3:
+7.2x, at lr 3e-3: 5.5x; 4 epochs at 3e-4 in the same run: 12.0x); the 16x16 default is now 24
+epochs, and 16 on 7B-class models, for time (LONG_RECONSTRUCT_MAX_PARAMS).
 OBS refits exactly (a Cholesky factor per block-row) where that is affordable and with batched
 conjugate gradients where not (methods.OBS_EXACT_MAX_FLOPS: every linear of a 7B model), so the
 default recipe stays OBS on 7B-class layers. Linears wider than `obs_max_inputs` (--obs_max_inputs,
@@ -57,14 +57,17 @@ MIN_GROUP_TILES = 64
 DEFAULT_PERMUTE = {"grouped": True, "block": True}
 # a named method runs plainly: the PruneSpec defaults (spec.py), the one place they are defined
 BASE = {k: v for k, v in SPEC_DEFAULTS.items() if k not in ("pattern", "sparsity")}
-# the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there;
-# also the default block recipe's on models with linears larger than LONG_RECONSTRUCT_MAX_PARAMS
+# the reconstruction of the wide-layer fallback (SparseGPT in-sweep blocks): the best measured there
 WIDE_RECONSTRUCT = {"reconstruct_epochs": 12, "reconstruct_lr": 3e-3}
 # The default block recipe reconstructs each layer for 24 epochs (embedded model, H200, 2026-12-02,
 # 16x16g4 with the permutation: 3.87x / 5.45x dense on sotu/test / moby/test, against 4.48x / 6.24x
 # with 12). The reconstruction's time grows with the layer's weights: on a model whose largest linear
-# holds more weights than this (Llama-2-7B's MLP linears: 45M) it keeps WIDE_RECONSTRUCT's 12
-# epochs, so a 7B prune stays near 13 minutes on one H200 (24 epochs project to 18).
+# holds more weights than LONG_RECONSTRUCT_MAX_PARAMS (Llama-2-7B's MLP linears: 45M) it runs
+# LARGE_RECONSTRUCT's 16 epochs. A 7B layer's reconstruction takes 0.77 s an epoch on one H200 (16
+# layers alone, 2026-12-02), so 16 epochs put the 32-layer prune at about 13.3 minutes (12: 11.5,
+# measured on 16 layers; 24: 17.4, past the 15-minute bound). On the embedded model 12 epochs are 15%
+# / 14% worse than 24; 16 are predicted within 10% of 24 (the gains of these epochs fall steeply).
+LARGE_RECONSTRUCT = {"reconstruct_epochs": 16, "reconstruct_lr": 3e-3}
 LONG_RECONSTRUCT_MAX_PARAMS = 32 << 20
 
 
@@ -148,14 +151,14 @@ def default_grouping(pattern: str, recipe: dict, linears: dict | None = None) ->
 
 
 def default_reconstruction(pattern: str, recipe: dict, linears: dict | None = None) -> dict:
-    """The recipe with the default block recipe's reconstruction fitted to the model: WIDE_RECONSTRUCT
+    """The recipe with the default block recipe's reconstruction fitted to the model: LARGE_RECONSTRUCT
     when a linear of `linears` holds more than LONG_RECONSTRUCT_MAX_PARAMS weights; as given when the
     user set the reconstruction or named a method, or for other patterns."""
     kind = parse_pattern(pattern).kind
     if (kind in ("block", "grouped") and linears and recipe.get("method_is_default")
             and recipe.get("reconstruct_is_default") and recipe.get("reconstruct_epochs")
             and max(m.weight.numel() for m in linears.values()) > LONG_RECONSTRUCT_MAX_PARAMS):
-        return {**recipe, **WIDE_RECONSTRUCT}
+        return {**recipe, **LARGE_RECONSTRUCT}
     return recipe
 
 
