@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spruce.errors import SpruceError
 from spruce.kernels import BlockSparseWeight, bsr, prefill
 from tests.test_kernels import gpu, irregular_weight, kernels_on, masked_weight, rel_err  # noqa: F401
 
@@ -155,3 +156,79 @@ def test_prefill_bench_runs_every_candidate_and_summarises(monkeypatch):
     assert ["us_kernel" in r for r in rows[3:7]] == [True, False, True, False]  # xt, xr, xt-tma, xr-tma
     table = bp.summary(rows).splitlines()
     assert len(table) == 2 and "16x16g4" in table[1] and "1.00x" in table[1]
+
+
+def test_shared_transpose_is_reused_only_for_the_same_unchanged_input(kernels_on):
+    """q, k and v (gate and up) read one input: the transpose made for the first is given to the
+    next only while the input is the same tensor with the same version, and goes with it."""
+    import gc
+
+    device, dtype = kernels_on
+    shared = prefill.SharedTranspose()
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    first = shared.get(x, x)
+    assert torch.equal(first[:, :40], x.t()) and shared.get(x, x) is first
+    assert shared.get(x.clone(), x.clone()) is not first            # equal values, another tensor
+    again = shared.get(x, x)
+    assert again is not first and torch.equal(again, first)         # the clone's entry replaced x's
+    x.mul_(2)                                                        # an in-place write: a new version
+    changed = shared.get(x, x)
+    assert changed is not again and torch.equal(changed[:, :40], x.t())
+    lead = x.view(1, 40, 128)                                        # a view is another tensor
+    assert shared.get(lead, lead.reshape(-1, 128)) is not changed
+    del lead
+    gc.collect()
+    assert shared._entry is None                                     # the entry went with its input
+
+
+def test_launch_prefill_with_a_ready_transpose(kernels_on):
+    device, dtype = kernels_on
+    gen = torch.Generator().manual_seed(4)
+    w = masked_weight(128, 128, 16, 0.5, "grouped").to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
+    x = torch.randn(40, 128, generator=gen).to(device, dtype)
+    ref = F.linear(x.double(), w.double().to(device))
+    xt = prefill.transpose_padded(x)
+    for cfg in [c for c in prefill.candidates(sparse) if prefill.transposes(c)][:2]:
+        y = torch.full((40, 128), float("nan"), dtype=dtype, device=device)
+        bsr.launch_prefill(x, sparse, None, y, cfg, xt=xt)
+        assert rel_err(y, ref) <= 1e-2, cfg
+    with pytest.raises(SpruceError, match="only with a forced configuration"):
+        bsr.launch_prefill(x, sparse, None, torch.empty(40, 128, dtype=dtype, device=device), xt=xt)
+
+
+@pytest.mark.gpu
+@gpu
+def test_linears_on_one_input_transpose_it_once_on_gpu():
+    """Three block-sparse linears on one 2048-token input (as q, k, v): with the tuner on a
+    transposing tile, the second and third take the first's transpose; outputs equal the unshared ones."""
+    from spruce.kernels.linear import BlockSparseLinear
+
+    gen = torch.Generator().manual_seed(5)
+    layers = []
+    for _ in range(3):
+        lin = torch.nn.Linear(4096, 4096, bias=False).to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(masked_weight(4096, 4096, 16, 0.5, "grouped", dtype=torch.bfloat16).cuda())
+        layers.append(BlockSparseLinear.from_linear(lin))
+    x = torch.randn(1, 2048, 4096, generator=gen).to("cuda", torch.bfloat16)
+    w = layers[0].sparse_weight
+    cfg = next(c for c in bsr.prefill_candidates(w) if prefill.transposes(c))
+    key = bsr.tuning_key("prefill", w, 2048, torch.bfloat16)
+    saved = bsr._tuned.get(key)
+    bsr._tuned[key] = cfg   # every layer has the same shape and density: one key
+    try:
+        with torch.no_grad():
+            alone = [bsr.block_sparse_linear(x, layer.sparse_weight) for layer in layers]
+            prefill.SHARED.clear()
+            shared = [layers[0](x)]
+            made = prefill.SHARED._entry[2]
+            shared += [layer(x) for layer in layers[1:]]
+            assert prefill.SHARED._entry[2] is made
+    finally:
+        bsr._tuned.pop(key)
+        if saved is not None:
+            bsr._tuned[key] = saved
+        prefill.SHARED.clear()
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)

@@ -192,8 +192,12 @@ def triton_available() -> bool:
     return True
 
 
-def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b: Triton kernels on CUDA, the torch reference elsewhere."""
+def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None,
+                        share_input: bool = False) -> torch.Tensor:
+    """y = x W^T + b: Triton kernels on CUDA, the torch reference elsewhere. `share_input`: a
+    prefill launch that runs on x transposed takes the transpose from, and leaves it in,
+    `prefill.SHARED`, so the next layer on the same unchanged x does not transpose it again (the
+    eager forward of BlockSparseLinear sets it; never inside a captured CUDA graph)."""
     if x.shape[-1] != weight.shape[1]:
         raise SpruceError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
     if x.device.type != "cuda":
@@ -217,7 +221,11 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
         if m <= DECODE_MAX_TOKENS:
             launch_decode(x2, weight, bias, y)
         else:
-            launch_prefill(x2, weight, bias, y)
+            cfg = chosen_config("prefill", weight, m, x.dtype) if share_input else None
+            if cfg is not None and grouped_prefill.transposes(cfg) and not torch.cuda.is_current_stream_capturing():
+                launch_prefill(x2, weight, bias, y, cfg, xt=grouped_prefill.SHARED.get(x, x2))
+            else:
+                launch_prefill(x2, weight, bias, y)
     return y.reshape(*lead, n)
 
 
@@ -515,15 +523,19 @@ def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
     _launch_tuned(tuning_key("decode", w, m, x.dtype), candidates, launch, w)
 
 
-def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None) -> None:
-    """y[M, N] = x[M, K] W^T (+ bias) as a tiled GEMM; `cfg` forces one configuration."""
+def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None,
+                   xt: torch.Tensor | None = None) -> None:
+    """y[M, N] = x[M, K] W^T (+ bias) as a tiled GEMM; `cfg` forces one configuration. `xt` (x made
+    by `prefill.transpose_padded`, only with `cfg`) serves a configuration that reads x transposed."""
+    if xt is not None and cfg is None:
+        raise SpruceError("launch_prefill takes a ready transpose (xt) only with a forced configuration")
     m = x.shape[0]
     kernel = _kernels().prefill
     flags, bias_arg, count = _common_args(w, bias, y)
 
     def launch(c, weight):
         if isinstance(c[0], str):  # a tagged configuration: prefill.py's kernel
-            grouped_prefill.launch(x, weight, bias, y, c)
+            grouped_prefill.launch(x, weight, bias, y, c, xt=xt)
             return
         block_m, block_k, warps, stages, swap = c
         kernel[(triton_cdiv(m, block_m), weight.shape[0] // weight.group_features)](

@@ -86,7 +86,7 @@ class BlockSparseLinear(nn.Module):
             return block_sparse_linear_op(x, self.values, self.cols, self.group_ptr, self.bias, self.out_features,
                                           self.in_features, self.block_size, self.group, self.nonzero_blocks,
                                           self.uniform_count, self.dense_weight)
-        return block_sparse_linear(x, self.sparse_weight, self.bias)
+        return block_sparse_linear(x, self.sparse_weight, self.bias, share_input=True)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -25,12 +25,15 @@ group's weights are read GROUP_T times close together and the band's input once 
 
 Eligible weights: group width GB >= 64 (a tensor-core tile needs 64 rows). `bsr.launch_prefill`
 offers `candidates(w)` for tuning next to its own tiles and dense cuBLAS; the time it measures
-for a TAG configuration includes the transpose, which a real call pays.
+for a TAG configuration includes the transpose, which a real call pays. Linears that read one
+input (q, k and v; gate and up) pay it once: a model's eager forward keeps the last transposed
+input in SHARED and the next launch on that same, unchanged tensor takes it from there.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,6 +95,51 @@ def transpose_padded(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     _kernels().transpose[(mp // t, -(-k // t))](x, xt, m, k, x.stride(0), xt.stride(0), BLOCK_M=t, BLOCK_K=t,
                                                  num_warps=4)
     return xt
+
+
+def transposes(cfg: tuple) -> bool:
+    """Whether a tuner configuration runs this kernel on x transposed (tags TAG and TAG_TMA)."""
+    return isinstance(cfg[0], str) and cfg[0] in (TAG, TAG_TMA)
+
+
+def _state(t: torch.Tensor) -> tuple:
+    """What must match for a tensor's data to be the same as when it was transposed (and for the
+    transpose to be ordered before the launch that reads it: the same CUDA stream)."""
+    stream = torch.cuda.current_stream(t.device) if t.device.type == "cuda" else None
+    return t._version, tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device, stream
+
+
+class SharedTranspose:
+    """The last transposed prefill input, for the next launch that reads the same input.
+
+    `get(owner, x)` returns xt = transpose_padded(x), x being `owner` as [M, K]. It makes xt when
+    `owner` is not the tensor of the last call, or has changed since: another version (every
+    in-place write counts one), shape, strides, offset or the current stream. It holds `owner` by a weak reference,
+    so the memory of a live `owner` cannot pass to another tensor, and the entry (xt with it) goes
+    when `owner` does. Only for eager calls: inside a captured CUDA graph or a compiled graph a
+    tensor's memory is rewritten without a new version, so those calls transpose for themselves.
+    """
+
+    def __init__(self):
+        self._entry: tuple | None = None
+
+    def get(self, owner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        entry = self._entry
+        if entry is not None and entry[0]() is owner and entry[1] == _state(owner):
+            return entry[2]
+        xt = transpose_padded(x)
+        self._entry = (weakref.ref(owner, self._drop), _state(owner), xt)
+        return xt
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if self._entry is not None and self._entry[0] is ref:
+            self._entry = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+
+SHARED = SharedTranspose()
 
 
 def tma_ready(src: torch.Tensor, w: BlockSparseWeight) -> bool:
