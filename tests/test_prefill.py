@@ -93,6 +93,14 @@ def test_launch_prefill_runs_a_tagged_configuration(kernels_on):
         y = torch.full((40, 128), float("nan"), dtype=dtype, device=device)
         bsr.launch_prefill(x, sparse, None, y, cfg)
         assert rel_err(y, ref) <= 1e-2, cfg
+    # a transpose made beforehand (as prefill.SHARED gives it) serves the configurations that read xt
+    xt = prefill.transpose_padded(x)
+    for cfg in [c for c in prefill.candidates(sparse) if prefill.transposes(c)][:2]:
+        y = torch.full((40, 128), float("nan"), dtype=dtype, device=device)
+        bsr.launch_prefill(x, sparse, None, y, cfg, xt=xt)
+        assert rel_err(y, ref) <= 1e-2, cfg
+    with pytest.raises(SpruceError, match="only with a forced configuration"):
+        bsr.launch_prefill(x, sparse, None, torch.empty(40, 128, dtype=dtype, device=device), xt=xt)
 
 
 def test_tma_configurations_fall_back_on_unaligned_input(kernels_on):
@@ -179,22 +187,6 @@ def test_shared_transpose_is_reused_only_for_the_same_unchanged_input(kernels_on
     del lead
     gc.collect()
     assert shared._entry is None                                     # the entry went with its input
-
-
-def test_launch_prefill_with_a_ready_transpose(kernels_on):
-    device, dtype = kernels_on
-    gen = torch.Generator().manual_seed(4)
-    w = masked_weight(128, 128, 16, 0.5, "grouped").to(dtype)
-    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
-    x = torch.randn(40, 128, generator=gen).to(device, dtype)
-    ref = F.linear(x.double(), w.double().to(device))
-    xt = prefill.transpose_padded(x)
-    for cfg in [c for c in prefill.candidates(sparse) if prefill.transposes(c)][:2]:
-        y = torch.full((40, 128), float("nan"), dtype=dtype, device=device)
-        bsr.launch_prefill(x, sparse, None, y, cfg, xt=xt)
-        assert rel_err(y, ref) <= 1e-2, cfg
-    with pytest.raises(SpruceError, match="only with a forced configuration"):
-        bsr.launch_prefill(x, sparse, None, torch.empty(40, 128, dtype=dtype, device=device), xt=xt)
 
 
 @pytest.mark.gpu
