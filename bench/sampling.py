@@ -55,16 +55,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _profile(fn, device: torch.device) -> None:
-    """The operators that take the most device (else CPU) time in `fn`, by torch.profiler."""
+def _profile(fn, device: torch.device, trace: str | None = None) -> dict:
+    """The operators that take the most device (else CPU) time in `fn`, by torch.profiler, then
+    the profiled call's wall time and, on CUDA, the device time of all its kernels (their sum
+    over the wall time: how busy the device was). `trace`: also write a Chrome trace there."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         fn()
         _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    events = prof.key_averages()
+    print(events.table(sort_by=key, row_limit=15))
+    out = {"wall_ms": round(wall_ms, 1)}
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+
+        # the kernels' own rows: an operator's row repeats the time of the kernels it launched
+        busy_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
+        out.update(device_ms=round(busy_ms, 1), device_busy=round(busy_ms / wall_ms, 3))
+        print(f"profiled call: {wall_ms:.1f} ms of wall time, {busy_ms:.1f} ms of kernels "
+              f"(the device busy {busy_ms / wall_ms:.0%} of it)")
+    else:
+        print(f"profiled call: {wall_ms:.1f} ms of wall time")
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"trace: {trace}")
+    return out
 
 
 def run_loop(args, device: torch.device) -> dict:
@@ -101,7 +121,8 @@ def run_loop(args, device: torch.device) -> dict:
                         "ms_per_step": round(seconds / args.new_tokens * 1e3, 3)}
         if args.profile:
             print(f"{name}:")
-            _profile(lambda: path(name, min(16, args.new_tokens))(gen), device)
+            trace = f"{args.trace}-{name}.json" if args.trace else None
+            result[name]["profile"] = _profile(lambda: path(name, args.profile_steps)(gen), device, trace)
     result["speedup"] = round(result["dynamic"]["seconds"] / result["static"]["seconds"], 2)
     return result
 
@@ -158,7 +179,12 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=positive_int, default=30, help="--loop: decoder layers (default: 30, as SmolLM2-135M)")
     p.add_argument("--temperature", type=float, default=1.0, help="--loop: sampling temperature (default: 1.0)")
     p.add_argument("--profile", action="store_true",
-                   help="--loop: also print the operators that take the most time over 16 steps (torch.profiler)")
+                   help="--loop: also profile one call of --profile_steps steps of each path (torch.profiler): "
+                        "the operators that take the most time, the call's wall time and how busy the device was")
+    p.add_argument("--profile_steps", type=positive_int, default=64,
+                   help="--profile: steps of the profiled call, its prefill and graph capture included (default: 64)")
+    p.add_argument("--trace", metavar="PREFIX",
+                   help="--profile: also write each path's Chrome trace to PREFIX-dynamic.json and PREFIX-static.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the row and the environment as JSON")
 

@@ -218,6 +218,20 @@ def test_sampling_bench_times_the_whole_sampler_and_refuses_a_bad_temperature(ca
     assert "temperature must be positive" in capsys.readouterr().err
 
 
+def test_sampling_bench_profiles_each_path_and_writes_its_trace(capsys, tmp_path):
+    from bench import sampling
+
+    args = ["--loop", "--rows", "2", "--new_tokens", "3", "--layers", "1", "--profile", "--profile_steps", "2",
+            "--trace", str(tmp_path / "t"), "--json", str(tmp_path / "r.json")]
+    assert sampling.main(args) in (0, None)
+    out = capsys.readouterr().out
+    assert out.count("profiled call: ") == 2
+    loop = json.loads((tmp_path / "r.json").read_text())["loop"][0]
+    assert loop["static"]["profile"]["wall_ms"] > 0 and loop["dynamic"]["profile"]["wall_ms"] > 0
+    for name in ("dynamic", "static"):
+        assert json.loads((tmp_path / f"t-{name}.json").read_text())["traceEvents"]
+
+
 @pytest.mark.gpu
 def test_the_graph_replayed_sampler_on_the_gpu_draws_what_the_same_steps_draw_eagerly(tiny_model):
     # the same kernels with and without the graph: the draws must be identical. (Against the
