@@ -30,7 +30,8 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 PATTERNS = ["16x16g4", "16x16g8"]
 # launched once each by --profile, in this order, after the old kernel's run-4 winner
 PROFILE_CONFIGS = [("xt", 256, 64, 8, 4), ("xr", 256, 64, 8, 4), ("xt", 512, 32, 8, 5), ("xt", 128, 64, 4, 4),
-                   ("xt-tma", 256, 16, 8, 8), ("xr-tma", 256, 16, 8, 8)]
+                   ("xt-tma", 256, 16, 8, 8), ("xr-tma", 256, 16, 8, 8), ("xt-tma", 512, 16, 8, 8),
+                   ("xt-tma-ws", 256, 16, 4, 6), ("xt-tma-ws", 512, 16, 4, 6)]
 OLD_WINNER = (256, 64, 8, 3, True)
 # tests run the flow on the CPU (Triton's interpreter, float16) with the timing stubbed
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -82,7 +83,7 @@ def bench_case(w, pattern, selection, m, gen, rows, json_path, header):
             row["rel_err"] = _rel_err(y, ref)
             us = graph_time_us(_cycle(lambda i: bsr.launch_prefill(*at(i), None, y, cfg), count))
             row.update(us=us, x_dense=dense_us / us)
-            if cfg[0] in (prefill.TAG, prefill.TAG_TMA):  # the kernel alone, on a ready xt
+            if prefill.transposes(cfg):  # the kernel alone, on a ready xt
                 alone = graph_time_us(_cycle(lambda i: prefill.launch(xs[i % len(xs)], copies[i % len(copies)],
                                                                       None, y, cfg, xt=xts[i % len(xs)]), count))
                 row.update(us_kernel=alone, x_dense_kernel=dense_us / alone)
@@ -167,8 +168,8 @@ def profile(shape: tuple[int, int], m: int, selection: str) -> None:
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             name = "prefill" if not isinstance(cfg[0], str) else \
-                "prefill_grouped_tma" if cfg[0].endswith("tma") else "prefill_grouped"
-            kernels = ["transpose", name] if cfg[0] in (prefill.TAG, prefill.TAG_TMA) else [name]
+                "prefill_grouped_tma" if "tma" in cfg[0] else "prefill_grouped"
+            kernels = ["transpose", name] if prefill.transposes(cfg) else [name]
             order += [f"{n}x{k} {pattern} tokens {m} {cfg}: {name}" for name in kernels]
     print("profiled launches, in order:\n" + "\n".join(order))
 
