@@ -425,9 +425,10 @@ def read_partial(path: Path, key: dict) -> tuple[dict[int, list[int]], torch.Ten
 
 
 class PartialSaver:
-    """after_batch for sample_all: every `every` seconds the rows sampled so far and the generator's state go to `path`, written to
-    a temporary name and renamed, so a killed run resumes from its last checkpoint. A checkpoint
-    that cannot be written (a full disk) is said once and not tried again: sampling goes on."""
+    """after_batch for sample_all: every `every` seconds the rows sampled so far and the
+    generator's state go to `path`, written to a temporary name and renamed, so a killed run
+    resumes from its last checkpoint. A checkpoint that cannot be written (a full disk) is said
+    once and not tried again: sampling goes on."""
 
     def __init__(self, path: Path, key: dict, generator: torch.Generator, every: float, say=print):
         self.path, self.key, self.generator, self.every = path, key, generator, every

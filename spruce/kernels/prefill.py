@@ -121,10 +121,10 @@ class SharedTranspose:
 
     `get(owner, x)` returns xt = transpose_padded(x), x being `owner` as [M, K]. It makes xt when
     `owner` is not the tensor of the last call, or has changed since: another version (every
-    in-place write counts one), shape, strides, offset or the current stream. It holds `owner` by a weak reference,
-    so the memory of a live `owner` cannot pass to another tensor, and the entry (xt with it) goes
-    when `owner` does. Only for eager calls: inside a captured CUDA graph or a compiled graph a
-    tensor's memory is rewritten without a new version, so those calls transpose for themselves.
+    in-place write counts one), shape, strides, offset or current stream. `owner` is held by a weak
+    reference: while it lives its memory is its own, and the entry (xt with it) goes when it goes.
+    Only for eager calls: inside a captured CUDA graph or a compiled graph a tensor's memory is
+    rewritten without a new version, so those calls transpose for themselves.
     """
 
     def __init__(self):
