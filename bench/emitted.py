@@ -10,6 +10,12 @@ copies larger than L2, median of 9. `--check` builds the masks and formats on CP
 and prints the stored layout only.
 
     python -m bench.emitted --json $OUT/emitted.json
+
+`--profile` tunes each shape, pattern and token count as above, then launches dense cuBLAS and the
+tuned kernel once each between cudaProfilerStart and cudaProfilerStop, for Nsight Compute:
+
+    ncu --profile-from-start off --set full -o $OUT/decode python -m bench.emitted --profile \
+        --shapes 4096x4096 --patterns 16x16g4 --selections global --tokens 1 8
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from bench.common import graph_time_us
 from spruce.kernels import bsr
 from spruce.prune.patterns import parse_pattern
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 PATTERNS = ["16x16", "16x16g4", "16x16g8"]
+SELECTIONS = ["global", "row-balanced"]
 
 
 def emitted_weight(n, k, pattern, selection, sparsity, gen, device):
@@ -35,21 +42,37 @@ def emitted_weight(n, k, pattern, selection, sparsity, gen, device):
     return w.masked_fill(mask, 0).to(device, torch.bfloat16)
 
 
+def profile_once(x: torch.Tensor, dense_w: torch.Tensor, sp: bsr.BlockSparseWeight) -> None:
+    """One plain launch of dense cuBLAS and one of the tuned kernel, inside a profiler range."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    F.linear(x, dense_w)
+    bsr.block_sparse_linear(x, sp)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="weight shapes OUTxIN")
+    p.add_argument("--patterns", nargs="+", default=PATTERNS)
+    p.add_argument("--selections", nargs="+", choices=SELECTIONS, default=SELECTIONS)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 2048])
+    p.add_argument("--profile", action="store_true",
+                   help="after tuning, one plain launch of dense and of the tuned kernel per case, "
+                        "between cudaProfilerStart and Stop (ncu --profile-from-start off)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--check", action="store_true", help="CPU: build masks and formats at small shapes only")
     p.add_argument("--json")
     a = p.parse_args()
     device = "cpu" if a.check else "cuda"
-    shapes = [(256, 256), (512, 256)] if a.check else SHAPES
+    shapes = [(256, 256), (512, 256)] if a.check else [tuple(int(v) for v in s.split("x")) for s in a.shapes]
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n, k in shapes:
         dense_w = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
-        for pattern in PATTERNS:
-            for selection in ("global", "row-balanced"):
+        for pattern in a.patterns:
+            for selection in a.selections:
                 w = emitted_weight(n, k, pattern, selection, a.sparsity, gen, device)
                 sp = bsr.BlockSparseWeight.from_dense(w, 16)
                 head = {"shape": f"{n}x{k}", "pattern": pattern, "selection": selection, "group": sp.group,
@@ -75,6 +98,9 @@ def main():
                            "config": str(bsr.chosen_config(kind, sp, m, x.dtype))}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if a.profile:
+                        profile_once(x, dense_w, sp)
+                        print(f"profiled: {n}x{k} {pattern} {selection} tokens {m}: dense, then {row['config']}")
                     if a.json:
                         with open(a.json, "w") as f:
                             json.dump(rows, f, indent=1)

@@ -30,8 +30,7 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 PATTERNS = ["16x16g4", "16x16g8"]
 # launched once each by --profile, in this order, after the old kernel's run-4 winner
 PROFILE_CONFIGS = [("xt", 256, 64, 8, 4), ("xr", 256, 64, 8, 4), ("xt", 512, 32, 8, 5), ("xt", 128, 64, 4, 4),
-                   ("xt-tma", 256, 16, 8, 8), ("xr-tma", 256, 16, 8, 8), ("xt-tma", 512, 16, 8, 8),
-                   ("xt-tma-ws", 256, 16, 4, 6), ("xt-tma-ws", 512, 16, 4, 6)]
+                   ("xt-tma", 256, 16, 8, 8), ("xr-tma", 256, 16, 8, 8), ("xt-tma", 512, 16, 8, 8)]
 OLD_WINNER = (256, 64, 8, 3, True)
 # tests run the flow on the CPU (Triton's interpreter, float16) with the timing stubbed
 DEVICE, DTYPE = "cuda", torch.bfloat16

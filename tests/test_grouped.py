@@ -165,6 +165,7 @@ def _simulated(monkeypatch, dense_us: float, kernel_us: float):
     monkeypatch.setattr(bsr, "_workspaces", {})
     monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:2])
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", [])
+    monkeypatch.setattr(bsr, "DECODE_SWAP_CONFIGS", [])
     return calls
 
 

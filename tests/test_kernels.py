@@ -111,6 +111,8 @@ def test_decode_candidates(layout, width):
             dot = {c for c in configs if c[4]}
             assert {(64, 256, 8, 3, True, 1), (32, 256, 4, 3, True, 1), (32, 256, 4, 3, True, 4)} <= dot
             assert {c[1] for c in dot if c[0] == 32} == {128, 256, 512}
+        swapped = [c for c in configs if c[4] == bsr.SWAP]   # weight-first dots: groups of 64+ features only
+        assert len(swapped) == (len(bsr.DECODE_SWAP_CONFIGS) if m > 1 and width >= 64 else 0)
 
 
 def test_bench_tables_show_configs_pdl_and_baseline(monkeypatch):
@@ -279,6 +281,7 @@ def few_configs(monkeypatch):
     test_every_configuration runs the full lists."""
     monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:1])
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", bsr.DECODE_DOT_CONFIGS[:1])
+    monkeypatch.setattr(bsr, "DECODE_SWAP_CONFIGS", bsr.DECODE_SWAP_CONFIGS[:1])
     monkeypatch.setattr(bsr, "GEMV_MULTI_CONFIGS", 1)
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
     for name in ("CONFIGS", "ROWS_CONFIGS", "TMA_CONFIGS", "ROWS_TMA_CONFIGS"):
@@ -366,7 +369,7 @@ def test_split_decode_resets_its_counters_and_repeats(kernels_on):
     n, k, repeats = (256, 1024, 3) if device.type == "cuda" else (128, 384, 2)  # on CPU some splits get no columns
     w = masked_weight(n, k, 16, 0.5, "grouped").to(dtype)
     sparse = BlockSparseWeight.from_dense(w, 16).to(device)
-    splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS if c[5] > 1]
+    splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS + bsr.DECODE_SWAP_CONFIGS if c[5] > 1]
     assert splits
     for m in (1, 16):
         x = torch.randn(m, k, generator=gen).to(device, dtype)

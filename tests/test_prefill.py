@@ -43,8 +43,7 @@ def test_every_configuration_matches_float64(layout, group, kernels_on, monkeypa
         b = bias if with_bias else None
         ref = F.linear(x.double(), w.double().to(device), None if b is None else b.double())
         configs = _check_all(x, sparse, b, ref)
-    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS, prefill.TAG_TMA, prefill.TAG_ROWS_TMA,
-                                       prefill.TAG_TMA_WS}
+    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS, prefill.TAG_TMA, prefill.TAG_ROWS_TMA}
 
 
 def test_unequal_groups_and_an_empty_group(kernels_on):
@@ -154,16 +153,15 @@ def test_prefill_bench_runs_every_candidate_and_summarises(monkeypatch):
     monkeypatch.setattr(prefill, "CONFIGS", prefill.CONFIGS[:1])
     for name in ("ROWS_CONFIGS", "TMA_CONFIGS", "ROWS_TMA_CONFIGS"):
         monkeypatch.setattr(prefill, name, getattr(prefill, name)[:1])
-    monkeypatch.setattr(prefill, "WS_CONFIGS", {64: prefill.WS_CONFIGS[64][:1]})
     rows = []
     gen = torch.Generator().manual_seed(0)
     w = bp.emitted_weight(128, 128, "16x16g4", "global", 0.5, gen, bp.DEVICE).to(bp.DTYPE)
     bp.bench_case(w, "16x16g4", "global", 40, gen, rows, None, {})
     kinds = [r["kernel"] for r in rows]
-    assert kinds == ["dense cuBLAS", "transpose", "bsr"] + ["grouped"] * 5 + ["tuned"]
+    assert kinds == ["dense cuBLAS", "transpose", "bsr"] + ["grouped"] * 4 + ["tuned"]
     assert rows[2]["config"] == str(bsr.PREFILL_CONFIGS[0]) and rows[0]["group"] == 4
     assert all(r["rel_err"] <= 1e-2 for r in rows if "rel_err" in r)
-    assert ["us_kernel" in r for r in rows[3:8]] == [True, False, True, False, True]  # xt, xr, xt-tma, xr-tma, ws
+    assert ["us_kernel" in r for r in rows[3:7]] == [True, False, True, False]  # xt, xr, xt-tma, xr-tma
     table = bp.summary(rows).splitlines()
     assert len(table) == 2 and "16x16g4" in table[1] and "1.00x" in table[1]
 

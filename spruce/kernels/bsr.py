@@ -17,9 +17,10 @@ Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
 - decode, 1-16 tokens, memory bound: a program streams BLOCK_F rows of one group over its stored
   block-columns (or one of SPLIT ranges of them, partials summed by the last program to finish),
   gathers the matching input segments by column index, and reduces (fp32 FMA per token, or
-  `tl.dot` on a 16-token tile). The next tile is loaded while the current one is reduced; on
+  `tl.dot` on a 16-token tile: tokens first, or, for groups of 64+ features, the weight tile first,
+  a 64-feature wgmma on Hopper). The next tile is loaded while the current one is reduced; on
   Hopper the launch is a programmatic dependent launch that loads its first weight tile before
-  waiting for the previous kernel.
+  waiting for the previous kernel (the weight-first tiles wait before their loop).
 - prefill, more tokens: a GEMM tile [BLOCK_M tokens, BLOCK_N features of one group] iterates over
   the group's stored block-columns with `tl.dot`, the input tile gathered by column index. For
   groups of 64 or more features `prefill.py`'s kernel is a candidate too (x transposed once, so a
@@ -271,6 +272,19 @@ DECODE_DOT_CONFIGS = [(16, 256, 4, 3, True, 1), (16, 512, 4, 2, True, 2), (32, 2
                       (32, 512, 8, 2, True, 2), (32, 256, 8, 3, True, 2),
                       (64, 256, 8, 3, True, 1), (64, 256, 8, 3, True, 2), (64, 128, 4, 3, True, 2),
                       (64, 128, 4, 3, True, 4)]
+# USE_DOT SWAP: the same tl.dot with the operands swapped, weight tile first: [BLOCK_F features, BLOCK_K]
+# @ [BLOCK_K, 16 tokens], so that on Hopper a 64-feature tile is one warpgroup's wgmma (M = 64, N =
+# 16) reading both operands from shared memory, where the token-first dot (M = 16) is an mma.sync
+# fed through registers. Its loop leaves the loads to the pipeliner: num_stages buffers of (BLOCK_F
+# + 16) * BLOCK_K * 2 bytes (20 KiB at 64 x 128), filled by cp.async. Only for groups of 64+
+# features; split 2-8 spreads a 4096-row weight (64 groups) over 128-512 programs. Compiled for
+# sm_90 with Triton 3.6: 37-80 registers, no spill, 60-81 KiB of shared memory (two or three
+# programs an SM).
+SWAP = "swap"
+DECODE_SWAP_CONFIGS = [(64, 128, 4, 4, SWAP, 1), (64, 128, 4, 4, SWAP, 2), (64, 128, 4, 4, SWAP, 4),
+                       (64, 128, 4, 4, SWAP, 8), (64, 128, 4, 3, SWAP, 4), (64, 64, 4, 6, SWAP, 4),
+                       (64, 64, 4, 6, SWAP, 8), (64, 256, 4, 2, SWAP, 4)]
+SWAP_MIN_FEATURES = 64
 GEMV_MAX_TOKENS = 8
 GEMV_MULTI_CONFIGS = 2  # for 2-8 tokens only the first FMA configurations are candidates
 DECODE_SPLIT_ROWS = 16  # partial rows per split in the fp32 workspace (= DECODE_MAX_TOKENS)
@@ -436,7 +450,8 @@ def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -
 def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
     """Decode configurations for m tokens; the first never uses split partials."""
     gemv = DECODE_GEMV_CONFIGS if m == 1 else DECODE_GEMV_CONFIGS[:GEMV_MULTI_CONFIGS]
-    configs = (gemv if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS if m > 1 else [])
+    swap = DECODE_SWAP_CONFIGS if w.group_features >= SWAP_MIN_FEATURES else []
+    configs = (gemv if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS + swap if m > 1 else [])
     configs = sorted(configs, key=lambda c: c[5] > 1)  # stable: split-free ones first
     return list(dict.fromkeys((min(c[0], w.group_features), *c[1:]) for c in configs))
 
@@ -512,7 +527,7 @@ def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
         kernel[(n // block_f, split)](
             x, weight.values, weight.cols, weight.group_ptr, bias_arg, y, part, lock, m, n, count,
             x.stride(0), y.stride(0), **flags, BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_K=block_k,
-            USE_DOT=use_dot, SPLIT=split, PDL=pdl, num_warps=warps, num_stages=stages,
+            USE_DOT=bool(use_dot), SWAP=use_dot == SWAP, SPLIT=split, PDL=pdl, num_warps=warps, num_stages=stages,
             **({"launch_pdl": True} if pdl else {}),
         )
 
@@ -570,7 +585,7 @@ def _kernels():
                stride_xm, stride_ym,
                HAS_BIAS: tl.constexpr, B: tl.constexpr, GB: tl.constexpr, UNIFORM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-               SPLIT: tl.constexpr, PDL: tl.constexpr):
+               SWAP: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         # One program: BLOCK_F consecutive output features, all inside one group, over one of the
         # SPLIT ranges of the group's stored columns.
         pid_f = tl.program_id(0)
@@ -594,41 +609,63 @@ def _kernels():
         offs_t = tl.arange(0, BLOCK_K)
         offs_m = tl.arange(0, BLOCK_M)
         w_rows = vals_ptr + start.to(tl.int64) * (GB * B) + ((f0 - g * GB + offs_f) * B)[:, None]
-        # The first tile's weights and column indices: nothing an earlier kernel writes.
-        t = lo + offs_t
-        inside = t < hi
-        # Runs of B consecutive offsets start at multiples of B: the hints let the compiler issue
-        # 16-byte loads (and cp.async pipelining) for the gathered input as for the weights.
-        w_off = tl.max_contiguous(tl.multiple_of((t // B) * (GB * B) + t % B, B), B)
-        w = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
-        xk = tl.load(cols_ptr + start + t // B, mask=inside, other=0) * B + t % B
-        xk = tl.max_contiguous(tl.multiple_of(xk, B), B)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-        acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        for t0 in range(lo, hi, BLOCK_K):
-            if USE_DOT:
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
-                             mask=(offs_m[:, None] < M) & inside[None, :], other=0.0)
-            # the next tile, in flight while this one is reduced
-            t = t0 + BLOCK_K + offs_t
+        if SWAP:
+            # Loads in the loop, so that the pipeliner gives both operands num_stages buffers in
+            # shared memory (cp.async), where the wgmma reads them; the column indices one step
+            # ahead, in registers (an address from a load of the same step would split the stages).
+            t = lo + offs_t
+            xk = tl.load(cols_ptr + start + t // B, mask=t < hi, other=0) * B + t % B
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+            acc = tl.zeros([BLOCK_F, BLOCK_M], dtype=tl.float32)  # features x tokens
+            for t0 in range(lo, hi, BLOCK_K):
+                t = t0 + offs_t
+                inside = t < hi
+                w_off = tl.max_contiguous(tl.multiple_of((t // B) * (GB * B) + t % B, B), B)
+                w = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
+                xk = tl.max_contiguous(tl.multiple_of(xk, B), B)
+                xv = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None],
+                             mask=(offs_m[None, :] < M) & inside[:, None], other=0.0)
+                t = t + BLOCK_K
+                xk = tl.load(cols_ptr + start + t // B, mask=t < hi, other=0) * B + t % B
+                acc = tl.dot(w, xv, acc)
+            acc = tl.trans(acc)
+        else:
+            # The first tile's weights and column indices: nothing an earlier kernel writes.
+            t = lo + offs_t
             inside = t < hi
+            # Runs of B consecutive offsets start at multiples of B: the hints let the compiler issue
+            # 16-byte loads (and cp.async pipelining) for the gathered input as for the weights.
             w_off = tl.max_contiguous(tl.multiple_of((t // B) * (GB * B) + t % B, B), B)
-            w_next = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
-            xk_next = tl.load(cols_ptr + start + t // B, mask=inside, other=0) * B + t % B
-            xk_next = tl.max_contiguous(tl.multiple_of(xk_next, B), B)
-            if USE_DOT:
-                acc = tl.dot(xv, tl.trans(w), acc)
-            else:  # the weight tile is converted once and reused for every token
-                wf = w.to(tl.float32)
-                for m in tl.static_range(BLOCK_M):
-                    # rows past M reread row M-1 (valid memory); their sums are never stored.
-                    # Masked weight entries are zero, so x needs no mask (index 0 is valid).
-                    xv = tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + xk)
-                    part = tl.sum(wf * xv.to(tl.float32)[None, :], axis=1)
-                    acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
-            w = w_next
-            xk = xk_next
+            w = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
+            xk = tl.load(cols_ptr + start + t // B, mask=inside, other=0) * B + t % B
+            xk = tl.max_contiguous(tl.multiple_of(xk, B), B)
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+            acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+            for t0 in range(lo, hi, BLOCK_K):
+                if USE_DOT:
+                    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
+                                 mask=(offs_m[:, None] < M) & inside[None, :], other=0.0)
+                # the next tile, in flight while this one is reduced
+                t = t0 + BLOCK_K + offs_t
+                inside = t < hi
+                w_off = tl.max_contiguous(tl.multiple_of((t // B) * (GB * B) + t % B, B), B)
+                w_next = tl.load(w_rows + w_off[None, :], mask=inside[None, :], other=0.0)
+                xk_next = tl.load(cols_ptr + start + t // B, mask=inside, other=0) * B + t % B
+                xk_next = tl.max_contiguous(tl.multiple_of(xk_next, B), B)
+                if USE_DOT:
+                    acc = tl.dot(xv, tl.trans(w), acc)
+                else:  # the weight tile is converted once and reused for every token
+                    wf = w.to(tl.float32)
+                    for m in tl.static_range(BLOCK_M):
+                        # rows past M reread row M-1 (valid memory); their sums are never stored.
+                        # Masked weight entries are zero, so x needs no mask (index 0 is valid).
+                        xv = tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + xk)
+                        part = tl.sum(wf * xv.to(tl.float32)[None, :], axis=1)
+                        acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+                w = w_next
+                xk = xk_next
         offs_n = f0 + offs_f
         in_m = offs_m[:, None] < M
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 # transposed (xt), TAG_ROWS reads x as it is (no transpose; B-column strips per token).
 TAG, TAG_ROWS = "xt", "xr"
 TAG_TMA, TAG_ROWS_TMA = "xt-tma", "xr-tma"  # the same two with tensor-descriptor (TMA) loads
-TAG_TMA_WS = "xt-tma-ws"  # TAG_TMA with its loop warp-specialised (producer and consumer warps)
 # (BLOCK_T tokens, BLOCK_K inputs per step, num_warps, num_stages). Shared memory:
 # (GB + BLOCK_T) * BLOCK_K * 2 bytes per stage (40 KiB for 64 x 256 x 64); all fit 227 KiB.
 # 512-token tiles only for 64-feature groups (MAX_ACC): they halve the weight's rereads.
@@ -60,11 +59,6 @@ ROWS_CONFIGS = [(256, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (512, 32, 8, 
 # rereads by 10% and, in the pointer kernel, was g4's fastest (110.9 us against 151.3 at 256).
 TMA_CONFIGS = [(256, 16, 8, 8), (256, 16, 8, 12), (128, 16, 4, 8), (512, 16, 8, 6), (512, 16, 8, 8)]
 ROWS_TMA_CONFIGS = [(256, 16, 8, 8)]
-# Warp-specialised TMA tiles by group width (GB): num_warps is each partition's, 12 warps in all.
-# Only the tiles that Triton 3.6 specialises and lowers for sm_90 (checked by compiling, 168
-# registers, no spill): 128-feature groups at 128 and 256 tokens, 64-feature groups at 512 (at 256
-# tokens the lowering fails).
-WS_CONFIGS = {128: [(128, 16, 4, 8), (256, 16, 4, 6), (256, 16, 4, 8)], 64: [(512, 16, 4, 6), (512, 16, 4, 8)]}
 MIN_GROUP_FEATURES = 64
 MAX_ACC = 64 * 512  # accumulator elements of one program (8 warps: 128 fp32 registers a thread)
 TOKEN_PAD = 512  # xt's token axis is padded to a multiple of the widest BLOCK_T
@@ -85,8 +79,7 @@ def candidates(w: BlockSparseWeight) -> list[tuple]:
     pointer = ((TAG, CONFIGS), (TAG_ROWS, ROWS_CONFIGS))
     tma = ((TAG_TMA, TMA_CONFIGS), (TAG_ROWS_TMA, ROWS_TMA_CONFIGS))  # one block a step: BLOCK_K = B
     return ([(tag, *c) for tag, configs in pointer for c in configs if fits(c)]
-            + [(tag, *c) for tag, configs in tma for c in configs if fits(c) and c[1] == w.block]
-            + [(TAG_TMA_WS, *c) for c in WS_CONFIGS.get(w.group_features, []) if c[1] == w.block])
+            + [(tag, *c) for tag, configs in tma for c in configs if fits(c) and c[1] == w.block])
 
 
 def padded_tokens(m: int) -> int:
@@ -105,8 +98,8 @@ def transpose_padded(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 
 
 def transposes(cfg: tuple) -> bool:
-    """Whether a tuner configuration runs this kernel on x transposed (tags TAG, TAG_TMA, TAG_TMA_WS)."""
-    return isinstance(cfg[0], str) and cfg[0] in (TAG, TAG_TMA, TAG_TMA_WS)
+    """Whether a tuner configuration runs this kernel on x transposed (tags TAG and TAG_TMA)."""
+    return isinstance(cfg[0], str) and cfg[0] in (TAG, TAG_TMA)
 
 
 def _state(t: torch.Tensor) -> tuple:
@@ -167,10 +160,9 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
            xt: torch.Tensor | None = None) -> None:
     """y[M, N] = x[M, K] W^T (+ bias) with one configuration (tag, BLOCK_T, BLOCK_K, warps, stages).
 
-    Tags TAG, TAG_TMA and TAG_TMA_WS read x transposed: `xt` if given (made by `transpose_padded`,
+    Tags TAG and TAG_TMA read x transposed: `xt` if given (made by `transpose_padded`,
     then x gives only M), else transposed here. TAG_ROWS and TAG_ROWS_TMA read x as it is, B-column
-    strips per token. The _TMA tags load through tensor descriptors (`prefill_grouped_tma`), and
-    TAG_TMA_WS warp-specialises its loop.
+    strips per token. The _TMA tags load through tensor descriptors (`prefill_grouped_tma`).
     """
     tag, block_t, block_k, warps, stages = cfg
     m = x.shape[0]
@@ -180,11 +172,10 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
     grid = (-(-m // block_t) * ngroups,)
     bias_arg = bias if bias is not None else y
     transposed = transposes(cfg)
-    specialised = tag == TAG_TMA_WS
     if transposed and xt is None:
         xt = transpose_padded(x)
     src = xt if transposed else x
-    if tag in (TAG_TMA, TAG_ROWS_TMA, TAG_TMA_WS) and tma_ready(src, w):
+    if tag in (TAG_TMA, TAG_ROWS_TMA) and tma_ready(src, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         b = w.block
@@ -195,11 +186,9 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
         _kernels().prefill_grouped_tma[grid](
             x_desc, w_desc, w.cols, w.group_ptr, bias_arg, y, m, w.uniform_count, ngroups, group_t,
             int(bias is not None), y.stride(0), B=b, GB=w.group_features, X_T=transposed, BLOCK_T=block_t,
-            WS=specialised, num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages,
         )
         return
-    if specialised:  # the pointer kernel's tile needs 8 warps for this accumulator
-        warps = 8
     # xt: token axis contiguous, its padding tokens exist; x: input axis contiguous, tokens masked
     stride_k, stride_t = (xt.stride(0), 1) if transposed else (1, x.stride(0))
     _kernels().prefill_grouped[grid](

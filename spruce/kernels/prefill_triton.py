@@ -21,7 +21,7 @@ def transpose(x_ptr, xt_ptr, M, K, stride_xm, stride_xt, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
-def program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T: tl.constexpr, NO_BRANCH: tl.constexpr = False):
+def program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T: tl.constexpr):
     """(token tile, group, first stored entry, stored entries) of this program."""
     pid = tl.program_id(0)
     # bands of GROUP_T token tiles; inside a band the token tile varies fastest, then the group
@@ -35,15 +35,8 @@ def program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T: tl.constexpr, NO
     g = local // band_t
     # count: stored block-columns of every group when all are equal (no pointer load), else -1.
     # A run-time branch, not a specialisation: one binary serves both (one load a program is
-    # nothing next to a prefill tile's work). NO_BRANCH selects instead (a load masked off costs
-    # no memory access): a kernel with no run-time branch outside its loop can be warp-specialised.
-    if NO_BRANCH:
-        ptr = (tl.zeros([], dtype=tl.int32) + count) < 0  # a tensor (the interpreter's masks must be)
-        first = tl.load(gptr_ptr + g, mask=ptr, other=0)
-        last = tl.load(gptr_ptr + g + 1, mask=ptr, other=0)
-        start = tl.where(ptr, first, g * count)
-        entries = tl.where(ptr, last - first, count)
-    elif count >= 0:
+    # nothing next to a prefill tile's work).
+    if count >= 0:
         start = g * count
         entries = count
     else:
@@ -54,13 +47,10 @@ def program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T: tl.constexpr, NO
 
 @triton.jit
 def store_transposed(acc, y_ptr, bias_ptr, g, pid_t, M, stride_ym, has_bias, GB: tl.constexpr,
-                     BLOCK_T: tl.constexpr, NO_BRANCH: tl.constexpr = False):
+                     BLOCK_T: tl.constexpr):
     offs_n = g * GB + tl.arange(0, GB)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    if NO_BRANCH:  # the bias by a masked load (see program_tile)
-        on = (tl.zeros([GB], dtype=tl.int32) + has_bias) != 0
-        acc += tl.load(bias_ptr + offs_n, mask=on, other=0.0).to(tl.float32)[:, None]
-    elif has_bias != 0:
+    if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
     tl.store(y_ptr + offs_t.to(tl.int64)[None, :] * stride_ym + offs_n[:, None],
              acc.to(y_ptr.dtype.element_ty), mask=(offs_t < M)[None, :])
@@ -115,33 +105,20 @@ def prefill_grouped(x_ptr, vals_ptr, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, cou
 # vector reduction to pick it out of a tile). One dot a step keeps it in flight across steps;
 # with several, Triton 3.6 waits for each further one (and at 64 inputs a step on 64-feature
 # groups its code did 1.74x the tensor work: 561.8 us against 117.9 us, ncu, docs/kernels-notes.md).
-# WS: the loop warp-specialised by Triton (Hopper): a producer partition issues the boxes and the
-# index loads, two consumer warpgroups run the dots, with the register split that suits each; 4
-# warps a partition (X_T only). Triton 3.6 applies it only to a kernel with no run-time branch
-# outside the loop (program_tile's and store_transposed's NO_BRANCH) and lowers it only with the
-# index loaded in its own step.
 @triton.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T", "has_bias"])
 def prefill_grouped_tma(x_desc, w_desc, cols_ptr, gptr_ptr, bias_ptr, y_ptr, M, count, ngroups, GROUP_T, has_bias,
-                        stride_ym, B: tl.constexpr, GB: tl.constexpr, X_T: tl.constexpr, BLOCK_T: tl.constexpr,
-                        WS: tl.constexpr = False):
-    pid_t, g, start, entries = program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T, WS)
+                        stride_ym, B: tl.constexpr, GB: tl.constexpr, X_T: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t, g, start, entries = program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T)
     t0 = pid_t * BLOCK_T
     acc = tl.zeros([GB, BLOCK_T], dtype=tl.float32)
-    if WS:
-        for e in tl.range(0, entries, warp_specialize=True):
-            c = tl.load(cols_ptr + start + e)
-            wb = w_desc.load([(start + e) * GB, 0])
+    c = tl.load(cols_ptr + start, mask=entries > 0, other=0)
+    for e in range(0, entries):
+        c_next = tl.load(cols_ptr + start + e + 1, mask=e + 1 < entries, other=0)
+        wb = w_desc.load([(start + e) * GB, 0])
+        if X_T:
             xb = x_desc.load([c * B, t0])
-            acc = tl.dot(wb, xb, acc)
-    else:
-        c = tl.load(cols_ptr + start, mask=entries > 0, other=0)
-        for e in range(0, entries):
-            c_next = tl.load(cols_ptr + start + e + 1, mask=e + 1 < entries, other=0)
-            wb = w_desc.load([(start + e) * GB, 0])
-            if X_T:
-                xb = x_desc.load([c * B, t0])
-            else:
-                xb = tl.trans(x_desc.load([t0, c * B]))
-            acc = tl.dot(wb, xb, acc)
-            c = c_next
-    store_transposed(acc, y_ptr, bias_ptr, g, pid_t, M, stride_ym, has_bias, GB, BLOCK_T, WS)
+        else:
+            xb = tl.trans(x_desc.load([t0, c * B]))
+        acc = tl.dot(wb, xb, acc)
+        c = c_next
+    store_transposed(acc, y_ptr, bias_ptr, g, pid_t, M, stride_ym, has_bias, GB, BLOCK_T)
