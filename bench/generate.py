@@ -174,11 +174,35 @@ def layout_line(model, layout: str, selection: str, shares: dict[str, float], bl
     return f"layout {layout} ({selection} selection): " + "; ".join(kinds.values())
 
 
-def _model_bytes(model) -> int:
+def step_weight_bytes(model, batch: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of weights one decode step of `batch` tokens reads: every parameter and buffer once,
+    except an input embedding table (only its `batch` looked-up rows, unless a linear shares the
+    table: a tied LM head reads it whole) and, for a block-sparse linear, only the copy that runs
+    at this launch shape (its kept blocks and indices, or its dense copy where the dispatch runs
+    dense; an untuned shape counts as sparse)."""
+    from spruce.kernels.bsr import runs_dense
+    from spruce.kernels.linear import BlockSparseLinear
+
+    nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
+    counted: set[int] = set()
     total = 0
+    embeddings = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for module in model.modules():
+        if isinstance(module, BlockSparseLinear):
+            dense = runs_dense("decode", module.sparse_weight, batch, dtype) and module.dense_weight is not None
+            parts = [module.dense_weight] if dense else [module.values, module.cols, module.group_ptr]
+            total += sum(nbytes(t) for t in [*parts, module.bias])
+            counted.update(id(t) for t in (module.values, module.cols, module.group_ptr, module.dense_weight,
+                                           module.bias) if t is not None)
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
-            total += t.numel() * t.element_size()
+        if id(t) in counted or t.layout != torch.strided:
+            continue
+        counted.add(id(t))
+        if id(t) in embeddings and id(t) not in linear_weights:
+            total += batch * t.shape[1] * t.element_size()
+        else:
+            total += nbytes(t)
     return total
 
 
@@ -289,8 +313,10 @@ class _GenerateBench:
             row = {"layout": layout, "kind": kind, "batch": s.batch, "mode": mode, "prompt_tokens": self.prompt_tokens,
                    "new_tokens": self.new_tokens, "ttft_ms": s.ttft_s * 1e3, "tokens_per_s": s.decode_tokens_per_second,
                    "ms_per_step": s.decode_s / max(self.new_tokens - 1, 1) * 1e3, **extra}
-            if self.ceilings and "weight_bytes" in extra:
-                row["weight_read_floor_ms"] = extra["weight_bytes"] / self.ceilings["copy_bytes_per_s"] * 1e3
+            if "weight_bytes" in extra:  # by batch: the bytes one decode step of that batch reads
+                row["weight_bytes"] = extra["weight_bytes"][s.batch]
+                if self.ceilings:
+                    row["weight_read_floor_ms"] = row["weight_bytes"] / self.ceilings["copy_bytes_per_s"] * 1e3
             if dense is not None:
                 d = dense[i]
                 row["speedup"] = s.decode_tokens_per_second / d.decode_tokens_per_second
@@ -325,7 +351,7 @@ class _GenerateBench:
     def inspect(self, model_now):
         from spruce.kernels.bsr import pdl_enabled
 
-        return {"weight_bytes": _model_bytes(model_now),
+        return {"weight_bytes": {b: step_weight_bytes(model_now, b) for b in self.batch_sizes},
                 "pdl": pdl_enabled(torch.device(self.device)) if self.cuda else None,
                 "configs": {b: _linear_configs(model_now, b, self.prompt_tokens, torch.bfloat16)
                             for b in self.batch_sizes}}
@@ -349,7 +375,8 @@ class _GenerateBench:
                                                      ttft_repeats=self.repeats)["dense"])
             self.dense_of[layout, mode] = dense
             if dense is not None:
-                self.add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": _model_bytes(self.model)})
+                weight_bytes = {b: step_weight_bytes(self.model, b) for b in self.batch_sizes}
+                self.add_rows(layout, "dense", mode, dense, dense, {"weight_bytes": weight_bytes})
                 print("\n".join(format_generate_table(self.rows[-len(dense):]).splitlines()[1:]), flush=True)
         return self.dense_of[layout, mode]
 

@@ -83,6 +83,8 @@ def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch, capsys):
 
     for kind, tokens in (("decode", 1), ("prefill", 24)):
         assert bsr.runs_dense(kind, model.q_proj.sparse_weight, tokens, torch.float16) is False
+        key = "/".join(map(str, bsr.tuning_key(kind, model.q_proj.sparse_weight, tokens, torch.float16)))
+        assert bsr.tuning_times()[key]   # and the timings behind the choice, for the benches' reports
     assert bsr.runs_dense("prefill", model.down_proj.sparse_weight, 24, torch.float16) is True
     assert bsr.runs_dense("decode", model.down_proj.sparse_weight, 1, torch.float16) is False
 
@@ -212,3 +214,34 @@ def test_generation_bench_refuses_a_layout_the_pruner_does_not_emit_as_blocks():
 
     with pytest.raises(SpruceError, match="block patterns the pruner emits"):
         bench_generate(layouts=["2:4"], device="cpu")
+
+
+def test_step_weight_bytes_count_what_one_decode_step_reads(monkeypatch):
+    """The generation bench's floor: an untied embedding table counts only its looked-up rows, a tied
+    one (the LM head reads it) whole, and a block-sparse linear its kept blocks and indices, or its
+    dense copy where the dispatch runs dense at that batch."""
+    from bench.generate import step_weight_bytes
+    from spruce.kernels import bsr
+    from spruce.kernels.linear import BlockSparseLinear
+    from tests.test_kernels import masked_weight
+
+    def total(model):
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                   [*model.parameters(), *model.buffers()]}.values())
+
+    untied, tied = build_model(96, hidden=64), build_model(96, hidden=64, tie_word_embeddings=True)
+    table = 96 * 64 * 4   # float32 embedding
+    assert step_weight_bytes(untied, 2) == total(untied) - table + 2 * 64 * 4
+    assert step_weight_bytes(tied, 2) == total(tied)
+
+    lin = torch.nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(masked_weight(64, 128, 16, 0.5, "grouped"))
+    layer = BlockSparseLinear.from_linear(lin, keep_dense=True)
+    sparse_bytes = sum(t.numel() * t.element_size() for t in (layer.values, layer.cols, layer.group_ptr))
+    model = torch.nn.Sequential(layer)
+    assert step_weight_bytes(model, 1) == sparse_bytes          # not tuned yet: counted as sparse
+    key = bsr.tuning_key("decode", layer.sparse_weight, 1, torch.bfloat16)
+    monkeypatch.setitem(bsr._tuned, key, bsr.DENSE)
+    assert step_weight_bytes(model, 1) == 64 * 128 * 4          # runs dense at batch 1: the dense copy
+    assert step_weight_bytes(model, 2) == sparse_bytes

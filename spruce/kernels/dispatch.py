@@ -80,6 +80,8 @@ def prepare_dispatch(model: nn.Module, decode_tokens=(1,), prefill_tokens=(), tu
             if layer.dense_weight is None and id(layer) in tuned_with_copy:
                 for key in tuned_with_copy[id(layer)]:
                     bsr._tuned.setdefault(key[:-1], bsr._tuned[key])
+                    if key in bsr._tune_ms:  # and its timings, for the reports
+                        bsr._tune_ms.setdefault(key[:-1], bsr._tune_ms[key])
     else:
         for layer in layers:
             if layer.dense_weight is not None:
