@@ -21,6 +21,7 @@ tuned kernel once each between cudaProfilerStart and cudaProfilerStop, for Nsigh
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 
 import torch
@@ -42,12 +43,19 @@ def emitted_weight(n, k, pattern, selection, sparsity, gen, device):
     return w.masked_fill(mask, 0).to(device, torch.bfloat16)
 
 
-def profile_once(x: torch.Tensor, dense_w: torch.Tensor, sp: bsr.BlockSparseWeight) -> None:
-    """One plain launch of dense cuBLAS and one of the tuned kernel, inside a profiler range."""
+def profile_once(x: torch.Tensor, dense_w: torch.Tensor, sp: bsr.BlockSparseWeight, forced=()) -> None:
+    """One plain launch of dense cuBLAS and one of the tuned kernel (or of each `forced` decode
+    configuration), inside a profiler range."""
+    y = torch.empty(x.shape[0], sp.shape[0], dtype=x.dtype, device=x.device)
+    for cfg in forced:  # compiled (and split workspaces made) outside the range
+        bsr.launch_decode(x, sp, None, y, cfg)
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     F.linear(x, dense_w)
-    bsr.block_sparse_linear(x, sp)
+    if not forced:
+        bsr.block_sparse_linear(x, sp)
+    for cfg in forced:
+        bsr.launch_decode(x, sp, None, y, cfg)
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
 
@@ -61,6 +69,9 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="after tuning, one plain launch of dense and of the tuned kernel per case, "
                         "between cudaProfilerStart and Stop (ncu --profile-from-start off)")
+    p.add_argument("--force", nargs="+", default=[], metavar="CONFIG",
+                   help="with --profile: launch these decode configurations instead of the tuned one "
+                        "(under ncu the tuner's timings are distorted), e.g. \"(64, 128, 4, 4, 'swap', 4)\"")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--check", action="store_true", help="CPU: build masks and formats at small shapes only")
     p.add_argument("--json")
@@ -99,8 +110,10 @@ def main():
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if a.profile:
-                        profile_once(x, dense_w, sp)
-                        print(f"profiled: {n}x{k} {pattern} {selection} tokens {m}: dense, then {row['config']}")
+                        forced = [ast.literal_eval(c) for c in a.force] if m <= bsr.DECODE_MAX_TOKENS else []
+                        profile_once(x, dense_w, sp, forced)
+                        print(f"profiled: {n}x{k} {pattern} {selection} tokens {m}: dense, then "
+                              f"{', '.join(map(str, forced)) or row['config']}")
                     if a.json:
                         with open(a.json, "w") as f:
                             json.dump(rows, f, indent=1)
