@@ -285,6 +285,11 @@ DECODE_SWAP_CONFIGS = [(64, 128, 4, 4, SWAP, 1), (64, 128, 4, 4, SWAP, 2), (64, 
                        (64, 128, 4, 4, SWAP, 8), (64, 128, 4, 3, SWAP, 4), (64, 64, 4, 6, SWAP, 4),
                        (64, 64, 4, 6, SWAP, 8), (64, 256, 4, 2, SWAP, 4)]
 SWAP_MIN_FEATURES = 64
+# Weight-first tiles of 16 and 32 features (an mma.sync, M = 16 or 32), for every group width: the
+# same pipeliner-owned loads with no split partials, 256 programs of 16 features on a 4096-row
+# weight. Compiled for sm_90 with Triton 3.6: 38-64 registers, 40-73 KiB. Not yet timed on a GPU.
+DECODE_SWAP_NARROW_CONFIGS = [(16, 256, 4, 4, SWAP, 1), (16, 128, 4, 6, SWAP, 1), (32, 256, 4, 4, SWAP, 1),
+                              (32, 256, 4, 4, SWAP, 2)]
 GEMV_MAX_TOKENS = 8
 GEMV_MULTI_CONFIGS = 2  # for 2-8 tokens only the first FMA configurations are candidates
 DECODE_SPLIT_ROWS = 16  # partial rows per split in the fp32 workspace (= DECODE_MAX_TOKENS)
@@ -450,7 +455,7 @@ def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -
 def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
     """Decode configurations for m tokens; the first never uses split partials."""
     gemv = DECODE_GEMV_CONFIGS if m == 1 else DECODE_GEMV_CONFIGS[:GEMV_MULTI_CONFIGS]
-    swap = DECODE_SWAP_CONFIGS if w.group_features >= SWAP_MIN_FEATURES else []
+    swap = (DECODE_SWAP_CONFIGS if w.group_features >= SWAP_MIN_FEATURES else []) + DECODE_SWAP_NARROW_CONFIGS
     configs = (gemv if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS + swap if m > 1 else [])
     configs = sorted(configs, key=lambda c: c[5] > 1)  # stable: split-free ones first
     return list(dict.fromkeys((min(c[0], w.group_features), *c[1:]) for c in configs))
