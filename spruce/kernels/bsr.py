@@ -17,10 +17,10 @@ Kernels (CUDA, bfloat16 and float16, fp32 accumulation):
 - decode, 1-16 tokens, memory bound: a program streams BLOCK_F rows of one group over its stored
   block-columns (or one of SPLIT ranges of them, partials summed by the last program to finish),
   gathers the matching input segments by column index, and reduces (fp32 FMA per token, or
-  `tl.dot` on a 16-token tile: tokens first, or, for groups of 64+ features, the weight tile first,
-  a 64-feature wgmma on Hopper). The next tile is loaded while the current one is reduced; on
-  Hopper the launch is a programmatic dependent launch that loads its first weight tile before
-  waiting for the previous kernel (the weight-first tiles wait before their loop).
+  `tl.dot` on a 16-token tile: tokens first, or the weight tile first, which on Hopper is a
+  64-feature wgmma for groups of 64+ features). The next tile is loaded while the current one is
+  reduced; on Hopper the launch is a programmatic dependent launch that loads its first weight
+  tile before waiting for the previous kernel (the weight-first tiles wait before their loop).
 - prefill, more tokens: a GEMM tile [BLOCK_M tokens, BLOCK_N features of one group] iterates over
   the group's stored block-columns with `tl.dot`, the input tile gathered by column index. For
   groups of 64 or more features `prefill.py`'s kernel is a candidate too (x transposed once, so a
@@ -255,11 +255,12 @@ def _warn_no_triton() -> None:
 
 # ---------------------------------------------------------------- tile configurations and tuning
 
-# Decode: (BLOCK_F, BLOCK_K, num_warps, num_stages, USE_DOT, SPLIT); BLOCK_F is capped at the group's
-# width. SPLIT > 1 cuts each group's stored columns into SPLIT ranges, one program each, so that a
-# 4096-row weight still spreads over enough programs; the last program of a feature tile to finish
-# sums the fp32 partials. The loop loads the next tile's weights and column indices before it
-# reduces the current one, so one tile per program is always in flight.
+# Decode: (BLOCK_F, BLOCK_K, num_warps, num_stages, USE_DOT, SPLIT), USE_DOT False, True or SWAP
+# (below); BLOCK_F is capped at the group's width. SPLIT > 1 cuts each group's stored columns into
+# SPLIT ranges, one program each, so that a 4096-row weight still spreads over enough programs; the
+# last program of a feature tile to finish sums the fp32 partials. The FMA and token-first loops
+# load the next tile's weights and column indices before they reduce the current one, so one tile
+# per program is always in flight.
 # USE_DOT False: fp32 FMA per token (1-8 tokens), the weight tile converted once and reused.
 DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False, 1), (8, 512, 4, 1, False, 1), (8, 1024, 4, 1, False, 2),
                        (16, 512, 4, 1, False, 4), (16, 256, 4, 1, False, 8)]
