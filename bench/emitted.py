@@ -60,6 +60,18 @@ def profile_once(x: torch.Tensor, dense_w: torch.Tensor, sp: bsr.BlockSparseWeig
     torch.cuda.profiler.stop()
 
 
+def decode_config(text: str) -> tuple:
+    """A decode configuration as `bsr` writes it, e.g. "(64, 128, 4, 4, 'swap', 4)"."""
+    try:
+        cfg = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        cfg = None
+    if not (isinstance(cfg, tuple) and len(cfg) == len(bsr.DECODE_GEMV_CONFIGS[0])):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decode configuration such as "
+                                         f"\"{bsr.DECODE_SWAP_CONFIGS[0]}\"")
+    return cfg
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="weight shapes OUTxIN")
@@ -69,7 +81,7 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="after tuning, one plain launch of dense and of the tuned kernel per case, "
                         "between cudaProfilerStart and Stop (ncu --profile-from-start off)")
-    p.add_argument("--force", nargs="+", default=[], metavar="CONFIG",
+    p.add_argument("--force", nargs="+", type=decode_config, default=[], metavar="CONFIG",
                    help="with --profile: launch these decode configurations instead of the tuned one "
                         "(under ncu the tuner's timings are distorted), e.g. \"(64, 128, 4, 4, 'swap', 4)\"")
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -110,7 +122,7 @@ def main():
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if a.profile:
-                        forced = [ast.literal_eval(c) for c in a.force] if m <= bsr.DECODE_MAX_TOKENS else []
+                        forced = a.force if m <= bsr.DECODE_MAX_TOKENS else []
                         profile_once(x, dense_w, sp, forced)
                         print(f"profiled: {n}x{k} {pattern} {selection} tokens {m}: dense, then "
                               f"{', '.join(map(str, forced)) or row['config']}")

@@ -192,7 +192,7 @@ def step_weight_bytes(model, batch: int, dtype: torch.dtype = torch.bfloat16) ->
     nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
     counted: set[int] = set()
     total = 0
-    embeddings = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     for module in model.modules():
         if isinstance(module, BlockSparseLinear):
@@ -202,7 +202,7 @@ def step_weight_bytes(model, batch: int, dtype: torch.dtype = torch.bfloat16) ->
             counted.update(id(t) for t in (module.values, module.cols, module.group_ptr, module.dense_weight,
                                            module.bias) if t is not None)
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in counted or t.layout != torch.strided:
+        if id(t) in counted or t.layout != torch.strided or type(t) not in (torch.Tensor, torch.nn.Parameter):
             continue
         counted.add(id(t))
         if id(t) in embeddings and id(t) not in linear_weights:
