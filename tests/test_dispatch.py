@@ -245,3 +245,38 @@ def test_step_weight_bytes_count_what_one_decode_step_reads(monkeypatch):
     monkeypatch.setitem(bsr._tuned, key, bsr.DENSE)
     assert step_weight_bytes(model, 1) == 64 * 128 * 4          # runs dense at batch 1: the dense copy
     assert step_weight_bytes(model, 2) == sparse_bytes
+
+
+
+@pytest.mark.parametrize("tokens", [2, 24])
+def test_a_tuned_launch_builds_no_candidate_list(monkeypatch, tokens):
+    """Once a launch shape is tuned, a launch runs its configuration (dense: cuBLAS on the copy; a
+    tile: the kernel) without listing the candidates again: that host work bounds an eager prefill."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
+    from spruce.kernels import bsr
+    from spruce.kernels.bsr import BlockSparseWeight
+    from tests.test_kernels import masked_weight
+
+    decode = tokens <= bsr.DECODE_MAX_TOKENS
+    name = "decode_candidates" if decode else "prefill_candidates"
+    real, listed = getattr(bsr, name), []
+    monkeypatch.setattr(bsr, name, lambda *a: listed.append(a) or real(*a)[:1])
+    _simulate(monkeypatch, lambda kind, shape: True)   # dense wins the tuning
+    dense = masked_weight(64, 128, 16, 0.5, "grouped", dtype=torch.float16)
+    w = BlockSparseWeight.from_dense(dense, 16)
+    w.dense = dense.clone()
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1)).half()
+    launch = bsr.launch_decode if decode else bsr.launch_prefill
+    key = bsr.tuning_key("decode" if decode else "prefill", w, tokens, x.dtype)
+    ref = x.double() @ dense.double().t()
+    for tile in (False, True):
+        if tile:   # the same launch shape tuned to a kernel tile instead
+            bsr._tuned[key] = real(*listed[0])[0]
+        for _ in range(2):
+            y = torch.full((tokens, 64), float("nan"), dtype=torch.float16)
+            launch(x, w, None, y)
+            torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-2)
+        assert len(listed) == 1   # listed for the first launch's tuning only
+        assert (bsr._tuned[key] == bsr.DENSE) != tile

@@ -166,7 +166,6 @@ def _simulated(monkeypatch, dense_us: float, kernel_us: float):
     monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:2])
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", [])
     monkeypatch.setattr(bsr, "DECODE_SWAP_CONFIGS", [])
-    monkeypatch.setattr(bsr, "DECODE_SWAP_NARROW_CONFIGS", [])
     return calls
 
 

@@ -111,11 +111,8 @@ def test_decode_candidates(layout, width):
             dot = {c for c in configs if c[4]}
             assert {(64, 256, 8, 3, True, 1), (32, 256, 4, 3, True, 1), (32, 256, 4, 3, True, 4)} <= dot
             assert {c[1] for c in dot if c[0] == 32} == {128, 256, 512}
-        # weight-first dots: 64-feature tiles for groups of 64+ features, 16- and 32-feature ones for all
-        wide = bsr.DECODE_SWAP_CONFIGS if width >= 64 else []
-        expected = {(min(c[0], width), *c[1:]) for c in wide + bsr.DECODE_SWAP_NARROW_CONFIGS} if m > 1 else set()
-        assert {c for c in configs if c[4] == bsr.SWAP} == expected
-        assert any(c[4] == bsr.SWAP and c[0] == 64 for c in configs) == (m > 1 and width >= 64)
+        swapped = [c for c in configs if c[4] == bsr.SWAP]   # weight-first dots: groups of 64+ features only
+        assert len(swapped) == (len(bsr.DECODE_SWAP_CONFIGS) if m > 1 and width >= 64 else 0)
 
 
 def test_bench_tables_show_configs_pdl_and_baseline(monkeypatch):
@@ -285,7 +282,6 @@ def few_configs(monkeypatch):
     monkeypatch.setattr(bsr, "DECODE_GEMV_CONFIGS", bsr.DECODE_GEMV_CONFIGS[:1])
     monkeypatch.setattr(bsr, "DECODE_DOT_CONFIGS", bsr.DECODE_DOT_CONFIGS[:1])
     monkeypatch.setattr(bsr, "DECODE_SWAP_CONFIGS", bsr.DECODE_SWAP_CONFIGS[:1])
-    monkeypatch.setattr(bsr, "DECODE_SWAP_NARROW_CONFIGS", bsr.DECODE_SWAP_NARROW_CONFIGS[:1])
     monkeypatch.setattr(bsr, "GEMV_MULTI_CONFIGS", 1)
     monkeypatch.setattr(bsr, "PREFILL_CONFIGS", [(128, 64, 8, 3, False), (128, 64, 4, 4, True)])
     for name in ("CONFIGS", "ROWS_CONFIGS", "TMA_CONFIGS", "ROWS_TMA_CONFIGS"):
@@ -373,8 +369,7 @@ def test_split_decode_resets_its_counters_and_repeats(kernels_on):
     n, k, repeats = (256, 1024, 3) if device.type == "cuda" else (128, 384, 2)  # on CPU some splits get no columns
     w = masked_weight(n, k, 16, 0.5, "grouped").to(dtype)
     sparse = BlockSparseWeight.from_dense(w, 16).to(device)
-    splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS + bsr.DECODE_SWAP_CONFIGS
-              + bsr.DECODE_SWAP_NARROW_CONFIGS if c[5] > 1]
+    splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS + bsr.DECODE_SWAP_CONFIGS if c[5] > 1]
     assert splits
     for m in (1, 16):
         x = torch.randn(m, k, generator=gen).to(device, dtype)

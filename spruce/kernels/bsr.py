@@ -43,6 +43,7 @@ import functools
 import types
 
 import torch
+import torch.nn.functional as F
 
 from spruce.errors import SpruceError
 from spruce.kernels import prefill as grouped_prefill
@@ -217,16 +218,22 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if not m:
+        return x.new_empty(*lead, n)
+    # The tuned configuration is looked up once here and handed down, so that a tuned launch builds
+    # no candidate list: an eager prefill of a many-layer model is bound by this host work.
+    kind = "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+    cfg = _tuned.get(tuning_key(kind, weight, m, x.dtype))
+    if cfg == DENSE and weight.dense is not None:  # the tuner timed cuBLAS faster: run it as nn.Linear does
+        return F.linear(x, weight.dense, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        if m <= DECODE_MAX_TOKENS:
-            launch_decode(x2, weight, bias, y)
-        else:
-            cfg = chosen_config("prefill", weight, m, x.dtype) if share_input else None
-            if cfg is not None and grouped_prefill.transposes(cfg) and not torch.cuda.is_current_stream_capturing():
-                launch_prefill(x2, weight, bias, y, cfg, xt=grouped_prefill.SHARED.get(x, x2))
-            else:
-                launch_prefill(x2, weight, bias, y)
+    if kind == "decode":
+        launch_decode(x2, weight, bias, y, cfg)
+    elif (share_input and cfg is not None and grouped_prefill.transposes(cfg)
+          and not torch.cuda.is_current_stream_capturing()):
+        launch_prefill(x2, weight, bias, y, cfg, xt=grouped_prefill.SHARED.get(x, x2))
+    else:
+        launch_prefill(x2, weight, bias, y, cfg)
     return y.reshape(*lead, n)
 
 
@@ -262,8 +269,11 @@ def _warn_no_triton() -> None:
 # load the next tile's weights and column indices before they reduce the current one, so one tile
 # per program is always in flight.
 # USE_DOT False: fp32 FMA per token (1-8 tokens), the weight tile converted once and reused.
+# The last four (one 2048-input step, or 8 warps) are 1-token candidates for the wide shapes, where
+# a program of (4, 1024) walks only two steps of a 50%-kept 4096-input row.
 DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False, 1), (8, 512, 4, 1, False, 1), (8, 1024, 4, 1, False, 2),
-                       (16, 512, 4, 1, False, 4), (16, 256, 4, 1, False, 8)]
+                       (16, 512, 4, 1, False, 4), (16, 256, 4, 1, False, 8), (4, 2048, 4, 1, False, 1),
+                       (2, 2048, 4, 1, False, 1), (4, 1024, 8, 1, False, 1), (8, 2048, 8, 1, False, 1)]
 # USE_DOT True: a 16-token tl.dot (BLOCK_F >= 16), 2-16 tokens. The first five are the v4 list, whose
 # widest tile (32 features, split 2) won every 8-16 token shape; the rest extend it around that
 # winner: 32 features with split 1 and 4, K tiles of 128 and 512, 8 warps, and 64-feature tiles.
@@ -286,11 +296,6 @@ DECODE_SWAP_CONFIGS = [(64, 128, 4, 4, SWAP, 1), (64, 128, 4, 4, SWAP, 2), (64, 
                        (64, 128, 4, 4, SWAP, 8), (64, 128, 4, 3, SWAP, 4), (64, 64, 4, 6, SWAP, 4),
                        (64, 64, 4, 6, SWAP, 8), (64, 256, 4, 2, SWAP, 4)]
 SWAP_MIN_FEATURES = 64
-# Weight-first tiles of 16 and 32 features (an mma.sync, M = 16 or 32), for every group width: the
-# same pipeliner-owned loads with no split partials, 256 programs of 16 features on a 4096-row
-# weight. Compiled for sm_90 with Triton 3.6: 38-64 registers, 40-73 KiB. Not yet timed on a GPU.
-DECODE_SWAP_NARROW_CONFIGS = [(16, 256, 4, 4, SWAP, 1), (16, 128, 4, 6, SWAP, 1), (32, 256, 4, 4, SWAP, 1),
-                              (32, 256, 4, 4, SWAP, 2)]
 GEMV_MAX_TOKENS = 8
 GEMV_MULTI_CONFIGS = 2  # for 2-8 tokens only the first FMA configurations are candidates
 DECODE_SPLIT_ROWS = 16  # partial rows per split in the fp32 workspace (= DECODE_MAX_TOKENS)
@@ -456,7 +461,7 @@ def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -
 def decode_candidates(w: BlockSparseWeight, m: int) -> list[tuple]:
     """Decode configurations for m tokens; the first never uses split partials."""
     gemv = DECODE_GEMV_CONFIGS if m == 1 else DECODE_GEMV_CONFIGS[:GEMV_MULTI_CONFIGS]
-    swap = (DECODE_SWAP_CONFIGS if w.group_features >= SWAP_MIN_FEATURES else []) + DECODE_SWAP_NARROW_CONFIGS
+    swap = DECODE_SWAP_CONFIGS if w.group_features >= SWAP_MIN_FEATURES else []
     configs = (gemv if m <= GEMV_MAX_TOKENS else []) + (DECODE_DOT_CONFIGS + swap if m > 1 else [])
     configs = sorted(configs, key=lambda c: c[5] > 1)  # stable: split-free ones first
     return list(dict.fromkeys((min(c[0], w.group_features), *c[1:]) for c in configs))
@@ -537,11 +542,7 @@ def launch_decode(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
             **({"launch_pdl": True} if pdl else {}),
         )
 
-    candidates, launch = _with_dense(decode_candidates(w, m), launch, w, x, bias, y)
-    if cfg is not None:
-        launch(cfg, w)
-        return
-    _launch_tuned(tuning_key("decode", w, m, x.dtype), candidates, launch, w)
+    _launch_config(cfg, "decode", lambda: decode_candidates(w, m), launch, w, x, bias, y)
 
 
 def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: torch.Tensor, cfg=None,
@@ -565,11 +566,23 @@ def launch_prefill(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | N
             num_stages=stages,
         )
 
-    candidates, launch = _with_dense(prefill_candidates(w), launch, w, x, bias, y)
-    if cfg is not None:
+    _launch_config(cfg, "prefill", lambda: prefill_candidates(w), launch, w, x, bias, y)
+
+
+def _launch_config(cfg: tuple | None, kind: str, candidates, launch, w: BlockSparseWeight, x, bias, y) -> None:
+    """Run configuration `cfg` (DENSE: cuBLAS on the weight's dense copy); None: the one tuned for
+    this launch shape, found by timing `candidates()` (a function, so a tuned launch builds no list)."""
+    key = None
+    if cfg is None:
+        key = tuning_key(kind, w, x.shape[0], x.dtype)
+        cfg = _tuned.get(key)
+    if cfg == DENSE:
+        dense_linear_into(x, w.dense, bias, y)
+    elif cfg is not None:
         launch(cfg, w)
-        return
-    _launch_tuned(tuning_key("prefill", w, m, x.dtype), candidates, launch, w)
+    else:
+        listed, either = _with_dense(candidates(), launch, w, x, bias, y)
+        _launch_tuned(key, listed, either, w)
 
 
 def triton_cdiv(a: int, b: int) -> int:
