@@ -280,3 +280,61 @@ def test_a_tuned_launch_builds_no_candidate_list(monkeypatch, tokens):
             torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-2)
         assert len(listed) == 1   # listed for the first launch's tuning only
         assert (bsr._tuned[key] == bsr.DENSE) != tile
+
+
+def _layer_tuned_dense(device, dtype, tokens):
+    """A BlockSparseLinear with its dense copy whose launch at `tokens` is tuned to dense cuBLAS."""
+    from spruce.kernels import bsr
+    from spruce.kernels.linear import BlockSparseLinear
+    from tests.test_kernels import masked_weight
+
+    lin = torch.nn.Linear(128, 64, bias=True).to(device, dtype)
+    with torch.no_grad():
+        lin.weight.copy_(masked_weight(64, 128, 16, 0.5, "grouped", dtype=dtype))
+    layer = BlockSparseLinear.from_linear(lin, keep_dense=True)
+    kind = "decode" if tokens <= bsr.DECODE_MAX_TOKENS else "prefill"
+    key = bsr.tuning_key(kind, layer.sparse_weight, tokens, dtype)
+    return lin, layer, key
+
+
+def test_a_dense_route_is_dropped_with_the_copy_or_the_tuning_table(monkeypatch):
+    """A remembered dense route serves only the copy and the tuning table it was learned with."""
+    from spruce.kernels import bsr
+    from spruce.kernels.linear import release_dense
+
+    monkeypatch.setattr(bsr, "_tuned", {})
+    lin, layer, key = _layer_tuned_dense("cpu", torch.float32, 24)
+    x = torch.randn(2, 12, 128)
+    ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    bogus = torch.zeros(64, 128)
+    layer._dense_routes[24] = (bsr._tuned, id(bogus))       # learned for another tensor: not taken
+    torch.testing.assert_close(layer(x), ref.float())
+    layer.dense_weight.zero_()                              # marks which path ran: the copy gives zeros
+    layer._dense_routes[24] = (bsr._tuned, id(layer.dense_weight))
+    assert layer(x).abs().max() == layer.bias.abs().max()   # the route: F.linear on the copy
+    monkeypatch.setattr(bsr, "_tuned", {})                  # another tuning table: the route is stale
+    torch.testing.assert_close(layer(x), ref.float())
+    layer._dense_routes[24] = (bsr._tuned, id(layer.dense_weight))
+    release_dense(torch.nn.Sequential(layer))               # no copy any more: the block-sparse weight
+    assert layer.dense_weight is None
+    torch.testing.assert_close(layer(x), ref.float())
+
+
+@pytest.mark.gpu
+def test_a_launch_tuned_to_dense_learns_its_route_and_matches_dense():
+    from spruce.kernels import bsr
+
+    lin, layer, key = _layer_tuned_dense("cuda", torch.bfloat16, 24)
+    saved = bsr._tuned.get(key)
+    bsr._tuned[key] = bsr.DENSE
+    try:
+        x = torch.randn(2, 12, 128, device="cuda", dtype=torch.bfloat16)
+        first, again = layer(x), layer(x)
+        assert layer._dense_routes == {24: (bsr._tuned, id(layer.dense_weight))}
+        expected = torch.nn.functional.linear(x, layer.dense_weight, layer.bias)
+        assert torch.equal(first, expected) and torch.equal(again, expected)
+    finally:
+        if saved is None:
+            bsr._tuned.pop(key)
+        else:
+            bsr._tuned[key] = saved

@@ -195,11 +195,13 @@ def triton_available() -> bool:
 
 
 def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None,
-                        share_input: bool = False) -> torch.Tensor:
+                        share_input: bool = False, dense_routes: dict | None = None) -> torch.Tensor:
     """y = x W^T + b: Triton kernels on CUDA, the torch reference elsewhere. `share_input`: a
     prefill launch that runs on x transposed takes the transpose from, and leaves it in,
     `prefill.SHARED`, so the next layer on the same unchanged x does not transpose it again (the
-    eager forward of BlockSparseLinear sets it; never inside a captured CUDA graph)."""
+    eager forward of BlockSparseLinear sets it; never inside a captured CUDA graph). `dense_routes`
+    (BlockSparseLinear's) learns the token counts whose launch runs dense: {tokens: (tuning table,
+    id of the dense copy)}."""
     if x.shape[-1] != weight.shape[1]:
         raise SpruceError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
     if x.device.type != "cuda":
@@ -225,6 +227,8 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     kind = "decode" if m <= DECODE_MAX_TOKENS else "prefill"
     cfg = _tuned.get(tuning_key(kind, weight, m, x.dtype))
     if cfg == DENSE and weight.dense is not None:  # the tuner timed cuBLAS faster: run it as nn.Linear does
+        if dense_routes is not None:
+            dense_routes[m] = (_tuned, id(weight.dense))
         return F.linear(x, weight.dense, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if kind == "decode":
@@ -269,11 +273,12 @@ def _warn_no_triton() -> None:
 # load the next tile's weights and column indices before they reduce the current one, so one tile
 # per program is always in flight.
 # USE_DOT False: fp32 FMA per token (1-8 tokens), the weight tile converted once and reused.
-# The last four (one 2048-input step, or 8 warps) are 1-token candidates for the wide shapes, where
-# a program of (4, 1024) walks only two steps of a 50%-kept 4096-input row.
+# The last two (one 2048-input step) are 1-token candidates for the wide shapes; on the H200 they
+# won 11008x4096 (4 features, 15.3 against 16.7 us) and 4096x11008 (8 features, 8 warps, 15.6
+# against 16.1 us). (2, 2048, 4 warps) and (4, 1024, 8 warps) never won and are not listed.
 DECODE_GEMV_CONFIGS = [(4, 1024, 4, 1, False, 1), (8, 512, 4, 1, False, 1), (8, 1024, 4, 1, False, 2),
                        (16, 512, 4, 1, False, 4), (16, 256, 4, 1, False, 8), (4, 2048, 4, 1, False, 1),
-                       (2, 2048, 4, 1, False, 1), (4, 1024, 8, 1, False, 1), (8, 2048, 8, 1, False, 1)]
+                       (8, 2048, 8, 1, False, 1)]
 # USE_DOT True: a 16-token tl.dot (BLOCK_F >= 16), 2-16 tokens. The first five are the v4 list, whose
 # widest tile (32 features, split 2) won every 8-16 token shape; the rest extend it around that
 # winner: 32 features with split 1 and 4, K tiles of 128 and 512, 8 warps, and 64-feature tiles.

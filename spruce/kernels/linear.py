@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spruce.errors import SpruceError
@@ -51,6 +52,9 @@ class BlockSparseLinear(nn.Module):
         # the dense copy for dense dispatch (module docstring); not saved with the state dict
         self.register_buffer("dense_weight", weight.dense, persistent=False)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        # {tokens: (tuning table, id of the dense copy)} for launch shapes tuned to dense cuBLAS: an
+        # eager call there runs F.linear at once, with no more host work than an nn.Linear
+        self._dense_routes: dict[int, tuple] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None,
@@ -86,7 +90,13 @@ class BlockSparseLinear(nn.Module):
             return block_sparse_linear_op(x, self.values, self.cols, self.group_ptr, self.bias, self.out_features,
                                           self.in_features, self.block_size, self.group, self.nonzero_blocks,
                                           self.uniform_count, self.dense_weight)
-        return block_sparse_linear(x, self.sparse_weight, self.bias, share_input=True)
+        if x.shape[-1] == self.in_features:
+            route = self._dense_routes.get(x.shape[:-1].numel())
+            if route is not None and route[0] is bsr._tuned:
+                dense = self._buffers["dense_weight"]
+                if dense is not None and id(dense) == route[1]:
+                    return F.linear(x, dense, self.bias)
+        return block_sparse_linear(x, self.sparse_weight, self.bias, share_input=True, dense_routes=self._dense_routes)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
