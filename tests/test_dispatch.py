@@ -338,3 +338,24 @@ def test_a_launch_tuned_to_dense_learns_its_route_and_matches_dense():
             bsr._tuned.pop(key)
         else:
             bsr._tuned[key] = saved
+
+
+def test_host_time_bench_times_the_emitted_layer_against_nn_linear(capsys, tmp_path):
+    """bench.host_time on CPU (--check): a row per token count, both block-sparse modules timed
+    against the nn.Linear they replace; without a GPU the real run says why in one line."""
+    import json
+
+    from bench import host_time
+
+    out = tmp_path / "host.json"
+    assert host_time.cli_main(host_time.add_arguments, host_time.run, "",
+                              ["--check", "--calls", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 24] and {r["pattern"] for r in rows} == {"16x16g4"}
+    for r in rows:
+        assert r["dense_us"] > 0 and r["kernel_us"] > 0
+        assert r["dispatch_x_dense"] == pytest.approx(r["dispatch_us"] / r["dense_us"], rel=0.01)
+    assert "nn.Linear us" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert host_time.cli_main(host_time.add_arguments, host_time.run, "", []) == 2
+        assert capsys.readouterr().err.startswith("error: benchmarks need a CUDA GPU")
