@@ -224,3 +224,40 @@ def test_linears_on_one_input_transpose_it_once_on_gpu():
         prefill.SHARED.clear()
     for a, b in zip(alone, shared):
         assert torch.equal(a, b)
+
+
+def test_gluon_prefill_compiles_for_hopper_without_spills():
+    """bench.gluon_prefill's kernel (an experiment, no interpreter) compiles for sm_90 here with no
+    GPU: KB m64n256k16 wgmmas a step, no spilled registers, shared memory within an H100/H200 SM's."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from bench import gluon_prefill
+
+    rows = gluon_prefill.compile_only([(256, 4, 3, 4), (512, 2, 5, 8)]) + gluon_prefill.compile_only([(256, 4, 3, 8)], 128)
+    for row, kb in zip(rows, (4, 2, 4)):
+        assert "error" not in row, row
+        assert row["wgmma"] == kb and row["local_bytes"] == 0 and row["shared_KiB"] <= 227, row
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("group", [4, 8])
+def test_gluon_prefill_matches_float64(group):
+    """The Gluon experiment against float64 on the GPU, every configuration: unequal groups, an empty
+    group (bias alone), a token count that is no multiple of the tile, and a group whose kept
+    blocks are no multiple of KB (the out-of-bounds weight boxes must add zeros)."""
+    from bench import gluon_prefill
+
+    gen = torch.Generator().manual_seed(11)
+    n, k, gb = 512, 400, 16 * group
+    w = irregular_weight(n, k, 16, seed=5)
+    w[:gb] = 0
+    w = w.to(torch.bfloat16)
+    sparse = BlockSparseWeight.from_dense(w, 16, group=group).to("cuda")
+    assert sparse.uniform_count == -1 and int(sparse.group_ptr[1]) == 0
+    bias = torch.randn(n, generator=gen).to("cuda", torch.bfloat16)
+    x = torch.randn(300, k, generator=gen).to("cuda", torch.bfloat16)
+    ref = F.linear(x.double(), w.double().cuda(), bias.double())
+    for cfg in gluon_prefill.CONFIGS[gb]:
+        y = torch.full((300, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gluon_prefill.launch(x, sparse, bias, y, cfg)
+        assert rel_err(y, ref) < 1e-2, cfg

@@ -1,0 +1,302 @@
+"""An explicit Gluon prefill kernel for the grouped layout, against dense cuBLAS and spruce's tuned tile.
+
+    python -m bench.gluon_prefill --json $OUT/gluon_prefill.json
+    python -m bench.gluon_prefill --compile-only        # no GPU: compile for sm_90, print registers
+
+An experiment, not yet one of the tuner's candidates. The Triton prefill tiles (spruce/kernels/
+prefill_triton.py) feed one kept block, 16 inputs, to each wgmma and wait for it before the next
+(docs/kernels-notes.md, v8 and v9). Their tensor pipe idles at 57-60% of the time. Here the steps
+are written out in Gluon:
+- STAGES shared-memory stages of KB kept blocks each, filled by TMA: one [GB, B] weight box and
+  one [B, BLOCK_T] box of x transposed per block. Triton splits the latter into 128-byte-swizzled
+  copies.
+- One mbarrier a stage.
+- KB asynchronous wgmmas a step, with the previous step's still in flight while the next
+  stage's loads are issued.
+- A block past the group's last kept one reads its weight box out of bounds, so TMA fills it with
+  zeros and it adds nothing.
+- The column indices of a step are loaded one step ahead.
+- The output tile is written with one TMA store (rows past M are clipped).
+
+It has no interpreter. The GPU run checks every configuration against float64 before timing it.
+Each configuration is (BLOCK_T, KB, STAGES, num_warps).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench.common import cli_main, copies_for, environment, graph_time_us, require_cuda
+from bench.emitted import emitted_weight
+
+# (BLOCK_T, KB, STAGES, num_warps) by group width: the accumulator takes 128 fp32 registers a thread
+CONFIGS = {64: [(256, 4, 3, 4), (256, 4, 4, 4), (256, 2, 6, 4), (256, 8, 2, 4), (512, 4, 3, 8), (512, 2, 5, 8)],
+           128: [(256, 4, 3, 8), (256, 2, 4, 8), (128, 4, 4, 4), (128, 4, 3, 4)]}
+SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
+
+
+def _kernel():
+    """The Gluon kernel, defined on first use (importing this module needs no triton)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    # Triton 3.6 names the TMA copies async_copy_global_to_shared / _shared_to_global; later
+    # versions async_load / async_store
+    tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+    tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
+
+    @gluon.constexpr_function
+    def mma_warps(GB, num_warps):
+        # warpgroups split the features first (64 a warpgroup), then the tokens
+        along_m = min(num_warps // 4, GB // 64)
+        return [4 * along_m, num_warps // (4 * along_m)]
+
+    @gluon.jit
+    def issue(x_desc, w_desc, a_smem, b_smem, bars, cvec, offs_kb, start, entries, step, n_steps, t0,
+              B: gl.constexpr, GB: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr):
+        # TMA for step `step` (if it exists) into its stage; cvec holds that step's column indices
+        s = step % STAGES
+        bar = bars.index(s)
+        live = step < n_steps
+        mbarrier.expect(bar, KB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes), pred=live)
+        rows_out = w_desc.shape[0]  # a weight row past the end: TMA fills the box with zeros
+        for j in gl.static_range(KB):
+            e = step * KB + j
+            c = gl.sum(gl.where(offs_kb == j, cvec, 0), axis=0)
+            w_row = gl.where(e < entries, (start + e) * GB, rows_out)
+            tma_load(w_desc, [w_row, 0], bar, a_smem.index(s * KB + j), pred=live)
+            tma_load(x_desc, [c * B, t0], bar, b_smem.index(s * KB + j), pred=live)
+
+    @gluon.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T"])
+    def prefill_gluon(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
+                      HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
+                      KB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        # bands of GROUP_T token tiles, every group of a band before the next band (L2 reuse of x)
+        pid = gl.program_id(0)
+        num_t = gl.cdiv(M, BLOCK_T)
+        per_band = GROUP_T * ngroups
+        band = pid // per_band
+        first_t = band * GROUP_T
+        band_t = gl.minimum(num_t - first_t, GROUP_T)
+        local = pid - band * per_band
+        t0 = (first_t + local % band_t) * BLOCK_T
+        g = local // band_t
+        if count >= 0:
+            start = g * count
+            entries = count
+        else:
+            start = gl.load(gptr_ptr + g)
+            entries = gl.load(gptr_ptr + g + 1) - start
+        n_steps = gl.cdiv(entries, KB)
+
+        a_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KB, GB, B], w_desc.layout)
+        b_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * KB, B, BLOCK_T], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(bars.index(st), count=1)
+
+        cols_layout: gl.constexpr = gl.BlockedLayout([KB], [32], [num_warps], [0])
+        offs_kb = gl.arange(0, KB, layout=cols_layout)
+        cvec = gl.load(cols_ptr + start + offs_kb, mask=offs_kb < entries, other=0)
+        for p in gl.static_range(STAGES - 1):
+            issue(x_desc, w_desc, a_smem, b_smem, bars, cvec, offs_kb, start, entries, p, n_steps, t0,
+                  B, GB, KB, STAGES)
+            nk = (p + 1) * KB + offs_kb
+            cvec = gl.load(cols_ptr + start + nk, mask=nk < entries, other=0)
+
+        warps_per_cta: gl.constexpr = mma_warps(GB, num_warps)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, BLOCK_T // warps_per_cta[1], 16])
+        acc = gl.zeros((GB, BLOCK_T), dtype=gl.float32, layout=acc_layout)
+        for i in range(n_steps):
+            cur = i % STAGES
+            mbarrier.wait(bars.index(cur), phase=(i // STAGES) & 1)
+            for j in gl.static_range(KB):
+                acc = warpgroup_mma(a_smem.index(cur * KB + j), b_smem.index(cur * KB + j), acc, is_async=True)
+            # the previous step's wgmmas are done: its stage takes the loads of step i + STAGES - 1
+            acc = warpgroup_mma_wait(num_outstanding=KB, deps=(acc,))
+            nxt = i + STAGES - 1
+            issue(x_desc, w_desc, a_smem, b_smem, bars, cvec, offs_kb, start, entries, nxt, n_steps, t0,
+                  B, GB, KB, STAGES)
+            nk = (nxt + 1) * KB + offs_kb
+            cvec = gl.load(cols_ptr + start + nk, mask=nk < entries, other=0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(st))
+
+        if HAS_BIAS:
+            offs_f = g * GB + gl.arange(0, GB, layout=gl.SliceLayout(1, acc_layout))
+            acc = acc + gl.load(bias_ptr + offs_f).to(gl.float32)[:, None]
+        c_smem = gl.allocate_shared_memory(y_desc.dtype, [BLOCK_T, GB], y_desc.layout)
+        c_smem.store(gl.permute(acc.to(y_desc.dtype), (1, 0)))
+        fence_async_shared()
+        tma_store(y_desc, [t0, g * GB], c_smem)
+        tma.store_wait(pendings=0)
+
+    return prefill_gluon
+
+
+
+def layouts(cfg: tuple, gb: int, b: int = 16):
+    """The shared layouts of the weight box [GB, B], the xt box [B, BLOCK_T] and the output [BLOCK_T, GB]."""
+    from triton.experimental.gluon import language as gl
+
+    block_t = cfg[0]
+    return (gl.NVMMASharedLayout.get_default_for([gb, b], gl.bfloat16),
+            gl.NVMMASharedLayout.get_default_for([b, block_t], gl.bfloat16),
+            gl.NVMMASharedLayout.get_default_for([block_t, gb], gl.bfloat16))
+
+
+def launch(x: torch.Tensor, w, bias, y: torch.Tensor, cfg: tuple, xt: torch.Tensor | None = None) -> None:
+    """y[M, N] = x[M, K] W^T (+ bias) for a BlockSparseWeight of 64+-feature groups, one configuration."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from spruce.kernels import prefill as grouped_prefill
+
+    block_t, kb, stages, warps = cfg
+    m = x.shape[0]
+    n, _ = w.shape
+    gb, b = w.group_features, w.block
+    xt = grouped_prefill.transpose_padded(x) if xt is None else xt
+    w_layout, x_layout, y_layout = layouts(cfg, gb, b)
+    values = w.values.view(-1, b)
+    x_desc = TensorDescriptor(xt, list(xt.shape), [xt.stride(0), 1], [b, block_t], x_layout)
+    w_desc = TensorDescriptor(values, list(values.shape), [b, 1], [gb, b], w_layout)
+    y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [block_t, gb], y_layout)
+    ngroups = n // gb
+    group_t = grouped_prefill.band_tiles(m, xt.shape[0], block_t, x.element_size())
+    grid = (-(-m // block_t) * ngroups,)
+    _kernel()[grid](x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
+                    w.uniform_count, ngroups, group_t, HAS_BIAS=bias is not None, B=b, GB=gb, BLOCK_T=block_t,
+                    KB=kb, STAGES=stages, num_warps=warps)
+
+
+def compile_only(configs, gb: int = 64, has_bias: bool = False) -> list[dict]:
+    """Compile every configuration for sm_90 here (no GPU): registers, local (spilled) bytes, shared
+    memory, wgmma and TMA instructions in the PTX."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _kernel()
+    rows = []
+    for cfg in configs:
+        block_t, kb, stages, warps = cfg
+        w_layout, x_layout, y_layout = layouts(cfg, gb)
+        sig = {"x_desc": f"tensordesc<bf16[16, {block_t}],{x_layout!r}>",
+               "w_desc": f"tensordesc<bf16[{gb}, 16],{w_layout!r}>",
+               "y_desc": f"tensordesc<bf16[{block_t}, {gb}],{y_layout!r}>",
+               "cols_ptr": "*i32", "gptr_ptr": "*i32", "bias_ptr": "*bf16",
+               "M": "i32", "count": "i32", "ngroups": "i32", "GROUP_T": "i32"}
+        consts = {"HAS_BIAS": has_bias, "B": 16, "GB": gb, "BLOCK_T": block_t, "KB": kb, "STAGES": stages,
+                  "num_warps": warps}
+        sig.update({c: "constexpr" for c in consts})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr")}
+        row = {"config": str(cfg)}
+        try:
+            kernel = triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 64),
+                                    options={"num_warps": warps})
+        except Exception as exc:  # noqa: BLE001 - report and go on to the next configuration
+            rows.append({**row, "error": str(exc).strip().splitlines()[-1][:300]})
+            continue
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
+        rows.append({**row, "registers": int(regs.group(1)) if regs else None,
+                     "local_bytes": int(local.group(1)) if local else None,
+                     "shared_KiB": round(kernel.metadata.shared / 1024, 1),
+                     "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
+                     "tma_loads": kernel.asm["ptx"].count("cp.async.bulk.tensor")})
+    return rows
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="weight shapes OUTxIN")
+    p.add_argument("--pattern", default="16x16g4", help="the pruner's block pattern (groups of 64+ features)")
+    p.add_argument("--selection", default="global")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--compile-only", action="store_true", help="no GPU: compile each configuration for sm_90")
+    p.add_argument("--json")
+
+
+def run(args) -> None:
+    if args.compile_only:
+        rows = [{"group_features": gb, **r} for gb, configs in CONFIGS.items() for r in compile_only(configs, gb)]
+        for r in rows:
+            print(json.dumps(r))
+        return
+    require_cuda()
+    from bench.prefill import _cycle, _rel_err
+    from spruce.kernels import bsr
+    from spruce.kernels import prefill as grouped_prefill
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    m = args.tokens
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        w = emitted_weight(n, k, args.pattern, args.selection, args.sparsity, gen, "cuda")
+        sp = bsr.BlockSparseWeight.from_dense(w, 16)
+        # as bench.prefill: weight and input copies that exceed L2, cycled through CUDA-graph replays
+        copies = bsr._rotation(sp)
+        dense = [w] + [w.clone() for _ in range(copies_for(w.numel() * w.element_size()) - 1)]
+        xs = [torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16) for _ in range(copies_for(m * k * 2))]
+        xts = [grouped_prefill.transpose_padded(x) for x in xs]
+        count = max(len(copies), len(xs))
+        ref = torch.nn.functional.linear(xs[0].double(), w.double())
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        dense_us = graph_time_us(_cycle(lambda i: torch.mm(xs[i % len(xs)], dense[i % len(dense)].t(), out=y),
+                                        max(len(dense), len(xs))))
+        bsr.block_sparse_linear(xs[0], sp)   # tunes spruce's own tiles for this launch shape
+        tuned = bsr.chosen_config("prefill", sp, m, torch.bfloat16)
+        tuned_us = graph_time_us(_cycle(lambda i: bsr.block_sparse_linear(xs[i % len(xs)], copies[i % len(copies)]),
+                                        count))
+        head = {"shape": shape, "pattern": args.pattern, "selection": args.selection, "tokens": m,
+                "dense_us": round(dense_us, 1), "tuned": str(tuned), "tuned_x_dense": round(dense_us / tuned_us, 3)}
+        if grouped_prefill.transposes(tuned):
+            alone = graph_time_us(_cycle(lambda i: bsr.launch_prefill(xs[i % len(xs)], copies[i % len(copies)], None,
+                                                                      y, tuned, xt=xts[i % len(xs)]), count))
+            head["tuned_alone_x_dense"] = round(dense_us / alone, 3)
+        for cfg in CONFIGS.get(sp.group_features, []):
+            row = {**head, "config": str(cfg)}
+            try:
+                y.fill_(float("nan"))
+                launch(xs[0], sp, None, y, cfg, xt=xts[0])
+                torch.cuda.synchronize()
+                row["rel_err"] = _rel_err(y, ref)
+                if row["rel_err"] < 1e-2:   # NaN fails too: a wrong result is not timed
+                    alone = graph_time_us(_cycle(lambda i, c=cfg: launch(xs[i % len(xs)], copies[i % len(copies)],
+                                                                         None, y, c, xt=xts[i % len(xs)]), count))
+                    total = graph_time_us(_cycle(lambda i, c=cfg: launch(xs[i % len(xs)], copies[i % len(copies)],
+                                                                         None, y, c), count))
+                    row.update(alone_us=round(alone, 1), alone_x_dense=round(dense_us / alone, 3),
+                               with_transpose_x_dense=round(dense_us / total, 3))
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or fit
+                row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(add_arguments, run, __doc__))
