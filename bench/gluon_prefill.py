@@ -19,11 +19,14 @@ are written out in Gluon:
 - The output tile is written with one TMA store (rows past M are clipped).
 
 It has no interpreter. The GPU run checks every configuration against float64 before timing it.
-Each configuration is (BLOCK_T, KB, STAGES, num_warps).
+Each configuration is (BLOCK_T, KB, STAGES, num_warps, variant). Variant "ws" runs the same steps
+warp-specialised: a one-warp partition issues the TMA loads into the stages and the kernel's
+warpgroups run the wgmmas, with a "ready" and an "empty" mbarrier a stage between them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -32,13 +35,18 @@ from bench.common import cli_main, copies_for, environment, graph_time_us, requi
 from bench.emitted import emitted_weight
 
 # (BLOCK_T, KB, STAGES, num_warps) by group width: the accumulator takes 128 fp32 registers a thread
-CONFIGS = {64: [(256, 4, 3, 4), (256, 4, 4, 4), (256, 2, 6, 4), (256, 8, 2, 4), (512, 4, 3, 8), (512, 2, 5, 8)],
-           128: [(256, 4, 3, 8), (256, 2, 4, 8), (128, 4, 4, 4), (128, 4, 3, 4)]}
+# (BLOCK_T, KB, STAGES, num_warps, variant) by group width: the accumulator takes 128 fp32
+# registers a thread; variant "" is one partition, "ws" adds a one-warp TMA loader
+_ONE = {64: [(256, 4, 3, 4), (256, 4, 4, 4), (256, 2, 6, 4), (256, 8, 2, 4), (512, 4, 3, 8), (512, 2, 5, 8)],
+        128: [(256, 4, 3, 8), (256, 2, 4, 8), (128, 4, 4, 4), (128, 4, 3, 4)]}
+CONFIGS = {gb: [(*c, "") for c in configs] + [(*c, "ws") for c in configs] for gb, configs in _ONE.items()}
 SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 
 
-def _kernel():
-    """The Gluon kernel, defined on first use (importing this module needs no triton)."""
+@functools.cache
+def _kernels() -> dict:
+    """The Gluon kernels by variant ("": one partition, "ws": warp-specialised), defined on first
+    use (importing this module needs no triton)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -76,10 +84,8 @@ def _kernel():
             tma_load(w_desc, [w_row, 0], bar, a_smem.index(s * KB + j), pred=live)
             tma_load(x_desc, [c * B, t0], bar, b_smem.index(s * KB + j), pred=live)
 
-    @gluon.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T"])
-    def prefill_gluon(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
-                      HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
-                      KB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    @gluon.jit
+    def program_tile(gptr_ptr, M, count, ngroups, GROUP_T, BLOCK_T: gl.constexpr):
         # bands of GROUP_T token tiles, every group of a band before the next band (L2 reuse of x)
         pid = gl.program_id(0)
         num_t = gl.cdiv(M, BLOCK_T)
@@ -96,6 +102,25 @@ def _kernel():
         else:
             start = gl.load(gptr_ptr + g)
             entries = gl.load(gptr_ptr + g + 1) - start
+        return t0, g, start, entries
+
+    @gluon.jit
+    def store_tile(acc, y_desc, bias_ptr, g, t0, HAS_BIAS: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr):
+        # the [GB features, BLOCK_T tokens] accumulator as y[t0:, g*GB:] (rows past M clipped)
+        if HAS_BIAS:
+            offs_f = g * GB + gl.arange(0, GB, layout=gl.SliceLayout(1, acc.type.layout))
+            acc = acc + gl.load(bias_ptr + offs_f).to(gl.float32)[:, None]
+        c_smem = gl.allocate_shared_memory(y_desc.dtype, [BLOCK_T, GB], y_desc.layout)
+        c_smem.store(gl.permute(acc.to(y_desc.dtype), (1, 0)))
+        fence_async_shared()
+        tma_store(y_desc, [t0, g * GB], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T"])
+    def prefill_gluon(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
+                      HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
+                      KB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        t0, g, start, entries = program_tile(gptr_ptr, M, count, ngroups, GROUP_T, BLOCK_T)
         n_steps = gl.cdiv(entries, KB)
 
         a_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KB, GB, B], w_desc.layout)
@@ -132,17 +157,68 @@ def _kernel():
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
+        store_tile(acc, y_desc, bias_ptr, g, t0, HAS_BIAS, GB, BLOCK_T)
 
-        if HAS_BIAS:
-            offs_f = g * GB + gl.arange(0, GB, layout=gl.SliceLayout(1, acc_layout))
-            acc = acc + gl.load(bias_ptr + offs_f).to(gl.float32)[:, None]
-        c_smem = gl.allocate_shared_memory(y_desc.dtype, [BLOCK_T, GB], y_desc.layout)
-        c_smem.store(gl.permute(acc.to(y_desc.dtype), (1, 0)))
-        fence_async_shared()
-        tma_store(y_desc, [t0, g * GB], c_smem)
-        tma.store_wait(pendings=0)
+    # The same work split between warps: a one-warp partition issues the TMA loads into the stages
+    # (waiting on each stage's "empty" barrier), the default partition (the kernel's warpgroups)
+    # waits on "ready", runs the wgmmas and releases a stage once its wgmmas are done.
+    @gluon.jit
+    def ws_load(x_desc, w_desc, cols_ptr, a_smem, b_smem, ready, empty, start, entries, n_steps, t0,
+                B: gl.constexpr, GB: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr):
+        rows_out = w_desc.shape[0]  # a weight row past the end: TMA fills the box with zeros
+        for step in range(n_steps):
+            cur = step % STAGES
+            mbarrier.wait(empty.index(cur), ((step // STAGES) & 1) ^ 1)  # a fresh stage passes at once
+            bar = ready.index(cur)
+            mbarrier.expect(bar, KB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes))
+            for j in gl.static_range(KB):
+                e = step * KB + j
+                c = gl.load(cols_ptr + start + e, mask=e < entries, other=0)
+                w_row = gl.where(e < entries, (start + e) * GB, rows_out)
+                tma_load(w_desc, [w_row, 0], bar, a_smem.index(cur * KB + j))
+                tma_load(x_desc, [c * B, t0], bar, b_smem.index(cur * KB + j))
 
-    return prefill_gluon
+    @gluon.jit
+    def ws_mma(a_smem, b_smem, ready, empty, n_steps, acc_layout: gl.constexpr, GB: gl.constexpr,
+               BLOCK_T: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr):
+        acc = gl.zeros((GB, BLOCK_T), dtype=gl.float32, layout=acc_layout)
+        for i in range(n_steps):
+            cur = i % STAGES
+            mbarrier.wait(ready.index(cur), (i // STAGES) & 1)
+            for j in gl.static_range(KB):
+                acc = warpgroup_mma(a_smem.index(cur * KB + j), b_smem.index(cur * KB + j), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=KB, deps=(acc,))
+            # step i - 1's wgmmas are done: the loader may refill its stage
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        return (warpgroup_mma_wait(num_outstanding=0, deps=(acc,)),)  # the default partition returns a tuple
+
+    @gluon.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T"])
+    def prefill_gluon_ws(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
+                         HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
+                         KB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        t0, g, start, entries = program_tile(gptr_ptr, M, count, ngroups, GROUP_T, BLOCK_T)
+        n_steps = gl.cdiv(entries, KB)
+        a_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KB, GB, B], w_desc.layout)
+        b_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * KB, B, BLOCK_T], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=1)
+        warps_per_cta: gl.constexpr = mma_warps(GB, num_warps)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, BLOCK_T // warps_per_cta[1], 16])
+        acc, = gl.warp_specialize([
+            (ws_mma, (a_smem, b_smem, ready, empty, n_steps, acc_layout, GB, BLOCK_T, KB, STAGES)),
+            (ws_load, (x_desc, w_desc, cols_ptr, a_smem, b_smem, ready, empty, start, entries, n_steps, t0,
+                       B, GB, KB, STAGES)),
+        ], [1], [40])
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(st))
+            mbarrier.invalidate(empty.index(st))
+        store_tile(acc, y_desc, bias_ptr, g, t0, HAS_BIAS, GB, BLOCK_T)
+
+    return {"": prefill_gluon, "ws": prefill_gluon_ws}
 
 
 
@@ -162,7 +238,7 @@ def launch(x: torch.Tensor, w, bias, y: torch.Tensor, cfg: tuple, xt: torch.Tens
 
     from spruce.kernels import prefill as grouped_prefill
 
-    block_t, kb, stages, warps = cfg
+    block_t, kb, stages, warps, variant = cfg
     m = x.shape[0]
     n, _ = w.shape
     gb, b = w.group_features, w.block
@@ -175,7 +251,7 @@ def launch(x: torch.Tensor, w, bias, y: torch.Tensor, cfg: tuple, xt: torch.Tens
     ngroups = n // gb
     group_t = grouped_prefill.band_tiles(m, xt.shape[0], block_t, x.element_size())
     grid = (-(-m // block_t) * ngroups,)
-    _kernel()[grid](x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
+    _kernels()[variant][grid](x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
                     w.uniform_count, ngroups, group_t, HAS_BIAS=bias is not None, B=b, GB=gb, BLOCK_T=block_t,
                     KB=kb, STAGES=stages, num_warps=warps)
 
@@ -192,10 +268,10 @@ def compile_only(configs, gb: int = 64, has_bias: bool = False) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _kernel()
     rows = []
     for cfg in configs:
-        block_t, kb, stages, warps = cfg
+        block_t, kb, stages, warps, variant = cfg
+        fn = _kernels()[variant]
         w_layout, x_layout, y_layout = layouts(cfg, gb)
         sig = {"x_desc": f"tensordesc<bf16[16, {block_t}],{x_layout!r}>",
                "w_desc": f"tensordesc<bf16[{gb}, 16],{w_layout!r}>",

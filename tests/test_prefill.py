@@ -232,8 +232,9 @@ def test_gluon_prefill_compiles_for_hopper_without_spills():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from bench import gluon_prefill
 
-    rows = gluon_prefill.compile_only([(256, 4, 3, 4), (512, 2, 5, 8)]) + gluon_prefill.compile_only([(256, 4, 3, 8)], 128)
-    for row, kb in zip(rows, (4, 2, 4)):
+    rows = (gluon_prefill.compile_only([(256, 4, 3, 4, ""), (512, 2, 5, 8, ""), (256, 4, 3, 4, "ws")])
+            + gluon_prefill.compile_only([(256, 4, 3, 8, "ws")], 128))
+    for row, kb in zip(rows, (4, 2, 4, 4)):
         assert "error" not in row, row
         assert row["wgmma"] == kb and row["local_bytes"] == 0 and row["shared_KiB"] <= 227, row
 
