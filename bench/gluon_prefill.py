@@ -34,7 +34,6 @@ import torch
 from bench.common import cli_main, copies_for, environment, graph_time_us, require_cuda
 from bench.emitted import emitted_weight
 
-# (BLOCK_T, KB, STAGES, num_warps) by group width: the accumulator takes 128 fp32 registers a thread
 # (BLOCK_T, KB, STAGES, num_warps, variant) by group width: the accumulator takes 128 fp32
 # registers a thread; variant "" is one partition, "ws" adds a one-warp TMA loader
 _ONE = {64: [(256, 4, 3, 4), (256, 4, 4, 4), (256, 2, 6, 4), (256, 8, 2, 4), (512, 4, 3, 8), (512, 2, 5, 8)],
@@ -44,9 +43,9 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 
 
 @functools.cache
-def _kernels() -> dict:
-    """The Gluon kernels by variant ("": one partition, "ws": warp-specialised), defined on first
-    use (importing this module needs no triton)."""
+def _kernel():
+    """The Gluon kernel (WS: warp-specialised, else one partition), defined on first use
+    (importing this module needs no triton)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -84,9 +83,11 @@ def _kernels() -> dict:
             tma_load(w_desc, [w_row, 0], bar, a_smem.index(s * KB + j), pred=live)
             tma_load(x_desc, [c * B, t0], bar, b_smem.index(s * KB + j), pred=live)
 
+    # The program's (token tile, group, first stored entry, stored entries), as
+    # prefill_triton.program_tile computes it. Gluon's own ops here: with Triton's interpreter on (the
+    # CPU tests), a Triton function called from Gluon does not compile.
     @gluon.jit
-    def program_tile(gptr_ptr, M, count, ngroups, GROUP_T, BLOCK_T: gl.constexpr):
-        # bands of GROUP_T token tiles, every group of a band before the next band (L2 reuse of x)
+    def program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T: gl.constexpr):
         pid = gl.program_id(0)
         num_t = gl.cdiv(M, BLOCK_T)
         per_band = GROUP_T * ngroups
@@ -94,15 +95,22 @@ def _kernels() -> dict:
         first_t = band * GROUP_T
         band_t = gl.minimum(num_t - first_t, GROUP_T)
         local = pid - band * per_band
-        t0 = (first_t + local % band_t) * BLOCK_T
-        g = local // band_t
         if count >= 0:
-            start = g * count
+            start = (local // band_t) * count
             entries = count
         else:
-            start = gl.load(gptr_ptr + g)
-            entries = gl.load(gptr_ptr + g + 1) - start
-        return t0, g, start, entries
+            start = gl.load(gptr_ptr + local // band_t)
+            entries = gl.load(gptr_ptr + local // band_t + 1) - start
+        return first_t + local % band_t, local // band_t, start, entries
+
+    @gluon.jit
+    def mma_step(a_smem, b_smem, ready, acc, i, KB: gl.constexpr, STAGES: gl.constexpr):
+        # wait for step i's stage, issue its KB wgmmas; returns with only those still in flight
+        cur = i % STAGES
+        mbarrier.wait(ready.index(cur), (i // STAGES) & 1)
+        for j in gl.static_range(KB):
+            acc = warpgroup_mma(a_smem.index(cur * KB + j), b_smem.index(cur * KB + j), acc, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=KB, deps=(acc,))
 
     @gluon.jit
     def store_tile(acc, y_desc, bias_ptr, g, t0, HAS_BIAS: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr):
@@ -116,19 +124,12 @@ def _kernels() -> dict:
         tma_store(y_desc, [t0, g * GB], c_smem)
         tma.store_wait(pendings=0)
 
-    @gluon.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T"])
-    def prefill_gluon(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
-                      HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
+    @gluon.jit
+    def one_partition(x_desc, w_desc, cols_ptr, a_smem, b_smem, bars, start, entries, n_steps, t0,
+                      acc_layout: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
                       KB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        t0, g, start, entries = program_tile(gptr_ptr, M, count, ngroups, GROUP_T, BLOCK_T)
-        n_steps = gl.cdiv(entries, KB)
-
-        a_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KB, GB, B], w_desc.layout)
-        b_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * KB, B, BLOCK_T], x_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
-            mbarrier.init(bars.index(st), count=1)
-
+        # every warp loads and multiplies: the column indices a step ahead, STAGES - 1 steps of TMA
+        # in flight ahead of the wgmmas
         cols_layout: gl.constexpr = gl.BlockedLayout([KB], [32], [num_warps], [0])
         offs_kb = gl.arange(0, KB, layout=cols_layout)
         cvec = gl.load(cols_ptr + start + offs_kb, mask=offs_kb < entries, other=0)
@@ -137,31 +138,20 @@ def _kernels() -> dict:
                   B, GB, KB, STAGES)
             nk = (p + 1) * KB + offs_kb
             cvec = gl.load(cols_ptr + start + nk, mask=nk < entries, other=0)
-
-        warps_per_cta: gl.constexpr = mma_warps(GB, num_warps)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, BLOCK_T // warps_per_cta[1], 16])
         acc = gl.zeros((GB, BLOCK_T), dtype=gl.float32, layout=acc_layout)
         for i in range(n_steps):
-            cur = i % STAGES
-            mbarrier.wait(bars.index(cur), phase=(i // STAGES) & 1)
-            for j in gl.static_range(KB):
-                acc = warpgroup_mma(a_smem.index(cur * KB + j), b_smem.index(cur * KB + j), acc, is_async=True)
             # the previous step's wgmmas are done: its stage takes the loads of step i + STAGES - 1
-            acc = warpgroup_mma_wait(num_outstanding=KB, deps=(acc,))
+            acc = mma_step(a_smem, b_smem, bars, acc, i, KB, STAGES)
             nxt = i + STAGES - 1
             issue(x_desc, w_desc, a_smem, b_smem, bars, cvec, offs_kb, start, entries, nxt, n_steps, t0,
                   B, GB, KB, STAGES)
             nk = (nxt + 1) * KB + offs_kb
             cvec = gl.load(cols_ptr + start + nk, mask=nk < entries, other=0)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(st))
-        store_tile(acc, y_desc, bias_ptr, g, t0, HAS_BIAS, GB, BLOCK_T)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    # The same work split between warps: a one-warp partition issues the TMA loads into the stages
-    # (waiting on each stage's "empty" barrier), the default partition (the kernel's warpgroups)
-    # waits on "ready", runs the wgmmas and releases a stage once its wgmmas are done.
+    # The same work split between warps (WS): a one-warp partition issues the TMA loads into the
+    # stages (waiting on each stage's "empty" barrier), the default partition (the kernel's
+    # warpgroups) waits on "ready", runs the wgmmas and releases a stage once its wgmmas are done.
     @gluon.jit
     def ws_load(x_desc, w_desc, cols_ptr, a_smem, b_smem, ready, empty, start, entries, n_steps, t0,
                 B: gl.constexpr, GB: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr):
@@ -183,42 +173,45 @@ def _kernels() -> dict:
                BLOCK_T: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr):
         acc = gl.zeros((GB, BLOCK_T), dtype=gl.float32, layout=acc_layout)
         for i in range(n_steps):
-            cur = i % STAGES
-            mbarrier.wait(ready.index(cur), (i // STAGES) & 1)
-            for j in gl.static_range(KB):
-                acc = warpgroup_mma(a_smem.index(cur * KB + j), b_smem.index(cur * KB + j), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=KB, deps=(acc,))
+            acc = mma_step(a_smem, b_smem, ready, acc, i, KB, STAGES)
             # step i - 1's wgmmas are done: the loader may refill its stage
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         return (warpgroup_mma_wait(num_outstanding=0, deps=(acc,)),)  # the default partition returns a tuple
 
     @gluon.jit(do_not_specialize=["M", "count", "ngroups", "GROUP_T"])
-    def prefill_gluon_ws(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
-                         HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
-                         KB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        t0, g, start, entries = program_tile(gptr_ptr, M, count, ngroups, GROUP_T, BLOCK_T)
+    def prefill_gluon(x_desc, w_desc, y_desc, cols_ptr, gptr_ptr, bias_ptr, M, count, ngroups, GROUP_T,
+                      HAS_BIAS: gl.constexpr, B: gl.constexpr, GB: gl.constexpr, BLOCK_T: gl.constexpr,
+                      KB: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+        pid_t, g, start, entries = program_tile(M, count, ngroups, GROUP_T, gptr_ptr, BLOCK_T)
+        t0 = pid_t * BLOCK_T
         n_steps = gl.cdiv(entries, KB)
         a_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KB, GB, B], w_desc.layout)
         b_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * KB, B, BLOCK_T], x_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=1)
         warps_per_cta: gl.constexpr = mma_warps(GB, num_warps)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, BLOCK_T // warps_per_cta[1], 16])
-        acc, = gl.warp_specialize([
-            (ws_mma, (a_smem, b_smem, ready, empty, n_steps, acc_layout, GB, BLOCK_T, KB, STAGES)),
-            (ws_load, (x_desc, w_desc, cols_ptr, a_smem, b_smem, ready, empty, start, entries, n_steps, t0,
-                       B, GB, KB, STAGES)),
-        ], [1], [40])
+        if WS:
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for st in gl.static_range(STAGES):
+                mbarrier.init(empty.index(st), count=1)
+            acc, = gl.warp_specialize([
+                (ws_mma, (a_smem, b_smem, ready, empty, n_steps, acc_layout, GB, BLOCK_T, KB, STAGES)),
+                (ws_load, (x_desc, w_desc, cols_ptr, a_smem, b_smem, ready, empty, start, entries, n_steps, t0,
+                           B, GB, KB, STAGES)),
+            ], [1], [40])
+            for st in gl.static_range(STAGES):
+                mbarrier.invalidate(empty.index(st))
+        else:
+            acc = one_partition(x_desc, w_desc, cols_ptr, a_smem, b_smem, ready, start, entries, n_steps, t0,
+                                acc_layout, B, GB, BLOCK_T, KB, STAGES, num_warps)
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(st))
-            mbarrier.invalidate(empty.index(st))
         store_tile(acc, y_desc, bias_ptr, g, t0, HAS_BIAS, GB, BLOCK_T)
 
-    return {"": prefill_gluon, "ws": prefill_gluon_ws}
+    return prefill_gluon
 
 
 
@@ -251,9 +244,9 @@ def launch(x: torch.Tensor, w, bias, y: torch.Tensor, cfg: tuple, xt: torch.Tens
     ngroups = n // gb
     group_t = grouped_prefill.band_tiles(m, xt.shape[0], block_t, x.element_size())
     grid = (-(-m // block_t) * ngroups,)
-    _kernels()[variant][grid](x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
+    _kernel()[grid](x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
                     w.uniform_count, ngroups, group_t, HAS_BIAS=bias is not None, B=b, GB=gb, BLOCK_T=block_t,
-                    KB=kb, STAGES=stages, num_warps=warps)
+                    KB=kb, STAGES=stages, WS=variant == "ws", num_warps=warps)
 
 
 def compile_only(configs, gb: int = 64, has_bias: bool = False) -> list[dict]:
@@ -271,7 +264,6 @@ def compile_only(configs, gb: int = 64, has_bias: bool = False) -> list[dict]:
     rows = []
     for cfg in configs:
         block_t, kb, stages, warps, variant = cfg
-        fn = _kernels()[variant]
         w_layout, x_layout, y_layout = layouts(cfg, gb)
         sig = {"x_desc": f"tensordesc<bf16[16, {block_t}],{x_layout!r}>",
                "w_desc": f"tensordesc<bf16[{gb}, 16],{w_layout!r}>",
@@ -279,12 +271,12 @@ def compile_only(configs, gb: int = 64, has_bias: bool = False) -> list[dict]:
                "cols_ptr": "*i32", "gptr_ptr": "*i32", "bias_ptr": "*bf16",
                "M": "i32", "count": "i32", "ngroups": "i32", "GROUP_T": "i32"}
         consts = {"HAS_BIAS": has_bias, "B": 16, "GB": gb, "BLOCK_T": block_t, "KB": kb, "STAGES": stages,
-                  "num_warps": warps}
+                  "WS": variant == "ws", "num_warps": warps}
         sig.update({c: "constexpr" for c in consts})
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr")}
         row = {"config": str(cfg)}
         try:
-            kernel = triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 64),
+            kernel = triton.compile(GluonASTSource(_kernel(), sig, consts, attrs), target=GPUTarget("cuda", 90, 64),
                                     options={"num_warps": warps})
         except Exception as exc:  # noqa: BLE001 - report and go on to the next configuration
             rows.append({**row, "error": str(exc).strip().splitlines()[-1][:300]})

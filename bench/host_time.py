@@ -11,6 +11,12 @@ calls of each module on the host only (no synchronisation inside the loop, so th
 behind the launches until the queue fills). The ratio is the block-sparse call's host time over the
 nn.Linear call's, measured in the same run. On a machine without CUDA (`--check`) it runs a small
 shape through the torch reference, to check the bench itself.
+
+On the GPU it also splits the kernel path's Triton launch (docs/kernels-notes.md, v12 step 1): the
+launch as spruce makes it (`kernel[grid](...)`, Triton's JITFunction.run: binding, cache key,
+globals check) against the same compiled kernel called directly with its bound arguments, as
+inductor calls its kernels. The two outputs must be equal bit for bit. This uses Triton internals
+(the binder in `device_caches`) and is a measurement only; spruce launches through `kernel[grid]`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,56 @@ def host_us(call, calls: int) -> float:
     return spent / calls * 1e6
 
 
+def _spied_launch(call) -> dict:
+    """Run `call` once with every spruce Triton kernel's JITFunction.run wrapped; the last launch's
+    function, arguments and compiled kernel."""
+    from spruce.kernels import bsr, prefill_triton
+
+    kernels = [bsr._kernels().decode, bsr._kernels().prefill, prefill_triton.prefill_grouped,
+               prefill_triton.prefill_grouped_tma, prefill_triton.transpose]
+    seen: dict = {}
+
+    def spy(fn):
+        real = fn.run
+
+        def run(*args, grid, warmup, **kwargs):
+            compiled = real(*args, grid=grid, warmup=warmup, **kwargs)
+            seen.update(fn=fn, args=args, kwargs=kwargs, grid=grid, compiled=compiled)
+            return compiled
+        return run
+
+    for fn in kernels:
+        fn.run = spy(fn)
+    try:
+        call()
+    finally:
+        for fn in kernels:
+            del fn.run   # the instance attribute goes; the class's method serves again
+    return seen
+
+
+def launch_split(call, out: torch.Tensor, calls: int) -> dict:
+    """Host us of the last Triton launch that `call` makes, through JITFunction.run and directly
+    through its compiled kernel; and whether both write the same output."""
+    seen = _spied_launch(call)
+    fn, args, kwargs, grid, compiled = (seen[k] for k in ("fn", "args", "kwargs", "grid", "compiled"))
+    grid = grid(args) if callable(grid) else grid
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    binder = fn.device_caches[torch.cuda.current_device()][4]
+    bound = list(binder(*args, **kwargs)[0].values())
+    stream = torch.cuda.current_stream().cuda_stream
+    runner = compiled[grid]
+    jit = host_us(lambda: fn[grid](*args, **kwargs), calls)
+    out.fill_(float("nan"))
+    fn[grid](*args, **kwargs)
+    first = out.clone()
+    direct = host_us(lambda: runner(*bound, stream=stream), calls)
+    out.fill_(float("nan"))
+    runner(*bound, stream=stream)
+    return {"kernel": fn.__name__, "jit_launch_us": round(jit, 1), "direct_launch_us": round(direct, 1),
+            "direct_same_output": bool(torch.equal(first, out))}
+
+
 def host_rows(shapes, pattern: str, selection: str, tokens, calls: int, sparsity: float, device: str) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -70,7 +126,14 @@ def host_rows(shapes, pattern: str, selection: str, tokens, calls: int, sparsity
                 dispatch = host_us(lambda: with_copy(x), calls)
                 kernel = host_us(lambda: kernel_only(x), calls)
             kind = "decode" if m <= bsr.DECODE_MAX_TOKENS else "prefill"
-            rows.append({"shape": f"{n}x{k}", "pattern": pattern, "selection": selection, "tokens": m,
+            split = {}
+            if device == "cuda":   # the kernel path's own launch, into a buffer of its own
+                y = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+                with torch.no_grad():
+                    split = launch_split(lambda: bsr.launch_prefill(x, kernel_only.sparse_weight, None, y)
+                                         if m > bsr.DECODE_MAX_TOKENS else
+                                         bsr.launch_decode(x, kernel_only.sparse_weight, None, y), y, calls)
+            rows.append({**split, "shape": f"{n}x{k}", "pattern": pattern, "selection": selection, "tokens": m,
                          "dense_us": round(dense, 1), "dispatch_us": round(dispatch, 1), "kernel_us": round(kernel, 1),
                          "dispatch_x_dense": round(dispatch / dense, 2), "kernel_x_dense": round(kernel / dense, 2),
                          "dispatch_config": str(bsr.chosen_config(kind, with_copy.sparse_weight, m, x.dtype)),
@@ -80,10 +143,13 @@ def host_rows(shapes, pattern: str, selection: str, tokens, calls: int, sparsity
 
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'shape':>11} {'tokens':>6} {'nn.Linear us':>12} {'+dense us':>9} {'x':>5} {'kernel us':>9} {'x':>5}"
-             "  (host time per call; x: against nn.Linear) dispatch config"]
+             f" {'its launch: jit us':>18} {'direct us':>9}  (host time per call; x: against nn.Linear) dispatch config"]
     for r in rows:
+        launch = (f" {r['jit_launch_us']:18.1f} {r['direct_launch_us']:9.1f}" + ("" if r["direct_same_output"]
+                  else " (direct: other output!)")) if "jit_launch_us" in r else f" {'':18} {'':9}"
         lines.append(f"{r['shape']:>11} {r['tokens']:6d} {r['dense_us']:12.1f} {r['dispatch_us']:9.1f} "
-                     f"{r['dispatch_x_dense']:5.2f} {r['kernel_us']:9.1f} {r['kernel_x_dense']:5.2f}  {r['dispatch_config']}")
+                     f"{r['dispatch_x_dense']:5.2f} {r['kernel_us']:9.1f} {r['kernel_x_dense']:5.2f}{launch}  "
+                     f"{r['dispatch_config']}")
     return "\n".join(lines)
 
 

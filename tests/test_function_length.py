@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 80
-# the training loop reads best as one piece; Triton kernels are one GPU program each
+# the training loop reads best as one piece; Triton and Gluon kernels are one GPU program each
 EXEMPT = {("spruce/recover/train.py", "train")}
 
 
@@ -36,7 +36,7 @@ def _kernel_lines(node) -> int:
 
 def _is_triton_jit(decorator) -> bool:
     target = decorator.func if isinstance(decorator, ast.Call) else decorator
-    return ast.unparse(target) in ("triton.jit", "jit", "triton.autotune")
+    return ast.unparse(target) in ("triton.jit", "jit", "triton.autotune", "gluon.jit", "gluon.constexpr_function")
 
 
 def test_no_function_is_longer_than_80_lines():

@@ -226,15 +226,27 @@ def test_linears_on_one_input_transpose_it_once_on_gpu():
         assert torch.equal(a, b)
 
 
-def test_gluon_prefill_compiles_for_hopper_without_spills():
+def test_gluon_prefill_compiles_for_hopper_without_spills(tmp_path):
     """bench.gluon_prefill's kernel (an experiment, no interpreter) compiles for sm_90 here with no
-    GPU: KB m64n256k16 wgmmas a step, no spilled registers, shared memory within an H100/H200 SM's."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    from bench import gluon_prefill
+    GPU: KB m64n256k16 wgmmas a step, no spilled registers, shared memory within an H100/H200 SM's.
+    In a fresh process without the interpreter (conftest.py turns it on) and a cache of its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    rows = (gluon_prefill.compile_only([(256, 4, 3, 4, ""), (512, 2, 5, 8, ""), (256, 4, 3, 4, "ws")])
-            + gluon_prefill.compile_only([(256, 4, 3, 8, "ws")], 128))
-    for row, kb in zip(rows, (4, 2, 4, 4)):
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    configs = {64: [(256, 4, 3, 4, ""), (512, 2, 5, 8, ""), (256, 4, 3, 4, "ws")], 128: [(256, 4, 3, 8, "ws")]}
+    code = ("import json, sys; from bench.gluon_prefill import compile_only; "
+            "print(json.dumps([r for gb, c in json.loads(sys.argv[1]).items() for r in compile_only(c, int(gb))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(configs)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    for row, kb in zip(rows, (4, 2, 4, 4), strict=True):
         assert "error" not in row, row
         assert row["wgmma"] == kb and row["local_bytes"] == 0 and row["shared_KiB"] <= 227, row
 
