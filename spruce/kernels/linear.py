@@ -11,7 +11,9 @@ every launch shape and runs dense where it is faster. The copy costs the layer's
 `release_dense` drops it from every layer whose tuned shapes all chose the kernel: warm the model
 up on the token counts it will serve (a prefill length and the decode batch), then release. A
 layer that keeps its copy runs dense where it won; a shape first met after the release tunes among
-the kernel tiles alone. `dispatch_summary` says which layers run sparse.
+the kernel tiles alone. `dispatch_summary` says which layers run sparse. An eager call at a token
+count tuned to dense goes straight to `F.linear` on the copy: the layer remembers those counts, so
+it costs the host what an nn.Linear costs (an eager prefill of a many-layer model is bound by it).
 """
 
 from __future__ import annotations
