@@ -298,26 +298,31 @@ def _layer_tuned_dense(device, dtype, tokens):
 
 
 def test_a_dense_route_is_dropped_with_the_copy_or_the_tuning_table(monkeypatch):
-    """A remembered dense route serves only the copy and the tuning table it was learned with."""
+    """A remembered dense route serves only the copy and the tuning table it was learned with, and
+    only while that table still says dense for its key."""
     from spruce.kernels import bsr
     from spruce.kernels.linear import release_dense
 
     monkeypatch.setattr(bsr, "_tuned", {})
     lin, layer, key = _layer_tuned_dense("cpu", torch.float32, 24)
     x = torch.randn(2, 12, 128)
-    ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()).float()
+    bsr._tuned[key] = bsr.DENSE
     bogus = torch.zeros(64, 128)
-    layer._dense_routes[24] = (bsr._tuned, id(bogus))       # learned for another tensor: not taken
-    torch.testing.assert_close(layer(x), ref.float())
-    layer.dense_weight.zero_()                              # marks which path ran: the copy gives zeros
-    layer._dense_routes[24] = (bsr._tuned, id(layer.dense_weight))
-    assert layer(x).abs().max() == layer.bias.abs().max()   # the route: F.linear on the copy
-    monkeypatch.setattr(bsr, "_tuned", {})                  # another tuning table: the route is stale
-    torch.testing.assert_close(layer(x), ref.float())
-    layer._dense_routes[24] = (bsr._tuned, id(layer.dense_weight))
-    release_dense(torch.nn.Sequential(layer))               # no copy any more: the block-sparse weight
-    assert layer.dense_weight is None
-    torch.testing.assert_close(layer(x), ref.float())
+    layer._dense_routes[24] = (bsr._tuned, key, id(bogus))   # learned for another tensor: not taken
+    torch.testing.assert_close(layer(x), ref)
+    layer.dense_weight.zero_()                               # marks which path ran: the copy gives zeros
+    layer._dense_routes[24] = (bsr._tuned, key, id(layer.dense_weight))
+    assert layer(x).abs().max() == layer.bias.abs().max()    # the route: F.linear on the copy
+    bsr._tuned.clear()                                       # the table no longer says dense
+    torch.testing.assert_close(layer(x), ref)
+    bsr._tuned[key] = bsr.DENSE
+    monkeypatch.setattr(bsr, "_tuned", {key: bsr.DENSE})     # another tuning table: the route is stale
+    torch.testing.assert_close(layer(x), ref)
+    layer._dense_routes[24] = (bsr._tuned, key, id(layer.dense_weight))
+    assert release_dense(torch.nn.Sequential(layer)) == 0    # dense won a tuned shape: the copy stays
+    layer.dense_weight = None                                # dropped (as on CPU): the block-sparse weight
+    torch.testing.assert_close(layer(x), ref)
 
 
 @pytest.mark.gpu
@@ -330,7 +335,7 @@ def test_a_launch_tuned_to_dense_learns_its_route_and_matches_dense():
     try:
         x = torch.randn(2, 12, 128, device="cuda", dtype=torch.bfloat16)
         first, again = layer(x), layer(x)
-        assert layer._dense_routes == {24: (bsr._tuned, id(layer.dense_weight))}
+        assert layer._dense_routes == {24: (bsr._tuned, key, id(layer.dense_weight))}
         expected = torch.nn.functional.linear(x, layer.dense_weight, layer.bias)
         assert torch.equal(first, expected) and torch.equal(again, expected)
     finally:

@@ -201,7 +201,7 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     `prefill.SHARED`, so the next layer on the same unchanged x does not transpose it again (the
     eager forward of BlockSparseLinear sets it; never inside a captured CUDA graph). `dense_routes`
     (BlockSparseLinear's) learns the token counts whose launch runs dense: {tokens: (tuning table,
-    id of the dense copy)}."""
+    tuning key, id of the dense copy)}."""
     if x.shape[-1] != weight.shape[1]:
         raise SpruceError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
     if x.device.type != "cuda":
@@ -225,10 +225,11 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     # The tuned configuration is looked up once here and handed down, so that a tuned launch builds
     # no candidate list: an eager prefill of a many-layer model is bound by this host work.
     kind = "decode" if m <= DECODE_MAX_TOKENS else "prefill"
-    cfg = _tuned.get(tuning_key(kind, weight, m, x.dtype))
+    key = tuning_key(kind, weight, m, x.dtype)
+    cfg = _tuned.get(key)
     if cfg == DENSE and weight.dense is not None:  # the tuner timed cuBLAS faster: run it as nn.Linear does
         if dense_routes is not None:
-            dense_routes[m] = (_tuned, id(weight.dense))
+            dense_routes[m] = (_tuned, key, id(weight.dense))
         return F.linear(x, weight.dense, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if kind == "decode":

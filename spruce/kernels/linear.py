@@ -54,8 +54,9 @@ class BlockSparseLinear(nn.Module):
         # the dense copy for dense dispatch (module docstring); not saved with the state dict
         self.register_buffer("dense_weight", weight.dense, persistent=False)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        # {tokens: (tuning table, id of the dense copy)} for launch shapes tuned to dense cuBLAS: an
-        # eager call there runs F.linear at once, with no more host work than an nn.Linear
+        # {tokens: (tuning table, tuning key, id of the dense copy)} for launch shapes tuned to dense
+        # cuBLAS: an eager call there runs F.linear at once, with no more host work than an nn.Linear,
+        # while the table still holds dense for that key and the copy is the same tensor
         self._dense_routes: dict[int, tuple] = {}
 
     @classmethod
@@ -94,9 +95,9 @@ class BlockSparseLinear(nn.Module):
                                           self.uniform_count, self.dense_weight)
         if x.shape[-1] == self.in_features:
             route = self._dense_routes.get(x.shape[:-1].numel())
-            if route is not None and route[0] is bsr._tuned:
+            if route is not None and route[0] is bsr._tuned and route[0].get(route[1]) == bsr.DENSE:
                 dense = self._buffers["dense_weight"]
-                if dense is not None and id(dense) == route[1]:
+                if dense is not None and id(dense) == route[2]:
                     return F.linear(x, dense, self.bias)
         return block_sparse_linear(x, self.sparse_weight, self.bias, share_input=True, dense_routes=self._dense_routes)
 
