@@ -370,6 +370,12 @@ def test_split_decode_resets_its_counters_and_repeats(kernels_on):
     w = masked_weight(n, k, 16, 0.5, "grouped").to(dtype)
     sparse = BlockSparseWeight.from_dense(w, 16).to(device)
     splits = [c for c in bsr.DECODE_GEMV_CONFIGS + bsr.DECODE_DOT_CONFIGS + bsr.DECODE_SWAP_CONFIGS if c[5] > 1]
+    if device.type != "cuda":  # the interpreter: one tile per (features, kind, split), which is what the
+        # workspace and its counters depend on; test_every_configuration checks each tile's sums
+        first = {}
+        for c in splits:
+            first.setdefault((c[0], c[4], c[5]), c)
+        splits = list(first.values())
     assert splits
     for m in (1, 16):
         x = torch.randn(m, k, generator=gen).to(device, dtype)
