@@ -30,7 +30,8 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 PATTERNS = ["16x16g4", "16x16g8"]
 # launched once each by --profile, in this order, after the old kernel's run-4 winner
 PROFILE_CONFIGS = [("xt", 256, 64, 8, 4), ("xr", 256, 64, 8, 4), ("xt", 512, 32, 8, 5), ("xt", 128, 64, 4, 4),
-                   ("xt-tma", 256, 16, 8, 8), ("xr-tma", 256, 16, 8, 8), ("xt-tma", 512, 16, 8, 8)]
+                   ("xt-tma", 256, 16, 8, 8), ("xr-tma", 256, 16, 8, 8), ("xt-tma", 512, 16, 8, 8),
+                   ("xt-gluon", 512, 4, 3, 8, "ws"), ("xt-gluon", 256, 4, 3, 8, "ws")]
 OLD_WINNER = (256, 64, 8, 3, True)
 # tests run the flow on the CPU (Triton's interpreter, float16) with the timing stubbed
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -166,8 +167,8 @@ def profile(shape: tuple[int, int], m: int, selection: str) -> None:
             bsr.launch_prefill(x, sp, None, y, cfg)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            name = "prefill" if not isinstance(cfg[0], str) else \
-                "prefill_grouped_tma" if "tma" in cfg[0] else "prefill_grouped"
+            name = ("prefill" if not isinstance(cfg[0], str) else "prefill_gluon" if cfg[0] == prefill.TAG_GLUON
+                    else "prefill_grouped_tma" if "tma" in cfg[0] else "prefill_grouped")
             kernels = ["transpose", name] if prefill.transposes(cfg) else [name]
             order += [f"{n}x{k} {pattern} tokens {m} {cfg}: {name}" for name in kernels]
     print("profiled launches, in order:\n" + "\n".join(order))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spruce.errors import SpruceError
-from spruce.kernels import BlockSparseWeight, bsr, prefill
+from spruce.kernels import BlockSparseWeight, bsr, prefill, prefill_gluon
 from tests.test_kernels import gpu, irregular_weight, kernels_on, masked_weight, rel_err  # noqa: F401
 
 
@@ -43,7 +43,8 @@ def test_every_configuration_matches_float64(layout, group, kernels_on, monkeypa
         b = bias if with_bias else None
         ref = F.linear(x.double(), w.double().to(device), None if b is None else b.double())
         configs = _check_all(x, sparse, b, ref)
-    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS, prefill.TAG_TMA, prefill.TAG_ROWS_TMA}
+    gluon = {prefill.TAG_GLUON} if prefill_gluon.available(device) else set()  # Hopper only
+    assert {c[0] for c in configs} == {prefill.TAG, prefill.TAG_ROWS, prefill.TAG_TMA, prefill.TAG_ROWS_TMA} | gluon
 
 
 def test_unequal_groups_and_an_empty_group(kernels_on):
@@ -80,6 +81,38 @@ def test_the_tuner_offers_it_for_wide_groups_only():
     assert not any(isinstance(t, str) for t in (c[0] for c in bsr.prefill_candidates(narrow)))
     g8 = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "grouped128"), 16)
     assert all(c[1] * 128 <= prefill.MAX_ACC for c in prefill.candidates(g8))  # no 512-token tile
+
+
+def test_gluon_configurations_are_offered_on_hopper_for_16x16_blocks_in_wide_groups(monkeypatch):
+    """The Gluon kernel joins the tuner's candidates where it can run (sm_90 with Gluon: simulated
+    here), with its configurations for the weight's group width; never for narrow groups or other
+    block sizes, never on a device without it."""
+    g4 = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "grouped"), 16)
+    g8 = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "grouped128"), 16)
+    narrow = BlockSparseWeight.from_dense(masked_weight(256, 256, 16, 0.5, "independent"), 16)
+    b32 = BlockSparseWeight.from_dense(masked_weight(256, 256, 32, 0.5, "grouped"), 32)
+    assert not prefill_gluon.available(torch.device("cpu"))
+    assert not any(c[0] == prefill.TAG_GLUON for c in prefill.candidates(g4))
+    monkeypatch.setattr(prefill_gluon, "available", lambda device: True)
+    gluon = lambda w: [c[1:] for c in prefill.candidates(w) if c[0] == prefill.TAG_GLUON]  # noqa: E731
+    assert gluon(g4) == prefill_gluon.CONFIGS[64] and gluon(g8) == prefill_gluon.CONFIGS[128]
+    assert gluon(narrow) == [] and gluon(b32) == []
+    assert all(prefill.transposes((prefill.TAG_GLUON, *c)) for c in gluon(g4))
+
+
+def test_gluon_configuration_runs_the_pointer_tile_where_descriptors_cannot_address(kernels_on):
+    """A tensor descriptor needs 16-byte aligned rows: an output that starts one element into its
+    storage runs the Triton pointer tile of the same token width, with the same result."""
+    device, dtype = kernels_on
+    gen = torch.Generator().manual_seed(4)
+    w = masked_weight(128, 128, 16, 0.5, "grouped").to(dtype)
+    sparse = BlockSparseWeight.from_dense(w, 16).to(device)
+    x = torch.randn(40, 128, generator=gen).to(device, dtype)
+    xt = prefill.transpose_padded(x)
+    y = torch.full((40 * 128 + 1,), float("nan"), dtype=dtype, device=device)[1:].view(40, 128)
+    assert not prefill_gluon.ready(xt, sparse, y) and prefill_gluon.ready(xt, sparse, y.clone())
+    prefill.launch(x, sparse, None, y, (prefill.TAG_GLUON, *prefill_gluon.CONFIGS[64][0]), xt=xt)
+    assert rel_err(y, F.linear(x.double(), w.double().to(device))) <= 1e-2
 
 
 def test_launch_prefill_runs_a_tagged_configuration(kernels_on):
@@ -227,9 +260,10 @@ def test_linears_on_one_input_transpose_it_once_on_gpu():
 
 
 def test_gluon_prefill_compiles_for_hopper_without_spills(tmp_path):
-    """bench.gluon_prefill's kernel (an experiment, no interpreter) compiles for sm_90 here with no
-    GPU: KB m64n256k16 wgmmas a step, no spilled registers, shared memory within an H100/H200 SM's.
-    In a fresh process without the interpreter (conftest.py turns it on) and a cache of its own."""
+    """The Gluon kernel (no interpreter) compiles for sm_90 here with no GPU, one configuration of
+    each variant and group width the tuner offers: KB m64n256k16 wgmmas a step, no spilled
+    registers, shared memory within an H100/H200 SM's. In a fresh process without the interpreter
+    (conftest.py turns it on) and a cache of its own."""
     import json
     import os
     import subprocess
@@ -237,7 +271,8 @@ def test_gluon_prefill_compiles_for_hopper_without_spills(tmp_path):
     from pathlib import Path
 
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    configs = {64: [(256, 4, 3, 4, ""), (512, 2, 5, 8, ""), (256, 4, 3, 4, "ws")], 128: [(256, 4, 3, 8, "ws")]}
+    configs = {gb: [next(c for c in offered if c[-1] == v) for v in ("", "ws")]
+               for gb, offered in prefill_gluon.CONFIGS.items()}
     code = ("import json, sys; from bench.gluon_prefill import compile_only; "
             "print(json.dumps([r for gb, c in json.loads(sys.argv[1]).items() for r in compile_only(c, int(gb))]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -246,31 +281,33 @@ def test_gluon_prefill_compiles_for_hopper_without_spills(tmp_path):
                           env=env, cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    for row, kb in zip(rows, (4, 2, 4, 4), strict=True):
+    for row, kb in zip(rows, [c[1] for offered in configs.values() for c in offered], strict=True):
         assert "error" not in row, row
         assert row["wgmma"] == kb and row["local_bytes"] == 0 and row["shared_KiB"] <= 227, row
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group", [4, 8])
-def test_gluon_prefill_matches_float64(group):
-    """The Gluon experiment against float64 on the GPU, every configuration: unequal groups, an empty
+@pytest.mark.parametrize("group,dtype", [(4, torch.bfloat16), (8, torch.bfloat16), (4, torch.float16)])
+def test_gluon_prefill_matches_float64(group, dtype):
+    """The Gluon kernel against float64 on the GPU, every configuration: unequal groups, an empty
     group (bias alone), a token count that is no multiple of the tile, and a group whose kept
     blocks are no multiple of KB (the out-of-bounds weight boxes must add zeros)."""
-    from bench import gluon_prefill
-
+    if not prefill_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon kernel runs on sm_90 with a Triton that has Gluon")
     gen = torch.Generator().manual_seed(11)
     n, k, gb = 512, 400, 16 * group
     w = irregular_weight(n, k, 16, seed=5)
     w[:gb] = 0
-    w = w.to(torch.bfloat16)
+    w = w.to(dtype)
     sparse = BlockSparseWeight.from_dense(w, 16, group=group).to("cuda")
     assert sparse.uniform_count == -1 and int(sparse.group_ptr[1]) == 0
-    bias = torch.randn(n, generator=gen).to("cuda", torch.bfloat16)
-    x = torch.randn(300, k, generator=gen).to("cuda", torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype)
+    x = torch.randn(300, k, generator=gen).to("cuda", dtype)
     ref = F.linear(x.double(), w.double().cuda(), bias.double())
-    for cfg in gluon_prefill.CONFIGS[gb]:
-        y = torch.full((300, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        gluon_prefill.launch(x, sparse, bias, y, cfg)
+    assert prefill_gluon.configs(sparse) == prefill_gluon.CONFIGS[gb]
+    for cfg in prefill_gluon.CONFIGS[gb]:
+        y = torch.full((300, n), float("nan"), device="cuda", dtype=dtype)
+        assert prefill_gluon.ready(prefill.transpose_padded(x), sparse, y)
+        prefill.launch(x, sparse, bias, y, (prefill.TAG_GLUON, *cfg))
         assert rel_err(y, ref) < 1e-2, cfg

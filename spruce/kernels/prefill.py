@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # transposed (xt), TAG_ROWS reads x as it is (no transpose; B-column strips per token).
 TAG, TAG_ROWS = "xt", "xr"
 TAG_TMA, TAG_ROWS_TMA = "xt-tma", "xr-tma"  # the same two with tensor-descriptor (TMA) loads
+TAG_GLUON = "xt-gluon"  # `prefill_gluon.py`'s Hopper kernel on xt: (tag, BLOCK_T, KB, STAGES, warps, variant)
 # (BLOCK_T tokens, BLOCK_K inputs per step, num_warps, num_stages). Shared memory:
 # (GB + BLOCK_T) * BLOCK_K * 2 bytes per stage (40 KiB for 64 x 256 x 64); all fit 227 KiB.
 # 512-token tiles only for 64-feature groups (MAX_ACC): they halve the weight's rereads.
@@ -79,7 +80,8 @@ def candidates(w: BlockSparseWeight) -> list[tuple]:
     pointer = ((TAG, CONFIGS), (TAG_ROWS, ROWS_CONFIGS))
     tma = ((TAG_TMA, TMA_CONFIGS), (TAG_ROWS_TMA, ROWS_TMA_CONFIGS))  # one block a step: BLOCK_K = B
     return ([(tag, *c) for tag, configs in pointer for c in configs if fits(c)]
-            + [(tag, *c) for tag, configs in tma for c in configs if fits(c) and c[1] == w.block])
+            + [(tag, *c) for tag, configs in tma for c in configs if fits(c) and c[1] == w.block]
+            + [(TAG_GLUON, *c) for c in _gluon().configs(w)])
 
 
 def padded_tokens(m: int) -> int:
@@ -98,8 +100,8 @@ def transpose_padded(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 
 
 def transposes(cfg: tuple) -> bool:
-    """Whether a tuner configuration runs this kernel on x transposed (tags TAG and TAG_TMA)."""
-    return isinstance(cfg[0], str) and cfg[0] in (TAG, TAG_TMA)
+    """Whether a tuner configuration runs on x transposed (tags TAG, TAG_TMA and TAG_GLUON)."""
+    return isinstance(cfg[0], str) and cfg[0] in (TAG, TAG_TMA, TAG_GLUON)
 
 
 def _state(t: torch.Tensor) -> tuple:
@@ -160,20 +162,27 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
            xt: torch.Tensor | None = None) -> None:
     """y[M, N] = x[M, K] W^T (+ bias) with one configuration (tag, BLOCK_T, BLOCK_K, warps, stages).
 
-    Tags TAG and TAG_TMA read x transposed: `xt` if given (made by `transpose_padded`,
+    Tags TAG, TAG_TMA and TAG_GLUON read x transposed: `xt` if given (made by `transpose_padded`,
     then x gives only M), else transposed here. TAG_ROWS and TAG_ROWS_TMA read x as it is, B-column
-    strips per token. The _TMA tags load through tensor descriptors (`prefill_grouped_tma`).
+    strips per token. The _TMA tags load through tensor descriptors (`prefill_grouped_tma`);
+    TAG_GLUON runs `prefill_gluon.py`'s kernel, (tag, BLOCK_T, KB, STAGES, warps, variant).
     """
-    tag, block_t, block_k, warps, stages = cfg
+    tag, block_t = cfg[:2]
     m = x.shape[0]
     n, k = w.shape
-    ngroups = n // w.group_features
     group_t = band_tiles(m, k, block_t, x.element_size())
-    grid = (-(-m // block_t) * ngroups,)
-    bias_arg = bias if bias is not None else y
     transposed = transposes(cfg)
     if transposed and xt is None:
         xt = transpose_padded(x)
+    if tag == TAG_GLUON:
+        if _gluon().ready(xt, w, y):
+            _gluon().launch(m, xt, w, bias, y, cfg[1:], group_t)
+            return
+        cfg = (TAG, block_t, 4 * w.block, 8, 3)  # descriptors cannot address these tensors: the pointer tile
+    _, _, block_k, warps, stages = cfg
+    ngroups = n // w.group_features
+    grid = (-(-m // block_t) * ngroups,)
+    bias_arg = bias if bias is not None else y
     src = xt if transposed else x
     if tag in (TAG_TMA, TAG_ROWS_TMA) and tma_ready(src, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -196,6 +205,14 @@ def launch(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None, y: 
         int(bias is not None), stride_k, stride_t, y.stride(0), B=w.block, GB=w.group_features,
         MASK_T=not transposed, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
+
+
+@functools.cache
+def _gluon():
+    """`prefill_gluon.py`, imported on first use."""
+    from spruce.kernels import prefill_gluon
+
+    return prefill_gluon
 
 
 @functools.cache
