@@ -38,6 +38,8 @@ class StaticGreedy:
     the captured step writes at the right place on every replay; positions are passed explicitly.
     With `logits`, `start` and `advance` return each step's last-position logits [batch, vocab]
     instead of the greedy token (the caller picks the token: the sampler of spruce.generated).
+    With `compile_backend` (a torch.compile backend) the step and the prompt's forward are each
+    compiled: the first prompt of a new length compiles again, from the second length on for any.
     """
 
     def __init__(self, model, batch: int, max_len: int, compile_backend: str | None = None, logits: bool = False):
@@ -52,13 +54,19 @@ class StaticGreedy:
         self.use_graph = self.device.type == "cuda"
         self.graph = None
         self.next_out = None
+        self.cache_ready = False
         # compile: torch.compile fuses what lies between the linears (norms, rotary embedding,
         # residual adds, the MLP's activation) before the step is captured; block-sparse layers
         # enter the compiled graph as one opaque op each (spruce::block_sparse_linear)
-        self.step = self._step
+        # The prompt's forward is compiled too (its own graph; dynamic in the prompt's length from
+        # the second length on): eager, a long prefill spends as much time in the per-op work
+        # between the linears as in them, and after a compile in the same process that work is
+        # bound by the host.
+        self.step, self.prompt_forward = self._step, self._prompt_forward
         if compile_backend is not None:
             torch._dynamo.reset()
             self.step = torch.compile(self._step, backend=compile_backend)
+            self.prompt_forward = torch.compile(self._prompt_forward, backend=compile_backend)
 
     def _head(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, -1] if self.logits else logits[:, -1].argmax(-1)
@@ -67,12 +75,21 @@ class StaticGreedy:
         return self._head(self.model(input_ids=self.token, past_key_values=self.cache, position_ids=self.position,
                                      use_cache=True).logits)
 
+    def _prompt_forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, past_key_values=self.cache, position_ids=positions,
+                          use_cache=True, logits_to_keep=1).logits
+
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.cache.reset()
         prompt = input_ids.shape[1]
         positions = torch.arange(prompt, device=self.device)[None]
-        logits = self.model(input_ids=input_ids, past_key_values=self.cache, position_ids=positions,
-                            use_cache=True, logits_to_keep=1).logits
+        if not self.cache_ready and self.prompt_forward is not self._prompt_forward:
+            # one eager forward first allocates the cache's tensors (Hugging Face's static cache
+            # does that on its first update), against which a graph compiled before would guard
+            self._prompt_forward(input_ids, positions)
+            self.cache.reset()
+        self.cache_ready = True
+        logits = self.prompt_forward(input_ids, positions)
         self.position.fill_(prompt)
         return self._head(logits)
 

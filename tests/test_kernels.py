@@ -248,6 +248,21 @@ def test_static_greedy_compiled_step_matches_generate():
     torch._dynamo.reset()
 
 
+def test_static_greedy_compiles_the_prompt_forward_as_well_as_the_step():
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny_llama(seed=2)
+    ids = torch.randint(0, 96, (2, 5))
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    sparsify(model)
+    counter = CompileCounter()
+    runner = StaticGreedy(model, batch=2, max_len=9, compile_backend=counter)
+    assert torch.equal(runner.generate(ids, 4), expected)
+    assert counter.frame_count == 2  # one graph for the prompt's forward, one for the step
+    assert runner.generate(ids, 4).equal(expected) and counter.frame_count == 2  # no recompile
+    torch._dynamo.reset()
+
+
 def test_layer_the_block_does_not_divide_is_kept_and_listed():
     model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 64), nn.Linear(64, 64))
     with torch.no_grad():
