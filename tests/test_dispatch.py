@@ -364,3 +364,30 @@ def test_host_time_bench_times_the_emitted_layer_against_nn_linear(capsys, tmp_p
     if not torch.cuda.is_available():
         assert host_time.cli_main(host_time.add_arguments, host_time.run, "", []) == 2
         assert capsys.readouterr().err.startswith("error: benchmarks need a CUDA GPU")
+
+
+def test_a_compiled_graph_runs_a_launch_tuned_to_dense_as_a_plain_matmul(monkeypatch):
+    """Traced at a token count tuned to dense, the layer is F.linear on its copy in the graph (no
+    opaque op to dispatch on every call); at another count, and once the copy is gone, the op."""
+    from spruce.kernels import bsr
+
+    monkeypatch.setattr(bsr, "_tuned", {})
+    lin, layer, key = _layer_tuned_dense("cpu", torch.float32, 24)
+    bsr._tuned[key] = bsr.DENSE
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    for tokens, expect_op in ((24, False), (12, True)):
+        torch._dynamo.reset()
+        x = torch.randn(2, tokens // 2, 128)
+        out = torch.compile(layer, backend=backend, dynamic=False)(x)
+        torch.testing.assert_close(out, lin(x))
+        assert any("spruce.block_sparse_linear" in t for t in graphs[-1]) == expect_op, graphs[-1]
+    layer.dense_weight = None
+    torch._dynamo.reset()
+    torch.compile(layer, backend=backend, dynamic=False)(torch.randn(2, 12, 128))
+    assert any("spruce.block_sparse_linear" in t for t in graphs[-1])
+    torch._dynamo.reset()

@@ -90,6 +90,11 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op in the compiled graph, no graph break
+            tokens = x.shape[:-1].numel()
+            if isinstance(tokens, int) and _tuned_dense(self, tokens, x.dtype):
+                # a plain matmul the compiler plans with the rest: through the opaque op it would
+                # cost the host a dispatch and a table lookup on every call of the graph
+                return F.linear(x, self.dense_weight, self.bias)
             return block_sparse_linear_op(x, self.values, self.cols, self.group_ptr, self.bias, self.out_features,
                                           self.in_features, self.block_size, self.group, self.nonzero_blocks,
                                           self.uniform_count, self.dense_weight)
@@ -104,6 +109,18 @@ class BlockSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block={self.block_size}, group={self.group}, block_sparsity={self.block_sparsity:.3f}")
+
+
+@torch.compiler.assume_constant_result
+def _tuned_dense(layer: BlockSparseLinear, tokens: int, dtype: torch.dtype) -> bool:
+    """Whether the tuner has timed dense cuBLAS faster for this layer at `tokens` (and the layer
+    still holds its dense copy). Read once when a graph is compiled, which then runs the launch
+    chosen at that moment: a graph compiled before the tuning (or before `release_dense`) keeps
+    the block-sparse op, which tunes, or runs the kernel, at run time."""
+    if layer.dense_weight is None:
+        return False
+    kind = "decode" if tokens <= bsr.DECODE_MAX_TOKENS else "prefill"
+    return bsr.chosen_config(kind, layer.sparse_weight, tokens, dtype) == bsr.DENSE
 
 
 @dataclass
