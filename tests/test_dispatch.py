@@ -383,11 +383,11 @@ def test_a_compiled_graph_runs_a_launch_tuned_to_dense_as_a_plain_matmul(monkeyp
     for tokens, expect_op in ((24, False), (12, True)):
         torch._dynamo.reset()
         x = torch.randn(2, tokens // 2, 128)
-        out = torch.compile(layer, backend=backend, dynamic=False)(x)
+        out = torch.compile(nn.Sequential(layer), backend=backend, dynamic=False)(x)  # inside a model
         torch.testing.assert_close(out, lin(x))
         assert any("spruce.block_sparse_linear" in t for t in graphs[-1]) == expect_op, graphs[-1]
     layer.dense_weight = None
     torch._dynamo.reset()
-    torch.compile(layer, backend=backend, dynamic=False)(torch.randn(2, 12, 128))
+    torch.compile(nn.Sequential(layer), backend=backend, dynamic=False)(torch.randn(2, 12, 128))
     assert any("spruce.block_sparse_linear" in t for t in graphs[-1])
     torch._dynamo.reset()

@@ -451,12 +451,30 @@ def density_bucket(w: BlockSparseWeight) -> str:
     return f"d{steps / DENSITY_STEPS:g}"
 
 
+def weight_key(w: BlockSparseWeight) -> tuple:
+    """The weight's part of its tuning keys: shape, block, group width and density bucket."""
+    return (*w.shape, w.block, w.group_features, density_bucket(w))
+
+
 def tuning_key(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple:
     """The launch shape one tuned configuration serves: kernel, weight shape, block, group width,
     density bucket, tokens (prefill: the next power of two) and dtype."""
+    return _key(kind, weight_key(w), m, str(dtype), w.dense is not None)
+
+
+def _key(kind: str, weight: tuple, m: int, dtype: str, dense: bool) -> tuple:
     tokens = m if kind == "decode" else 1 << (m - 1).bit_length()
-    key = (kind, *w.shape, w.block, w.group_features, density_bucket(w), tokens, str(dtype))
-    return key if w.dense is None else (*key, "+dense")
+    key = (kind, *weight, tokens, dtype)
+    return (*key, "+dense") if dense else key
+
+
+@torch.compiler.assume_constant_result
+def tuned_dense(weight: tuple, m: int, dtype: str) -> bool:
+    """Whether the tuner timed dense cuBLAS fastest for a weight with its dense copy (`weight` its
+    weight_key) at `m` tokens. Constant arguments only, so that a graph being compiled reads it
+    once, at that moment."""
+    kind = "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+    return _tuned.get(_key(kind, weight, m, dtype, True)) == DENSE
 
 
 def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple | None:

@@ -58,6 +58,9 @@ class BlockSparseLinear(nn.Module):
         # cuBLAS: an eager call there runs F.linear at once, with no more host work than an nn.Linear,
         # while the table still holds dense for that key and the copy is the same tensor
         self._dense_routes: dict[int, tuple] = {}
+        # its part of the tuning keys, for a graph being compiled to read the tuned route with
+        # constants only (bsr.tuned_dense): the route it reads is the one tuned at that moment
+        self._weight_key = bsr.weight_key(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 16, group: int | None = None,
@@ -91,7 +94,8 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op in the compiled graph, no graph break
             tokens = x.shape[:-1].numel()
-            if isinstance(tokens, int) and _tuned_dense(self, tokens, x.dtype):
+            if (isinstance(tokens, int) and self.dense_weight is not None
+                    and bsr.tuned_dense(self._weight_key, tokens, str(x.dtype))):
                 # a plain matmul the compiler plans with the rest: through the opaque op it would
                 # cost the host a dispatch and a table lookup on every call of the graph
                 return F.linear(x, self.dense_weight, self.bias)
@@ -109,18 +113,6 @@ class BlockSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block={self.block_size}, group={self.group}, block_sparsity={self.block_sparsity:.3f}")
-
-
-@torch.compiler.assume_constant_result
-def _tuned_dense(layer: BlockSparseLinear, tokens: int, dtype: torch.dtype) -> bool:
-    """Whether the tuner has timed dense cuBLAS faster for this layer at `tokens` (and the layer
-    still holds its dense copy). Read once when a graph is compiled, which then runs the launch
-    chosen at that moment: a graph compiled before the tuning (or before `release_dense`) keeps
-    the block-sparse op, which tunes, or runs the kernel, at run time."""
-    if layer.dense_weight is None:
-        return False
-    kind = "decode" if tokens <= bsr.DECODE_MAX_TOKENS else "prefill"
-    return bsr.chosen_config(kind, layer.sparse_weight, tokens, dtype) == bsr.DENSE
 
 
 @dataclass
