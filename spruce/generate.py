@@ -56,14 +56,12 @@ class StaticGreedy:
         self.next_out = None
         self.cache_ready = False
         # compile: torch.compile fuses what lies between the linears (norms, rotary embedding,
-        # residual adds, the MLP's activation) before the step is captured; block-sparse layers
-        # enter the compiled graph as one opaque op each (spruce::block_sparse_linear)
-        # The prompt's forward is compiled too (its own graph; dynamic in the prompt's length from
-        # the second length on): eager, a long prefill spends as much time in the per-op work
-        # between the linears as in them, and after a compile in the same process that work is
-        # bound by the host.
+        # residual adds, the MLP's activation) in the step, before it is captured, and in the
+        # prompt's forward, which eager spends as long in that work as in the linears; block-sparse
+        # layers enter a compiled graph as one opaque op each (spruce::block_sparse_linear)
+        self.compiled = compile_backend is not None
         self.step, self.prompt_forward = self._step, self._prompt_forward
-        if compile_backend is not None:
+        if self.compiled:
             torch._dynamo.reset()
             self.step = torch.compile(self._step, backend=compile_backend)
             self.prompt_forward = torch.compile(self._prompt_forward, backend=compile_backend)
@@ -83,7 +81,7 @@ class StaticGreedy:
         self.cache.reset()
         prompt = input_ids.shape[1]
         positions = torch.arange(prompt, device=self.device)[None]
-        if not self.cache_ready and self.prompt_forward is not self._prompt_forward:
+        if self.compiled and not self.cache_ready:
             # one eager forward first allocates the cache's tensors (Hugging Face's static cache
             # does that on its first update), against which a graph compiled before would guard
             self._prompt_forward(input_ids, positions)

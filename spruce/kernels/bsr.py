@@ -224,7 +224,7 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
         return x.new_empty(*lead, n)
     # The tuned configuration is looked up once here and handed down, so that a tuned launch builds
     # no candidate list: an eager prefill of a many-layer model is bound by this host work.
-    kind = "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+    kind = launch_kind(m)
     key = tuning_key(kind, weight, m, x.dtype)
     cfg = _tuned.get(key)
     if cfg == DENSE and weight.dense is not None:  # the tuner timed cuBLAS faster: run it as nn.Linear does
@@ -451,6 +451,11 @@ def density_bucket(w: BlockSparseWeight) -> str:
     return f"d{steps / DENSITY_STEPS:g}"
 
 
+def launch_kind(m: int) -> str:
+    """The kernel family of an m-token launch: "decode" up to DECODE_MAX_TOKENS, else "prefill"."""
+    return "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+
+
 def weight_key(w: BlockSparseWeight) -> tuple:
     """The weight's part of its tuning keys: shape, block, group width and density bucket."""
     return (*w.shape, w.block, w.group_features, density_bucket(w))
@@ -473,8 +478,7 @@ def tuned_dense(weight: tuple, m: int, dtype: str) -> bool:
     """Whether the tuner timed dense cuBLAS fastest for a weight with its dense copy (`weight` its
     weight_key) at `m` tokens. Constant arguments only, so that a graph being compiled reads it
     once, at that moment."""
-    kind = "decode" if m <= DECODE_MAX_TOKENS else "prefill"
-    return _tuned.get(_key(kind, weight, m, dtype, True)) == DENSE
+    return _tuned.get(_key(launch_kind(m), weight, m, dtype, True)) == DENSE
 
 
 def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple | None:
