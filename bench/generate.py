@@ -28,7 +28,7 @@ from spruce.models import prunable_linears
 
 from .common import _pdl_choice, cli_main, environment, measure_ceilings, prune_2_4, random_llama, require_cuda, write_json
 
-DISPATCH_CHOICES = {"both": [True, False], "on": [True], "off": [False]}
+SWITCH_CHOICES = {"both": [True, False], "on": [True], "off": [False]}
 # Prefills per time to first token (the median): with 3, batch 1 on an H200 read 1.05, 0.90 and
 # 1.00x dense in three runs with the same kernels (docs/RESULTS.md, 2026-12-04).
 BENCH_TTFT_REPEATS = 10
@@ -66,9 +66,12 @@ def add_arguments(b) -> None:
                    help="graph: static cache + CUDA graph per step; compile: the same step compiled with "
                         "torch.compile (inductor) first; eager: Hugging Face generate; hf-static: Hugging Face "
                         "generate with a static cache, its decode step compiled (default: compile)")
-    b.add_argument("--dense-dispatch", choices=list(DISPATCH_CHOICES), default="both",
+    b.add_argument("--dense-dispatch", choices=list(SWITCH_CHOICES), default="both",
                    help="on: layers run dense where the tuner timed dense faster; off: the kernel everywhere; "
                         "both: each (default)")
+    b.add_argument("--fuse", choices=list(SWITCH_CHOICES), default="on",
+                   help="on: q/k/v and gate/up run as one launch each; off: one launch per linear; both: "
+                        "each (default: %(default)s)")
     b.add_argument("--semi-structured", action="store_true", help="also run torch's 2:4 path")
     b.add_argument("--num-layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
     b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -82,7 +85,7 @@ def run(args) -> None:
     bench_generate(batch_sizes=args.batch_sizes, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                    sparsity=args.sparsity, module_sparsity=args.module_sparsity, block_size=args.block_size,
                    layouts=args.layout, selection=args.selection, modes=args.modes,
-                   dense_dispatch=args.dense_dispatch, semi_structured=args.semi_structured,
+                   dense_dispatch=args.dense_dispatch, fuse=args.fuse, semi_structured=args.semi_structured,
                    num_layers=args.num_layers, time_budget=args.time_budget, json_path=args.json,
                    ttft_repeats=args.ttft_repeats)
 
@@ -214,7 +217,7 @@ def step_weight_bytes(model, batch: int, dtype: torch.dtype = torch.bfloat16) ->
 
 def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int = 2048, sparsity: float = 0.5,
                    module_sparsity: str | None = None, block_size: int = 16, layouts=None,
-                   selection: str = "global", modes=("compile",), dense_dispatch: str = "both",
+                   selection: str = "global", modes=("compile",), dense_dispatch: str = "both", fuse: str = "on",
                    semi_structured: bool = False, num_layers: int = 32, time_budget: float | None = None,
                    json_path: str | None = None, seed: int = 0, pdl: str | None = None, device: str = "cuda",
                    config_overrides: dict | None = None, ttft_repeats: int | None = None) -> list[dict]:
@@ -225,7 +228,8 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     "row-balanced"; sparsity / module_sparsity (None: the block recipe's): see `emit_masks`.
     batch_sizes: prompts per batch; prompt_tokens / new_tokens: prompt and generated lengths.
     modes: any of spruce.generate.MODES (see `add_arguments`). dense_dispatch: "on", "off" or
-    "both" (see spruce.generate.measure_speeds). semi_structured: also torch's 2:4 (pruned 2:4 by
+    "both" (see spruce.generate.measure_speeds). fuse: "on", "off" or "both": siblings (q/k/v,
+    gate/up) as one launch (spruce.kernels.sparsify); unfused rows' kind ends in "unfused". semi_structured: also torch's 2:4 (pruned 2:4 by
     magnitude). num_layers: decoder layers (32 is Llama-2-7B). time_budget: seconds after which no
     new case starts. pdl (else SPRUCE_BENCH_PDL): "on" / "off" sets programmatic dependent launch
     for the sparse kernels. ttft_repeats: prefills per time to first token (default
@@ -245,7 +249,7 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
         raise SpruceError("the generation bench runs PDL on or off (SPRUCE_BENCH_PDL=on|off), not both")
     layouts = list(layouts or [default_layout()])
     module_sparsity = default_module_sparsity() if module_sparsity is None else module_sparsity
-    _check_options(layouts, block_size, modes, dense_dispatch, sparsity)
+    _check_options(layouts, block_size, modes, dense_dispatch, sparsity, fuse)
     bench = _GenerateBench(batch_sizes, new_tokens, prompt_tokens, sparsity, module_sparsity, block_size, selection,
                            num_layers, time_budget, json_path, seed, pdl, device, config_overrides, ttft_repeats)
     if pdl is not None:
@@ -253,9 +257,10 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     # dense dispatch first, on every layout, then without it: a run cut by the time budget has the
     # dispatch rows of each layout (the dense rows of a layout are measured once per mode)
     for mode in modes:
-        for dispatch in DISPATCH_CHOICES[dense_dispatch]:
-            for layout in layouts:
-                bench.run_case(layout, mode, dispatch)
+        for dispatch in SWITCH_CHOICES[dense_dispatch]:
+            for fused in SWITCH_CHOICES[fuse]:
+                for layout in layouts:
+                    bench.run_case(layout, mode, dispatch, fused)
     if semi_structured:
         _run_semi_structured(bench.model, bench.originals, bench.prompts, new_tokens, modes, bench.repeats,
                              bench.rows, bench.case, bench.add_rows)
@@ -264,12 +269,13 @@ def bench_generate(batch_sizes=(1, 8), new_tokens: int = 128, prompt_tokens: int
     return bench.finish()
 
 
-def _check_options(layouts, block_size: int, modes, dense_dispatch: str, sparsity: float) -> None:
+def _check_options(layouts, block_size: int, modes, dense_dispatch: str, sparsity: float, fuse: str = "on") -> None:
     unknown = set(modes) - set(GENERATE_MODES)
     if unknown:
         raise SpruceError(f"modes must be among {', '.join(GENERATE_MODES)}, got {sorted(unknown)}")
-    if dense_dispatch not in DISPATCH_CHOICES:
-        raise SpruceError(f"dense_dispatch must be one of {', '.join(DISPATCH_CHOICES)}, got {dense_dispatch!r}")
+    for name, value in (("dense_dispatch", dense_dispatch), ("fuse", fuse)):
+        if value not in SWITCH_CHOICES:
+            raise SpruceError(f"{name} must be one of {', '.join(SWITCH_CHOICES)}, got {value!r}")
     if not 0.0 < sparsity < 1.0:
         raise SpruceError(f"sparsity must be between 0 and 1, got {sparsity}")
     _check_layouts(layouts, block_size)
@@ -386,15 +392,16 @@ class _GenerateBench:
                 print("\n".join(format_generate_table(self.rows[-len(dense):]).splitlines()[1:]), flush=True)
         return self.dense_of[layout, mode]
 
-    def run_case(self, layout: str, mode: str, dispatch: bool) -> None:
-        """Dense (once) and block-sparse speeds of `layout` in `mode`, with or without dense dispatch."""
+    def run_case(self, layout: str, mode: str, dispatch: bool, fuse: bool = True) -> None:
+        """Dense (once) and block-sparse speeds of `layout` in `mode`, with or without dense dispatch,
+        siblings fused or not."""
         self.use_layout(layout)
         dense = self.dense_rows(layout, mode)
-        kind = f"bsr {layout}" + (" +dense" if dispatch else "")
+        kind = f"bsr {layout}" + (" +dense" if dispatch else "") + ("" if fuse else " unfused")
         result = self.case(layout, kind, mode,
                            lambda: measure_speeds(self.model, self.prompts, self.new_tokens, mode, sparse=True,
                                                   block_size=self.block_size, dense_dispatch=dispatch, compare=False,
-                                                  ttft_repeats=self.repeats, on_sparse=self.inspect))
+                                                  ttft_repeats=self.repeats, on_sparse=self.inspect, fuse=fuse))
         if result is None:
             return
         seen = result["inspected"]

@@ -286,7 +286,8 @@ def _release_compiled(model) -> None:
 
 def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: str, sparse: bool = True,
                    block_size: int = 16, dense_dispatch: bool = True, compare: bool = True,
-                   ttft_repeats: int = TTFT_REPEATS, on_sparse=None, note=lambda message: None) -> dict:
+                   ttft_repeats: int = TTFT_REPEATS, on_sparse=None, note=lambda message: None,
+                   fuse: bool = True) -> dict:
     """Time greedy generation of each batch of prompt ids in `prompts`: dense (when `compare` or not
     `sparse`), then block-sparse (when `sparse`), with the dense dispatch when `dense_dispatch`:
     every block-sparse layer keeps its dense weight while the tuner times the kernel against dense
@@ -298,6 +299,7 @@ def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: st
     and under "inspected" what `on_sparse(model)` returned, called on the block-sparse model after
     its timed runs (e.g. to read its memory and tuned configurations). `note(message)` hears of each
     stage as it starts (the first run of a mode compiles or captures, which can take minutes).
+    `fuse`: q/k/v and gate/up run as one launch each (spruce.kernels.sparsify).
     """
     from .kernels import densify, sparsify
     from .kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
@@ -310,7 +312,7 @@ def measure_speeds(model, prompts: list[torch.Tensor], new_tokens: int, mode: st
         out["dense"] = [timed_speed(model, ids, new_tokens, mode, ttft_repeats) for ids in prompts]
     if not sparse:
         return out
-    report = sparsify(model, block_size=block_size, dense_fallback=dense_dispatch)
+    report = sparsify(model, block_size=block_size, dense_fallback=dense_dispatch, fuse=fuse)
     out["sparsify"] = report
     try:
         tuning = "; tuning their kernels on this device" if next(model.parameters()).is_cuda else ""

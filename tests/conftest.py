@@ -47,6 +47,11 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
 
 
+def served(layers) -> int:
+    """How many linears these block-sparse layers serve: a fused one serves each of its siblings."""
+    return sum(len(getattr(layer, "names", ("",))) for layer in layers)
+
+
 def build_model(vocab_size: int, hidden: int = 64, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

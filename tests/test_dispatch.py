@@ -181,6 +181,7 @@ def test_generation_bench_runs_emitted_layouts_on_cpu(capsys, tmp_path):
     import json
 
     from bench.generate import bench_generate, default_layout
+    from spruce.errors import SpruceError
 
     assert default_layout() == "16x16g4"   # what the default 16x16 recipe emits on 7B shapes
     tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
@@ -206,6 +207,14 @@ def test_generation_bench_runs_emitted_layouts_on_cpu(capsys, tmp_path):
     saved = json.loads((tmp_path / "g.json").read_text())
     assert len(saved["rows"]) == 6 and set(saved["layouts"]) == {"16x16", "16x16g4"}
     assert "ttft ms" in out and "same new" in out
+
+    rows = bench_generate(batch_sizes=[2], new_tokens=3, prompt_tokens=8, layouts=["16x16g4"], modes=["graph"],
+                          dense_dispatch="on", fuse="both", num_layers=1, device="cpu", config_overrides=tiny,
+                          ttft_repeats=1)
+    assert [r["kind"] for r in rows] == ["dense", "bsr 16x16g4 +dense", "bsr 16x16g4 +dense unfused"]
+    assert all(r["tokens_equal_to_dense"] == 1 for r in rows)
+    with pytest.raises(SpruceError, match="fuse must be one of"):
+        bench_generate(layouts=["16x16g4"], fuse="sometimes", device="cpu")
 
 
 def test_generation_bench_refuses_a_layout_the_pruner_does_not_emit_as_blocks():

@@ -18,6 +18,8 @@ from spruce.kernels import (
     reference_linear,
     sparsify,
 )
+from spruce.kernels import linear as linear_module
+from spruce.kernels.linear import FusedBlockSparseLinear, FusedPart
 
 
 def masked_weight(n, k, block, sparsity=0.5, layout="independent", dtype=torch.float64, seed=0):
@@ -164,11 +166,11 @@ def test_generate_bench_lists_each_linear_configuration(monkeypatch):
     monkeypatch.setitem(bsr._tuned, key, (16, 256, 4, 3, True, 1))
     monkeypatch.setitem(bsr._tune_ms, key, {"(16, 256, 4, 3, True, 1)": 3.25})
     configs = {c["linear"].split()[0]: c for c in bench._linear_configs(model, 2, 9, torch.bfloat16)}
-    assert set(configs) == {"64x64", "128x64", "64x128"}
+    assert set(configs) == {"192x64", "64x64", "256x64", "64x128"}  # q/k/v and gate/up run fused
     square = configs["64x64"]
-    assert square["layers"] == 8  # q, k, v, o of 2 layers
+    assert square["layers"] == 2  # o_proj of 2 layers
     assert square["decode"] == "(16, 256, 4, 3, True, 1)" and square["decode_tuned_us"] == 3.25
-    assert square["prefill"] is None and configs["128x64"]["decode"] is None
+    assert square["prefill"] is None and configs["256x64"]["decode"] is None
 
 
 # ---------------------------------------------------------------- model swapping (CPU)
@@ -216,6 +218,85 @@ def test_sparsify_swaps_decoder_linears_and_keeps_outputs():
             assert type(module) is nn.Linear and torch.equal(module.weight, dense_weights[name])
 
 
+def _fused_modules(model):
+    return [m for m in model.modules() if isinstance(m, FusedBlockSparseLinear)]
+
+
+def test_sparsify_runs_siblings_as_one_launch_with_the_same_numbers(monkeypatch):
+    model = tiny_llama(seed=3)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    dense = {n: (m.weight.clone(), m.bias) for n, m in linears.items()}
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+
+    report = sparsify(model, min_sparsity=0.4)
+    assert report.fused == [f"model.layers.{i}.{s}" for i in (0, 1)
+                            for s in ("self_attn.q_proj+k_proj+v_proj", "mlp.gate_proj+up_proj")]
+    assert len(report.swapped) == 14 and "one launch with q_proj+k_proj+v_proj" in dict(report.swapped)[
+        "model.layers.1.self_attn.v_proj"]
+    attn = model.model.layers[0].self_attn
+    qkv = getattr(attn, "q_proj+k_proj+v_proj")
+    assert isinstance(attn.k_proj, FusedPart) and qkv.sparse_weight.shape == (192, 64) and qkv.splits == (64, 64, 64)
+    launches = []
+    monkeypatch.setattr(linear_module, "block_sparse_linear",
+                        lambda x, w, *a, **k: launches.append(w.shape) or bsr.block_sparse_linear(x, w, *a, **k))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert launches == [(192, 64), (64, 64), (256, 64), (64, 128)] * 2  # q/k/v, o, gate/up, down
+    assert rel_err(logits, dense_logits) < 1e-5
+    assert all(m._pending is None for m in _fused_modules(model))  # nothing is held past the siblings
+
+    # a sibling called on an input of its own still gives its own output, every time
+    w_v = dense["model.layers.0.self_attn.v_proj"][0]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.v_proj(x), x @ w_v.T)
+        torch.testing.assert_close(attn.v_proj(x), x @ w_v.T)
+        attn.q_proj(x)
+        x.mul_(2)  # changed in place after q_proj kept k's and v's outputs: they are recomputed
+        torch.testing.assert_close(attn.k_proj(x), x @ dense["model.layers.0.self_attn.k_proj"][0].T)
+
+    assert densify(model) == 14
+    assert set(model.state_dict()) == keys and not _fused_modules(model)
+    for name, module in model.named_modules():
+        if name in dense:
+            assert type(module) is nn.Linear and torch.equal(module.weight, dense[name][0])
+
+
+def test_siblings_of_unequal_widths_with_biases_fuse_in_whole_groups():
+    # k/v of grouped-query attention are narrower than q: the group width must divide every sibling
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and "lm_head" not in name:
+                n, k = module.weight.shape
+                module.weight.mul_(expand_block_mask(random_block_mask(n, k, 16, 0.5, "grouped", gen), 16))
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    report = sparsify(model, min_sparsity=0.4)
+    qkv = getattr(model.model.layers[0].self_attn, "q_proj+k_proj+v_proj")
+    assert qkv.splits == (64, 32, 32) and qkv.bias is not None and 32 % qkv.sparse_weight.group_features == 0
+    assert len(report.fused) == 2
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected) < 1e-5
+
+
+def test_sparsify_without_fusion_keeps_one_launch_per_linear():
+    model = tiny_llama(seed=3)
+    report = sparsify(model, fuse=False)
+    assert not report.fused and not _fused_modules(model)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, BlockSparseLinear)
+
+
 def test_static_greedy_matches_generate():
     model = tiny_llama(seed=1)
     ids = torch.randint(0, 96, (2, 5))
@@ -231,10 +312,18 @@ def test_compiled_model_keeps_every_block_sparse_layer_in_one_graph():
     model = tiny_llama(seed=1)
     sparsify(model)
     ids = torch.randint(0, 96, (2, 9))
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if "block_sparse_linear" in str(n.target))
+        return gm.forward
+
     with torch.no_grad():
         expected = model(ids).logits
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
         assert torch.allclose(compiled(ids).logits, expected, atol=1e-5)
+    assert len(ops) == 8  # each of 2 layers: q/k/v fused, o, gate/up fused, down
+    assert all(m._pending is None for m in _fused_modules(model))
     torch._dynamo.reset()
 
 

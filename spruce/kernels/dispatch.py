@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from spruce.kernels import bsr
-from spruce.kernels.linear import BlockSparseLinear, _choices, release_dense
+from spruce.kernels.linear import BlockSparseLinear, FusedBlockSparseLinear, _choices, release_dense
 
 
 @dataclass
@@ -104,8 +104,14 @@ def module_kind(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def layer_kinds(name: str, layer: BlockSparseLinear) -> tuple[str, ...]:
+    """The module kinds a block-sparse layer serves: its own, or its siblings' when it is fused."""
+    return layer.names if isinstance(layer, FusedBlockSparseLinear) else (module_kind(name),)
+
+
 def dispatch_table(model: nn.Module, launches: list[str] | None = None) -> dict[str, dict[str, list[int]]]:
-    """{launch: {module kind: [layers running the kernel, block-sparse layers of that kind]}}.
+    """{launch: {module kind: [layers running the kernel, block-sparse layers of that kind]}}; a
+    fused layer counts once for each of its siblings (they run as it does).
 
     launches: "decode 8", "prefill 2048" (prefill: the tuning key's power of two of the tokens);
     None: every launch shape tuned so far. A layer whose launch shape is not tuned counts as
@@ -120,9 +126,10 @@ def dispatch_table(model: nn.Module, launches: list[str] | None = None) -> dict[
         row = table.setdefault(launch, {})
         for name, layer in layers:
             dense = choices[name].get(launch, layer.dense_weight is not None)
-            count = row.setdefault(module_kind(name), [0, 0])
-            count[0] += not dense
-            count[1] += 1
+            for kind in layer_kinds(name, layer):
+                count = row.setdefault(kind, [0, 0])
+                count[0] += not dense
+                count[1] += 1
     return table
 
 
