@@ -395,6 +395,10 @@ def test_a_compiled_graph_runs_a_launch_tuned_to_dense_as_a_plain_matmul(monkeyp
         out = torch.compile(nn.Sequential(layer), backend=backend, dynamic=False)(x)  # inside a model
         torch.testing.assert_close(out, lin(x))
         assert any("spruce.block_sparse_linear" in t for t in graphs[-1]) == expect_op, graphs[-1]
+    torch._dynamo.reset()  # compiled for any token count: the op, which reads the route when it runs
+    x = torch.randn(2, 12, 128)
+    torch.testing.assert_close(torch.compile(nn.Sequential(layer), backend=backend, dynamic=True, fullgraph=True)(x), lin(x))
+    assert any("spruce.block_sparse_linear" in t for t in graphs[-1])
     layer.dense_weight = None
     torch._dynamo.reset()
     torch.compile(nn.Sequential(layer), backend=backend, dynamic=False)(torch.randn(2, 12, 128))

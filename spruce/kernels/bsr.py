@@ -474,11 +474,16 @@ def _key(kind: str, weight: tuple, m: int, dtype: str, dense: bool) -> tuple:
 
 
 @torch.compiler.assume_constant_result
-def tuned_dense(weight: tuple, m: int, dtype: str) -> bool:
-    """Whether the tuner timed dense cuBLAS fastest for a weight with its dense copy (`weight` its
-    weight_key) at `m` tokens. Constant arguments only, so that a graph being compiled reads it
-    once, at that moment."""
-    return _tuned.get(_key(launch_kind(m), weight, m, dtype, True)) == DENSE
+def dense_token_ranges(weight: tuple, dtype: str) -> tuple[tuple[int, int], ...]:
+    """The token counts m (as ranges low < m <= high) at which the tuner timed dense cuBLAS fastest
+    for a weight with its dense copy (`weight` its weight_key). Constant arguments only, so that a
+    graph being compiled reads it once, at that moment, whatever its shapes are."""
+    ranges = []
+    for key, cfg in _tuned.items():
+        if cfg == DENSE and key[-1] == "+dense" and key[1:-3] == weight and key[-2] == dtype:
+            tokens = key[-3]
+            ranges.append((tokens - 1, tokens) if key[0] == "decode" else (max(tokens // 2, DECODE_MAX_TOKENS), tokens))
+    return tuple(sorted(ranges))
 
 
 def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple | None:

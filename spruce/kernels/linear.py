@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from spruce.errors import SpruceError
 from spruce.kernels import bsr
@@ -67,7 +68,7 @@ class BlockSparseLinear(nn.Module):
         # while the table still holds dense for that key and the copy is the same tensor
         self._dense_routes: dict[int, tuple] = {}
         # its part of the tuning keys, for a graph being compiled to read the tuned route with
-        # constants only (bsr.tuned_dense): the route it reads is the one tuned at that moment
+        # constants only (bsr.dense_token_ranges): the route it reads is the one tuned at that moment
         self._weight_key = bsr.weight_key(weight)
 
     @classmethod
@@ -94,9 +95,12 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op in the compiled graph, no graph break
+            # tokens is a symbolic int in a graph compiled for any shape: then no range is known to
+            # hold it, and the op reads the route when it runs
             tokens = x.shape[:-1].numel()
-            if (isinstance(tokens, int) and self.dense_weight is not None
-                    and bsr.tuned_dense(self._weight_key, tokens, str(x.dtype))):
+            if self.dense_weight is not None and any(
+                    statically_known_true(low < tokens) and statically_known_true(tokens <= high)
+                    for low, high in bsr.dense_token_ranges(self._weight_key, str(x.dtype))):
                 # a plain matmul the compiler plans with the rest: through the opaque op it would
                 # cost the host a dispatch and a table lookup on every call of the graph
                 return F.linear(x, self.dense_weight, self.bias)
