@@ -311,3 +311,47 @@ def test_gluon_prefill_matches_float64(group, dtype):
         assert prefill_gluon.ready(prefill.transpose_padded(x), sparse, y)
         prefill.launch(x, sparse, bias, y, (prefill.TAG_GLUON, *cfg))
         assert rel_err(y, ref) < 1e-2, cfg
+
+
+class _FakeKernel:
+    """A JIT kernel's launch surface: `kernel[grid](...)` compiles once per signature and returns
+    the binary, whose `binary[grid](*all arguments)` launches it."""
+
+    arg_names = ["x_ptr", "M", "K", "BLOCK"]
+    constexprs = [3]
+
+    def __init__(self):
+        self.jit_calls, self.launches = [], []
+
+    def __getitem__(self, grid):
+        def jit(*args, **kwargs):
+            self.jit_calls.append((args, kwargs))
+            return _FakeBinary(self)
+        return jit
+
+
+class _FakeBinary:
+    def __init__(self, kernel):
+        self.kernel, self.run = kernel, object()
+
+    def __getitem__(self, grid):
+        return lambda *args: self.kernel.launches.append((grid, args))
+
+
+def test_a_launch_of_a_known_signature_runs_the_kept_binary(monkeypatch):
+    monkeypatch.setattr(prefill, "_COMPILED", {})
+    kernel = _FakeKernel()
+    x = torch.zeros(64)
+    prefill.launch_compiled(kernel, (2,), x, 5, 4096, BLOCK=64, num_warps=4)
+    prefill.launch_compiled(kernel, (3,), x, 7, 4096, BLOCK=64, num_warps=4)  # M 7: the same specialisation
+    assert len(kernel.jit_calls) == 1 and kernel.launches == [((3,), (x, 7, 4096, 64))]
+    # what Triton specialises on picks another binary: a constexpr, divisibility by 16, 1, alignment,
+    # dtype, an option
+    for args, kw in (((x, 7, 4096), {"BLOCK": 32}), ((x, 16, 4096), {"BLOCK": 64}), ((x, 1, 4096), {"BLOCK": 64}),
+                     ((x[1:], 7, 4096), {"BLOCK": 64}), ((x.double(), 7, 4096), {"BLOCK": 64})):
+        prefill.launch_compiled(kernel, (1,), *args, **kw, num_warps=4)
+    prefill.launch_compiled(kernel, (1,), x, 7, 4096, BLOCK=64, num_warps=8)
+    assert len(kernel.jit_calls) == 7 and len(kernel.launches) == 1
+    prefill.launch_compiled(kernel, (1,), x, 7, 4096)  # BLOCK left to a default: always the JIT
+    prefill.launch_compiled(kernel, (1,), x, 7, 4096)
+    assert len(kernel.jit_calls) == 9

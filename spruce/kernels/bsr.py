@@ -242,20 +242,33 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     return y.reshape(*lead, n)
 
 
-# The same computation as a torch custom op, for code that torch.compile traces: the op is opaque
+# The same computation as a torch operator, for code that torch.compile traces: the op is opaque
 # to the compiler (it runs the Triton kernels or the reference as above), and its fake version
 # gives the output's shape, so a compiled graph keeps every block-sparse layer without a break.
-@torch.library.custom_op("spruce::block_sparse_linear", mutates_args=())
-def block_sparse_linear_op(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, group_ptr: torch.Tensor,
-                           bias: torch.Tensor | None, n: int, k: int, block: int, group: int,
-                           nonzero_blocks: int, uniform_count: int, dense: torch.Tensor | None = None) -> torch.Tensor:
+# Defined with torch.library's low-level registration, not `custom_op`: custom_op wraps each call
+# in Python autograd and aliasing checks that cost a prefill launch more host time than the
+# launch itself (a compiled prefill of a many-layer model is bound by it). Inference only: the op
+# has no backward.
+_LIBRARY = torch.library.Library("spruce", "DEF")
+_LIBRARY.define("block_sparse_linear(Tensor x, Tensor values, Tensor cols, Tensor group_ptr, Tensor? bias, int n, "
+                "int k, int block, int group, int nonzero_blocks, int uniform_count, Tensor? dense=None) -> Tensor")
+
+
+def _block_sparse_linear_impl(x, values, cols, group_ptr, bias, n, k, block, group, nonzero_blocks, uniform_count,
+                              dense=None):
     weight = BlockSparseWeight(values, cols, group_ptr, (n, k), block, group, nonzero_blocks, uniform_count, dense)
     return block_sparse_linear(x, weight, bias)
 
 
-@block_sparse_linear_op.register_fake
+_LIBRARY.impl("block_sparse_linear", _block_sparse_linear_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spruce::block_sparse_linear")
 def _(x, values, cols, group_ptr, bias, n, k, block, group, nonzero_blocks, uniform_count, dense=None):
     return x.new_empty(*x.shape[:-1], n)
+
+
+block_sparse_linear_op = torch.ops.spruce.block_sparse_linear.default
 
 
 @functools.cache

@@ -84,6 +84,49 @@ def candidates(w: BlockSparseWeight) -> list[tuple]:
             + [(TAG_GLUON, *c) for c in _gluon().configs(w)])
 
 
+# Compiled binaries by launch signature (see `launch_compiled`)
+_COMPILED: dict[tuple, object] = {}
+
+
+def launch_compiled(kernel, grid: tuple, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), with less host work once a call of the same signature ran.
+
+    Triton's launch binds and specialises every argument in Python before it finds the compiled
+    binary; for a prefill launch that is most of its host time, and a compiled prefill of a
+    many-layer model waits on the host. Here the signature is what decides the binary: the
+    constexpr arguments' values, every other argument's dtype and the properties Triton
+    specialises on (16-byte alignment of pointers; integers equal to 1 or divisible by 16),
+    the descriptors' types, and the options (num_warps, num_stages). The first call of a
+    signature goes through the JIT and keeps the binary it returns; later calls launch that binary
+    directly. Keyword arguments name kernel parameters or options.
+    """
+    names, constexprs = getattr(kernel, "arg_names", None), getattr(kernel, "constexprs", None)
+    if names is None or constexprs is None or not set(names[len(args):]) <= kwargs.keys():
+        kernel[grid](*args, **kwargs)  # the interpreter, or a parameter left to its default: the JIT path
+        return
+    full = [*args, *(kwargs[n] for n in names[len(args):])]
+    key = (id(kernel), *(full[i] if i in constexprs else _signature(v) for i, v in enumerate(full)),
+           *(kwargs[o] for o in ("num_warps", "num_stages") if o in kwargs and o not in names))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        compiled[grid](*full)
+        return
+    compiled = kernel[grid](*args, **kwargs)
+    if hasattr(compiled, "__getitem__") and hasattr(compiled, "run"):
+        _COMPILED[key] = compiled
+
+
+def _signature(v) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.data_ptr() % 16 == 0)
+    if isinstance(v, bool) or v is None:
+        return (v,)
+    if isinstance(v, int):
+        return (v == 1, v % 16 == 0)
+    base = getattr(v, "base", None)  # a tensor descriptor: its box and layout come with the constexprs
+    return (type(v), base.dtype if isinstance(base, torch.Tensor) else None, tuple(getattr(v, "block_shape", ())))
+
+
 def padded_tokens(m: int) -> int:
     return -(-m // TOKEN_PAD) * TOKEN_PAD
 
@@ -94,8 +137,8 @@ def transpose_padded(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     mp = padded_tokens(m)
     xt = torch.empty(k, mp, dtype=x.dtype, device=x.device) if out is None else out
     t = TRANSPOSE_TILE
-    _kernels().transpose[(mp // t, -(-k // t))](x, xt, m, k, x.stride(0), xt.stride(0), BLOCK_M=t, BLOCK_K=t,
-                                                 num_warps=4)
+    launch_compiled(_kernels().transpose, (mp // t, -(-k // t)), x, xt, m, k, x.stride(0), xt.stride(0),
+                    BLOCK_M=t, BLOCK_K=t, num_warps=4)
     return xt
 
 

@@ -98,9 +98,11 @@ def launch(m: int, xt: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | 
     y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [block_t, gb], y_layout)
     ngroups = n // gb
     grid = (-(-m // block_t) * ngroups,)
-    kernel()[grid](x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
-                   w.uniform_count, ngroups, group_t, HAS_BIAS=bias is not None, B=b, GB=gb, BLOCK_T=block_t,
-                   KB=kb, STAGES=stages, WS=variant == "ws", num_warps=warps)
+    from spruce.kernels.prefill import launch_compiled
+
+    launch_compiled(kernel(), grid, x_desc, w_desc, y_desc, w.cols, w.group_ptr, bias if bias is not None else y, m,
+                    w.uniform_count, ngroups, group_t, HAS_BIAS=bias is not None, B=b, GB=gb, BLOCK_T=block_t,
+                    KB=kb, STAGES=stages, WS=variant == "ws", num_warps=warps)
 
 
 @functools.cache
