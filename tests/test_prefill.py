@@ -335,16 +335,18 @@ class _FakeBinary:
         self.kernel, self.run = kernel, object()
 
     def __getitem__(self, grid):
+        assert len(grid) == 3  # as Triton's CompiledKernel launches: grid[0], grid[1], grid[2]
         return lambda *args: self.kernel.launches.append((grid, args))
 
 
 def test_a_launch_of_a_known_signature_runs_the_kept_binary(monkeypatch):
     monkeypatch.setattr(prefill, "_COMPILED", {})
+    monkeypatch.setattr(prefill, "LAUNCH_CACHE", True)
     kernel = _FakeKernel()
     x = torch.zeros(64)
     prefill.launch_compiled(kernel, (2,), x, 5, 4096, BLOCK=64, num_warps=4)
     prefill.launch_compiled(kernel, (3,), x, 7, 4096, BLOCK=64, num_warps=4)  # M 7: the same specialisation
-    assert len(kernel.jit_calls) == 1 and kernel.launches == [((3,), (x, 7, 4096, 64))]
+    assert len(kernel.jit_calls) == 1 and kernel.launches == [((3, 1, 1), (x, 7, 4096, 64))]
     # what Triton specialises on picks another binary: a constexpr, divisibility by 16, 1, alignment,
     # dtype, an option
     for args, kw in (((x, 7, 4096), {"BLOCK": 32}), ((x, 16, 4096), {"BLOCK": 64}), ((x, 1, 4096), {"BLOCK": 64}),
@@ -355,3 +357,27 @@ def test_a_launch_of_a_known_signature_runs_the_kept_binary(monkeypatch):
     prefill.launch_compiled(kernel, (1,), x, 7, 4096)  # BLOCK left to a default: always the JIT
     prefill.launch_compiled(kernel, (1,), x, 7, 4096)
     assert len(kernel.jit_calls) == 9
+    # a binary that refuses its arguments: this launch and every later one go through the JIT
+    prefill.launch_compiled(kernel, (1,), x, 7, 4096, BLOCK=64, num_warps=4)
+    assert len(kernel.launches) == 2
+    monkeypatch.setattr(_FakeBinary, "__getitem__", lambda self, grid: _refuse)
+    prefill.launch_compiled(kernel, (1,), x, 7, 4096, BLOCK=64, num_warps=4)
+    assert len(kernel.jit_calls) == 10 and not prefill.LAUNCH_CACHE and not prefill._COMPILED
+    prefill.launch_compiled(kernel, (1,), x, 7, 4096, BLOCK=64, num_warps=4)
+    assert len(kernel.jit_calls) == 11
+
+
+def _refuse(*args):
+    raise TypeError("this launcher takes other arguments")
+
+
+def test_the_launch_cache_is_off_unless_asked_for(monkeypatch):
+    import os
+
+    assert prefill.LAUNCH_CACHE is (os.environ.get("SPRUCE_LAUNCH_CACHE") == "1")
+    monkeypatch.setattr(prefill, "_COMPILED", {})
+    monkeypatch.setattr(prefill, "LAUNCH_CACHE", False)
+    kernel = _FakeKernel()
+    for _ in range(2):
+        prefill.launch_compiled(kernel, (1,), torch.zeros(64), 7, 4096, BLOCK=64)
+    assert len(kernel.jit_calls) == 2 and not kernel.launches and not prefill._COMPILED

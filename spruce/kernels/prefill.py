@@ -33,6 +33,7 @@ input in SHARED and the next launch on that same, unchanged tensor takes it from
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from typing import TYPE_CHECKING
 
@@ -84,8 +85,10 @@ def candidates(w: BlockSparseWeight) -> list[tuple]:
             + [(TAG_GLUON, *c) for c in _gluon().configs(w)])
 
 
-# Compiled binaries by launch signature (see `launch_compiled`)
+# Compiled binaries by launch signature (see `launch_compiled`). Off unless SPRUCE_LAUNCH_CACHE=1:
+# the direct launch has passed the CPU tests but not yet the GPU tests on the device.
 _COMPILED: dict[tuple, object] = {}
+LAUNCH_CACHE = os.environ.get("SPRUCE_LAUNCH_CACHE", "0") == "1"
 
 
 def launch_compiled(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -95,13 +98,15 @@ def launch_compiled(kernel, grid: tuple, *args, **kwargs) -> None:
     binary; for a prefill launch that is most of its host time, and a compiled prefill of a
     many-layer model waits on the host. Here the signature is what decides the binary: the
     constexpr arguments' values, every other argument's dtype and the properties Triton
-    specialises on (16-byte alignment of pointers; integers equal to 1 or divisible by 16),
+    specialises on (16-byte alignment of pointers; integers equal to 1, divisible by 16, 64-bit),
     the descriptors' types, and the options (num_warps, num_stages). The first call of a
     signature goes through the JIT and keeps the binary it returns; later calls launch that binary
-    directly. Keyword arguments name kernel parameters or options.
+    directly. Keyword arguments name kernel parameters or options. A binary that refuses its
+    arguments turns the cache off for the process (the launch goes through the JIT).
     """
     names, constexprs = getattr(kernel, "arg_names", None), getattr(kernel, "constexprs", None)
-    if names is None or constexprs is None or not set(names[len(args):]) <= kwargs.keys():
+    if (not LAUNCH_CACHE or names is None or constexprs is None
+            or not set(names[len(args):]) <= kwargs.keys()):
         kernel[grid](*args, **kwargs)  # the interpreter, or a parameter left to its default: the JIT path
         return
     full = [*args, *(kwargs[n] for n in names[len(args):])]
@@ -109,11 +114,22 @@ def launch_compiled(kernel, grid: tuple, *args, **kwargs) -> None:
            *(kwargs[o] for o in ("num_warps", "num_stages") if o in kwargs and o not in names))
     compiled = _COMPILED.get(key)
     if compiled is not None:
-        compiled[grid](*full)
+        try:
+            compiled[(*grid, 1, 1)[:3]](*full)  # a binary's launch takes all three grid axes
+        except Exception:  # noqa: BLE001 - refused before launching: this Triton's binaries launch otherwise
+            _disable_launch_cache()
+            kernel[grid](*args, **kwargs)
         return
     compiled = kernel[grid](*args, **kwargs)
     if hasattr(compiled, "__getitem__") and hasattr(compiled, "run"):
         _COMPILED[key] = compiled
+
+
+def _disable_launch_cache() -> None:
+    """Every launch through the JIT from now on."""
+    global LAUNCH_CACHE
+    LAUNCH_CACHE = False
+    _COMPILED.clear()
 
 
 def _signature(v) -> tuple:
@@ -122,7 +138,7 @@ def _signature(v) -> tuple:
     if isinstance(v, bool) or v is None:
         return (v,)
     if isinstance(v, int):
-        return (v == 1, v % 16 == 0)
+        return (v == 1, v % 16 == 0, v >= 2**31)  # Triton's i32 or i64
     base = getattr(v, "base", None)  # a tensor descriptor: its box and layout come with the constexprs
     return (type(v), base.dtype if isinstance(base, torch.Tensor) else None, tuple(getattr(v, "block_shape", ())))
 
