@@ -23,9 +23,10 @@ class TwoKinds(nn.Module):
                 lin.weight.masked_fill_(parse_pattern("16x16g4").mask(torch.rand_like(lin.weight), 0.5), 0)
 
 
-def _simulate(monkeypatch, dense_wins):
+def _simulate(monkeypatch, dense_wins, host_us=lambda cfg: 0.0):
     """Replace the tuner's timing: dense cuBLAS takes 1 us where dense_wins(kind, shape) says, else 9 us;
-    every kernel tile 5 us. Returns the list of (kind, shape, candidate) timed."""
+    every kernel tile 5 us; issuing a launch host_us(candidate). Returns the list of (kind, shape,
+    candidate) timed."""
     from spruce.kernels import bsr
 
     timed = []
@@ -42,6 +43,7 @@ def _simulate(monkeypatch, dense_wins):
         return 5.0 + len(timed) * 1e-3
 
     monkeypatch.setattr(bsr, "_time_candidate", fake_time)
+    monkeypatch.setattr(bsr, "_host_us", lambda cfg, launch, weight: host_us(cfg))
     monkeypatch.setattr(bsr, "_rotation", lambda w: [w])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(bsr, "_tuned", {})
@@ -87,6 +89,30 @@ def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch, capsys):
         assert bsr.tuning_times()[key]   # and the timings behind the choice, for the benches' reports
     assert bsr.runs_dense("prefill", model.down_proj.sparse_weight, 24, torch.float16) is True
     assert bsr.runs_dense("decode", model.down_proj.sparse_weight, 1, torch.float16) is False
+
+
+@pytest.mark.parametrize("kernel_host_us, prefill_sparse", [(30.0, 0), (4.0, 1)])
+def test_a_prefill_kernel_slower_to_issue_than_dense_runs_dense(monkeypatch, kernel_host_us, prefill_sparse):
+    """The kernel wins on the GPU everywhere (5 against 9 us); dense takes 3 us to issue. A prefill
+    costs the longer of the two times: a kernel that takes 30 us to issue loses it, one that takes
+    4 keeps it. Decode (run in CUDA graphs) goes by the GPU time alone."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
+    from spruce.kernels import bsr, sparsify
+    from spruce.kernels.dispatch import dispatch_table, prepare_dispatch
+
+    torch.manual_seed(0)
+    model = TwoKinds().half()
+    sparsify(model, dense_fallback=True)
+    _simulate(monkeypatch, lambda kind, shape: False, host_us=lambda cfg: 3.0 if cfg == bsr.DENSE else kernel_host_us)
+    report = prepare_dispatch(model, decode_tokens=[1], prefill_tokens=[24], tune=True)
+    assert dispatch_table(model, report.launches) == {
+        "decode 1": {"q_proj": [1, 1], "down_proj": [1, 1]},
+        "prefill 32": {"q_proj": [prefill_sparse, 1], "down_proj": [prefill_sparse, 1]}}
+    key = "/".join(map(str, bsr.tuning_key("prefill", model.down_proj.sparse_weight, 24, torch.float16)))
+    times = bsr.tuning_times()[key]   # the host times are reported next to the GPU times
+    assert times["host ('dense',)"] == 3.0 and kernel_host_us in times.values()
 
 
 def test_dispatch_without_dense_copies_runs_the_kernel_everywhere(monkeypatch):

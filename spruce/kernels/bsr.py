@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import types
 
 import torch
@@ -331,6 +332,15 @@ DENSITY_STEPS = 8
 TUNE_CALLS = 32  # back-to-back launches per timed graph replay
 TUNE_REPLAYS = 3
 
+# Prefill launches run outside CUDA graphs (an eager or compiled forward of the prompt), one after
+# another as the host issues them: a launch costs the longer of its GPU time and its host time. On
+# the H200 host a block-sparse prefill launch (transpose and kernel) takes 140-330 us to issue
+# where cuBLAS takes 25-35, more than its GPU time at 1024 tokens, so a kernel the CUDA-graph timing
+# finds faster made a compiled prefill slower than dense (docs/RESULTS.md, 2026-12-04). For these
+# kinds the tuner's choice between the fastest tile and dense weighs both times.
+HOST_BOUND_KINDS = ("prefill",)
+HOST_CALLS = 16
+
 # Dense as a candidate: where the weight carries a dense copy (`BlockSparseWeight.dense`), cuBLAS on
 # it is timed next to the kernel tiles, so a launch shape runs dense where dense is faster. The
 # tuning key then ends in "+dense" (weights without a copy tune among the kernel tiles alone).
@@ -360,9 +370,37 @@ def _launch_tuned(key: tuple, candidates: list[tuple], launch, weight: BlockSpar
                 raise
             disable_pdl()  # a driver or capture that refuses programmatic dependent launch
             cfg, times = _fastest(candidates, launch, weight)
+        if key[0] in HOST_BOUND_KINDS and DENSE in candidates:
+            cfg, times = _with_host_time(cfg, times, launch, weight)
         _tuned[key] = cfg
         _tune_ms[key] = times
     launch(cfg, weight)
+
+
+def _with_host_time(best: tuple, times: dict, launch, weight: BlockSparseWeight) -> tuple[tuple, dict]:
+    """Between the fastest kernel tile and dense cuBLAS, the one whose launch costs less when each
+    costs the longer of its GPU time and the host time to issue it (HOST_BOUND_KINDS). The host
+    times join `times` as "host <configuration>"."""
+    if best == DENSE:
+        return best, times
+    host = {c: _host_us(c, launch, weight) for c in (best, DENSE)}
+    times = {**times, **{f"host {c}": round(us, 2) for c, us in host.items()}}
+    cost = {c: max(times[str(c)], host[c]) for c in (best, DENSE)}
+    return (DENSE if cost[DENSE] < cost[best] else best), times
+
+
+def _host_us(cfg: tuple, launch, weight: BlockSparseWeight) -> float:
+    """Microseconds of host time to issue one launch of `cfg`: the best of TUNE_REPLAYS bursts of
+    HOST_CALLS launches, none waiting for the GPU inside a burst."""
+    best = float("inf")
+    for _ in range(TUNE_REPLAYS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            launch(cfg, weight)
+        best = min(best, (time.perf_counter() - start) * 1e6 / HOST_CALLS)
+    torch.cuda.synchronize()
+    return best
 
 
 def _rotation(weight: BlockSparseWeight) -> list[BlockSparseWeight]:
