@@ -16,7 +16,8 @@ On the GPU it also splits the kernel path's Triton launch (docs/kernels-notes.md
 launch as spruce makes it (`kernel[grid](...)`, Triton's JITFunction.run: binding, cache key,
 globals check) against the same compiled kernel called directly with its bound arguments, as
 inductor calls its kernels. The two outputs must be equal bit for bit. This uses Triton internals
-(the binder in `device_caches`) and is a measurement only; spruce launches through `kernel[grid]`.
+(the binder in `device_caches`) and is a measurement only; spruce's own direct launch is
+`prefill.launch_compiled` (prefill kernels, with SPRUCE_LAUNCH_CACHE=1).
 """
 
 from __future__ import annotations

@@ -52,16 +52,24 @@ def _simulate(monkeypatch, dense_wins, host_us=lambda cfg: 0.0):
     return timed
 
 
-def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch, capsys):
+def _two_kinds_interpreted(dense_fallback: bool = True) -> nn.Module:
+    """TwoKinds in float16, sparsified, for tests that tune through the Triton interpreter."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
-    from spruce.kernels import BlockSparseLinear, sparsify
-    from spruce.kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
+    from spruce.kernels import sparsify
 
     torch.manual_seed(0)
     model = TwoKinds().half()
-    sparsify(model, dense_fallback=True)
+    sparsify(model, dense_fallback=dense_fallback)
+    return model
+
+
+def test_dispatch_runs_dense_exactly_where_the_timing_says(monkeypatch, capsys):
+    from spruce.kernels import BlockSparseLinear
+    from spruce.kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
+
+    model = _two_kinds_interpreted()
     # dense wins only for the 128-row layer at prefill
     timed = _simulate(monkeypatch, lambda kind, shape: kind == "prefill" and shape == (128, 64))
     report = prepare_dispatch(model, decode_tokens=[1], prefill_tokens=[24], tune=True)
@@ -96,15 +104,10 @@ def test_a_prefill_kernel_slower_to_issue_than_dense_runs_dense(monkeypatch, ker
     """The kernel wins on the GPU everywhere (5 against 9 us); dense takes 3 us to issue. A prefill
     costs the longer of the two times: a kernel that takes 30 us to issue loses it, one that takes
     4 keeps it. Decode (run in CUDA graphs) goes by the GPU time alone."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
-    from spruce.kernels import bsr, sparsify
+    from spruce.kernels import bsr
     from spruce.kernels.dispatch import dispatch_table, prepare_dispatch
 
-    torch.manual_seed(0)
-    model = TwoKinds().half()
-    sparsify(model, dense_fallback=True)
+    model = _two_kinds_interpreted()
     _simulate(monkeypatch, lambda kind, shape: False, host_us=lambda cfg: 3.0 if cfg == bsr.DENSE else kernel_host_us)
     report = prepare_dispatch(model, decode_tokens=[1], prefill_tokens=[24], tune=True)
     assert dispatch_table(model, report.launches) == {
@@ -116,15 +119,9 @@ def test_a_prefill_kernel_slower_to_issue_than_dense_runs_dense(monkeypatch, ker
 
 
 def test_dispatch_without_dense_copies_runs_the_kernel_everywhere(monkeypatch):
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs the Triton interpreter (conftest.py sets it without a GPU)")
-    from spruce.kernels import sparsify
     from spruce.kernels.dispatch import dispatch_table, dispatch_text, prepare_dispatch
 
-    torch.manual_seed(0)
-    model = TwoKinds().half()
-    sparsify(model)
+    model = _two_kinds_interpreted(dense_fallback=False)
     timed = _simulate(monkeypatch, lambda kind, shape: True)   # dense would win, but there is no copy
     report = prepare_dispatch(model, decode_tokens=[1], tune=True)
     assert timed and all(c != ("dense",) for _, _, c in timed)
@@ -430,3 +427,26 @@ def test_a_compiled_graph_runs_a_launch_tuned_to_dense_as_a_plain_matmul(monkeyp
     torch.compile(nn.Sequential(layer), backend=backend, dynamic=False)(torch.randn(2, 12, 128))
     assert any("spruce.block_sparse_linear" in t for t in graphs[-1])
     torch._dynamo.reset()
+
+
+def test_prefill_time_bench_reports_host_and_total_time_against_dense(capsys, tmp_path):
+    """bench.prefill_time on CPU (--check): dense and block-sparse rows for each prompt, ratios
+    against dense of the same run; a malformed prompt is a one-line error."""
+    import json
+
+    from bench import prefill_time
+
+    path = tmp_path / "p.json"
+    assert prefill_time.cli_main(prefill_time.add_arguments, prefill_time.run, "",
+                                 ["--check", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["kind"], r["batch"], r["tokens"]) for r in rows] == [
+        ("dense", 1, 24), ("dense", 2, 12), ("bsr 16x16g4", 1, 24), ("bsr 16x16g4", 2, 12)]
+    for r in rows:
+        assert 0 < r["host_ms"] <= r["total_ms"] * 1.01 and r["kernels_ms"] is None
+        dense = next(d for d in rows if d["kind"] == "dense" and d["tokens"] == r["tokens"])
+        assert r["total_x_dense"] == pytest.approx(dense["total_ms"] / r["total_ms"])
+    assert "sparse: 7 of 7 linears at prefill 32" in out and "total ms" in out
+    assert prefill_time.cli_main(prefill_time.add_arguments, prefill_time.run, "", ["--prompts", "8by128"]) == 2
+    assert "a prompt is BATCHxTOKENS" in capsys.readouterr().err
