@@ -70,6 +70,8 @@ def _method(info: dict) -> str | None:
         parts.append(f"layer reconstruction ({r.get('epochs')} epochs, lr {r.get('lr')})")
     if info.get("permute"):
         parts.append("MLP features reordered for the block tiles first (same function)")
+    if info.get("module_patterns"):
+        parts.append("module patterns " + ", ".join(f"{k} {v}" for k, v in info["module_patterns"].items()))
     if info.get("module_sparsity"):
         parts.append("module sparsity " + ", ".join(f"{k} {v:.0%}" for k, v in info["module_sparsity"].items()))
     if info.get("allocation") not in (None, "uniform"):

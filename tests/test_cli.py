@@ -88,6 +88,10 @@ def not_causal_dir(tmp_path):
     (["prune", "--model", "{tiny}", "--sparsity_type", "diagonal", "--save_model", "{out}"], "unknown sparsity type"),
     (["prune", "--model", "{tiny}", "--calib_dataset", "nosuch", "--save_model", "{out}"], "unknown corpus"),
     (["prune", "--model", "{tiny}", "--nsamples", "0", "--save_model", "{out}"], "must be positive"),
+    (["prune", "--model", "{tiny}", "--sparsity_type", "16x16", "--module_pattern", "gate_proj",
+      "--save_model", "{out}"], "bad module pattern 'gate_proj'"),
+    (["prune", "--model", "{tiny}", "--sparsity_type", "16x16", "--module_pattern", "router=16x16g8",
+      "--prune_method", "magnitude", "--save_model", "{out}"], "module pattern key 'router' matches no decoder linear"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, message, tmp_path, tiny_model_dir, corpus_file, not_causal_dir):
     (tmp_path / "empty").mkdir()

@@ -286,3 +286,48 @@ def test_default_group_shrinks_to_what_the_model_divides_into():
     assert default_grouping("16x16", recipe, rows(128, i=256)) == "16x16g2"  # g4: 2 x 16 tiles, too coarse
     assert default_grouping("16x16", recipe, rows(64, i=64)) == "16x16"      # a tiny model: independent
     assert default_grouping("16x16", {**recipe, "block_group": 4}, rows(48)) == "16x16g4"   # asked: kept (and checked)
+
+
+@pytest.mark.parametrize("method", [None, "wanda"])   # None: the default recipe (obs, permuted MLP)
+def test_module_patterns_prune_the_mlp_in_wider_groups(method, tmp_path):
+    """gate/up in 128-row groups (16x16g8), the rest in 64-row ones: each linear gets its own
+    pattern, the MLP is reordered for the wider tiles, the report and card say so, and sparsify
+    stores each linear in its pattern's width."""
+    from spruce.card import model_card
+    from spruce.kernels import BlockSparseLinear, sparsify
+    from spruce.models import prunable_linears
+    from spruce.prune.run import save_pruned
+
+    wide = {"mlp.gate_proj": "16x16g8", "mlp.up_proj": "16x16g8"}
+    model, info = _pruned(method, "16x16g4", module_patterns=wide)
+    assert info["pattern"] == "16x16g4" and info["module_patterns"] == wide
+    for name, linear in prunable_linears(model).items():
+        zero = linear.weight.detach() == 0
+        rows = 128 if "gate_proj" in name or "up_proj" in name else 64
+        assert _is_grouped(zero, rows, 16), name
+    save_pruned(model, None, tmp_path / "p", info)
+    assert "module patterns mlp.gate_proj 16x16g8, mlp.up_proj 16x16g8" in model_card(tmp_path / "p")
+    sparsify(model, block_size=16, min_sparsity=0.2)
+    sparse = {n.rsplit(".", 1)[-1]: m.sparse_weight for n, m in model.named_modules()
+              if isinstance(m, BlockSparseLinear)}
+    assert sparse["gate_proj+up_proj"].group == 8 and sparse["q_proj+k_proj+v_proj"].group == 4
+    for w in sparse.values():   # the widest group that stores no zero block (down: 4, or 8 where it happens to fit)
+        assert w.group % 4 == 0 and w.values.shape[0] * w.group == w.nonzero_blocks
+
+
+def test_a_module_pattern_that_names_nothing_or_does_not_tile_is_refused():
+    from spruce.prune.spec import PruneSpec, parse_module_patterns
+
+    assert parse_module_patterns("mlp.gate_proj=16x16g8, up_proj=16x16g8") == {"mlp.gate_proj": "16x16g8",
+                                                                              "up_proj": "16x16g8"}
+    with pytest.raises(SpruceError, match="bad module pattern 'gate_proj'"):
+        parse_module_patterns("gate_proj")
+    with pytest.raises(SpruceError, match="unknown|pattern"):
+        PruneSpec(method="wanda", pattern="16x16", module_patterns={"gate_proj": "17by3"})
+    with pytest.raises(SpruceError, match="sparsity is free"):
+        PruneSpec(method="wanda", pattern="16x16", module_patterns={"gate_proj": "2:4"})
+    spec = PruneSpec(method="wanda", pattern="16x16g4", module_patterns={"gate": "16x16g8"})
+    with pytest.raises(SpruceError, match="module pattern key 'gate' matches no decoder linear"):
+        spec.check_divides({"model.layers.0.mlp.up_proj": (128, 64)})
+    with pytest.raises(SpruceError, match="16x16g8 needs out_features divisible by 128"):
+        spec.check_divides({"model.layers.0.mlp.gate_proj": (64, 64)})

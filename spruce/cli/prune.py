@@ -118,6 +118,10 @@ def _calibration_flags(p) -> None:
     from ..prune.methods import OBS_EXACT_MAX_FLOPS, OBS_REFITS
     from ..prune.spec import DEFAULTS as PRUNE
 
+    p.add_argument("--module_pattern", metavar="NAME=PATTERN,...",
+                   help="another pattern for linears whose name contains NAME, e.g. mlp.gate_proj=16x16g8,"
+                        "mlp.up_proj=16x16g8 (128-row groups, where the prefill kernel gains most); the others "
+                        "keep --sparsity_type")
     p.add_argument("--module_sparsity", metavar="NAME=RATIO,...",
                    help="fixed sparsity for linears whose name contains NAME (e.g. self_attn=0.35); the others "
                         "are shifted so the total stays at --sparsity_ratio")
@@ -171,7 +175,9 @@ def run(args) -> None:
 
     pattern, recipe, compressed_block = _check_before_loading(args)
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.tokenizer)
-    check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()})
+    overridden = set(recipe.get("module_patterns") or ())
+    check_divides(pattern, {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()
+                            if not any(key in n for key in overridden)})
     if next(model.parameters()).device.type == "cpu" and recipe["method_is_default"] \
             and recipe["reconstruct_epochs"] >= 8:
         print(f"spruce: the default {pattern} recipe (OBS, then {recipe['reconstruct_epochs']} epochs of layer "
@@ -225,10 +231,12 @@ def _prune_options(args) -> dict:
     """The prune flags as defaults.resolve_recipe options (None: not given, the recipe decides)."""
     from ..prune.allocate import parse_overrides
     from ..prune.patterns import parse_tiers
+    from ..prune.spec import parse_module_patterns
 
     return dict(method=args.prune_method, selection=args.block_selection, tile_score=args.tile_score,
                 tiers=parse_tiers(args.hybrid_tiers), allocation=args.allocation, owl_m=args.owl_m,
                 owl_lambda=args.owl_lambda, module_sparsity=parse_overrides(args.module_sparsity) or None,
+                module_patterns=parse_module_patterns(args.module_pattern) or None,
                 dense_target=args.dense_target, sequential=args.sequential,
                 reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr,
                 reconstruct_target=args.reconstruct_target, reconstruct_norms=args.reconstruct_norms or None,

@@ -25,8 +25,8 @@ from ..masks import overall_sparsity, weight_sparsity
 from ..models import decoder_layers, prunable_linears
 from . import allocate as alloc
 from .methods import linear_pruner, wanda_score
-from .permute import permute_layer
-from .patterns import Pattern, check_divides
+from .permute import mlp_parts, permute_layer
+from .patterns import Pattern
 from .reconstruct import Reconstruct, layer_output, reconstruct_layer  # noqa: F401  (Reconstruct: re-exported)
 from .spec import PruneSpec, report_fields, spec_from_options
 from .state import FORMAT as PRUNE_STATE_FORMAT
@@ -177,8 +177,7 @@ def prune_model(model, spec: PruneSpec | str, *args, samples: torch.Tensor | Non
     elif args:
         samples = args[0]
     linears = prunable_linears(model)
-    pattern = spec.parsed
-    check_divides(pattern, {n: tuple(m.weight.shape) for n, m in linears.items()})
+    spec.check_divides({n: tuple(m.weight.shape) for n, m in linears.items()})
     if spec.needs_calibration and samples is None:
         what = "layer reconstruction" if spec.reconstruct else \
             f"method '{spec.method}' with {spec.allocation} allocation"
@@ -198,14 +197,14 @@ def prune_model(model, spec: PruneSpec | str, *args, samples: torch.Tensor | Non
                         "linear_methods": linear_methods(spec, linears)}
             used = samples if spec.needs_calibration else None
             state = PruneState(state_dir, state_fingerprint(model, settings, used), state_every)
-        _prune_layers(model, spec, pattern, per_linear, batches, work, progress, state)
+        _prune_layers(model, spec, per_linear, batches, work, progress, state)
     return prune_report(spec, model, per_linear, ratios, samples, time.time() - start)
 
 
 def linear_methods(spec: PruneSpec, linears: dict) -> dict[str, str]:
     """{linear name: what prunes it} (PruneSpec.linear_method: the method, or for obs the refit
     each linear gets and the sparsegpt fallback past obs_max_inputs)."""
-    return {n: spec.linear_method(tuple(m.weight.shape)) for n, m in linears.items()}
+    return {n: spec.linear_method(tuple(m.weight.shape), n) for n, m in linears.items()}
 
 
 def prune_report(spec: PruneSpec, model, per_linear: dict[str, float], ratios: list[float] | None,
@@ -237,8 +236,18 @@ def _sq_norms(layer, batches):
     return lambda only: {n: s["sq_norm"] for n, s in gather_statistics(layer, batches, ("sq_norm",), only=only)[0].items()}
 
 
-def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches, device, progress,
-                  state: PruneState | None = None):
+def _mlp_tile(spec: PruneSpec, layer, full_names: dict) -> tuple[int, int]:
+    """(rows, cols) of the tiles the MLP's features are reordered for: the widest row tile of the
+    linears that write them (gate, up), the column block of the one that reads them (down)."""
+    parts = mlp_parts(layer)
+    if parts is None:
+        return spec.parsed.rows, spec.parsed.cols
+    writers, reader = parts
+    rows = max(spec.pattern_for(full_names.get(id(m), "")).rows for m, _ in writers)
+    return rows, spec.pattern_for(full_names.get(id(reader), "")).cols
+
+
+def _prune_layers(model, spec: PruneSpec, per_linear, batches, device, progress, state: PruneState | None = None):
     """Prune layer by layer. spec.sequential: within a layer, the linears that share an input
     (q/k/v, then o, then gate/up, then down) are pruned in forward order, each group calibrated on
     the outputs of the groups already pruned. spec.reconstruct: see Reconstruct. spec.permute: each
@@ -255,14 +264,16 @@ def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches,
     resumed = state.resume(layers, device) if state is not None else None
     if resumed is not None:
         start, batches, dense = resumed
-    bar = progress_bar(range(start, len(layers)), show=progress, desc=f"{spec.method} {pattern.name}", unit="layer",
+    named = spec.pattern + "".join(f",{k}={v}" for k, v in (spec.module_patterns or {}).items())
+    bar = progress_bar(range(start, len(layers)), show=progress, desc=f"{spec.method} {named}", unit="layer",
                        initial=start, total=len(layers))
     for index in bar:
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
         if spec.permute:   # before anything reads the layer: the dense copy and every statistic see the new order
-            permute_layer(layer, pattern.rows, pattern.cols, None if batches is None else _sq_norms(layer, batches))
+            rows, cols = _mlp_tile(spec, layer, full_names)
+            permute_layer(layer, rows, cols, None if batches is None else _sq_norms(layer, batches))
         ref = copy.deepcopy(layer) if dense is not None or reconstruct else None
         dense_next = _run_layer(ref, dense) if dense is not None and (reconstruct or layer is not layers[-1]) \
             else None
@@ -280,7 +291,8 @@ def _prune_layers(model, spec: PruneSpec, pattern: Pattern, per_linear, batches,
                 if name in todo:
                     module = layer.get_submodule(name)
                     full = full_names[id(module)]
-                    _prune_weight(module, methods[full].prune, pattern, stats.get(name, {}), per_linear[full])
+                    _prune_weight(module, methods[full].prune, spec.pattern_for(full), stats.get(name, {}),
+                                  per_linear[full])
         if reconstruct:
             first, last = reconstruct_layer(layer, batches, targets, reconstruct.epochs, reconstruct.lr,
                                             reconstruct.norms)

@@ -74,7 +74,7 @@ def prune_with_options(model, options: dict, pattern: str, sparsity: float, cali
     linears = prunable_linears(model)
     spec, fitted = spec_for_model(options, pattern, sparsity, linears)
     # a pattern that does not tile the model fails here, before calibration data is read
-    spec.parsed.check_divides({n: tuple(m.weight.shape) for n, m in linears.items()})
+    spec.check_divides({n: tuple(m.weight.shape) for n, m in linears.items()})
     samples = calibration(spec) if spec.needs_calibration else None
     info = prune_model(model, spec, samples, device=device, progress=progress, **engine_options)
     return info, spec, fitted

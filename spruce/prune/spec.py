@@ -36,6 +36,8 @@ class PruneSpec:
     owl_m: float = alloc.OWL_M          # owl: an outlier scores above M x its block's mean score
     owl_lambda: float = alloc.OWL_LAMBDA  # owl: block sparsities span the target +- lambda
     module_sparsity: dict[str, float] | None = None  # fixed sparsity for linears whose name contains the key
+    module_patterns: dict[str, str] | None = None  # another pattern for linears whose name contains the key
+                                        # (e.g. {"mlp.gate_proj": "16x16g8"}: wider tiles where the kernel gains)
     # --- how the kept weights are updated
     dense_target: bool = False          # Hessian methods refit each layer toward the dense model's outputs
     sequential: bool = False            # within a layer, prune q/k/v, o, gate/up, down in order, each on pruned inputs
@@ -82,10 +84,38 @@ class PruneSpec:
             set_(self, "sparsity", fixed)
         if fixed is not None and (self.allocation != "uniform" or self.module_sparsity):
             raise SpruceError(f"{pattern.name} fixes every layer's sparsity; use uniform allocation without overrides")
+        patterns = {}
+        for key, name in (self.module_patterns or {}).items():
+            other = parse_pattern(name, self.selection, self.tile_score, self.tiers)
+            if other.fixed_sparsity is not None or fixed is not None:
+                raise SpruceError(f"module patterns need patterns whose sparsity is free; {key}={other.name} "
+                                  f"with {pattern.name} elsewhere is not that")
+            if self.permute and other.kind not in ("block", "grouped"):
+                raise SpruceError(f"permute reorders MLP features into block-rows; {other.name} is not a block pattern")
+            patterns[key] = other.name
+        set_(self, "module_patterns", patterns or None)
 
     @property
     def parsed(self) -> Pattern:
         return parse_pattern(self.pattern, self.selection, self.tile_score, self.tiers)
+
+    def pattern_for(self, name: str) -> Pattern:
+        """The pattern of the linear called `name`: the first module pattern whose key its name
+        contains, else the spec's pattern."""
+        for key, other in (self.module_patterns or {}).items():
+            if key in name:
+                return parse_pattern(other, self.selection, self.tile_score, self.tiers)
+        return self.parsed
+
+    def check_divides(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """A clear error unless each module pattern's key names a linear of {name: (out, in)} and
+        each linear's pattern tiles its shape."""
+        for key in self.module_patterns or {}:
+            if not any(key in name for name in shapes):
+                raise SpruceError(f"module pattern key '{key}' matches no decoder linear "
+                                  f"(names look like {next(iter(shapes), '?')})")
+        for name, shape in shapes.items():
+            self.pattern_for(name).check_divides({name: shape})
 
     @property
     def reconstruct(self) -> Reconstruct | None:
@@ -94,20 +124,36 @@ class PruneSpec:
             return None
         return Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target, self.reconstruct_norms)
 
-    def linear_method(self, shape: tuple[int, int]) -> str:
-        """What prunes a linear of `shape` (out, in): the method, except for `obs`: "sparsegpt"
-        past obs_max_inputs, else "obs-exact" or "obs-iterative" (methods.obs_refit_for)."""
-        if self.method != "obs" or not self.parsed.obs_tiles:   # obs itself refuses a pattern without tiles
+    def linear_method(self, shape: tuple[int, int], name: str = "") -> str:
+        """What prunes the linear `name` of `shape` (out, in): the method, except for `obs`:
+        "sparsegpt" past obs_max_inputs, else "obs-exact" or "obs-iterative" (methods.obs_refit_for)."""
+        pattern = self.pattern_for(name)
+        if self.method != "obs" or not pattern.obs_tiles:   # obs itself refuses a pattern without tiles
             return self.method
         if self.obs_max_inputs is not None and shape[1] > self.obs_max_inputs:
             return "sparsegpt"
-        return "obs-" + obs_refit_for(shape, self.parsed, self.obs_refit)
+        return "obs-" + obs_refit_for(shape, pattern, self.obs_refit)
 
     @property
     def needs_calibration(self) -> bool:
         """Whether pruning reads calibration samples: a data-driven method, OWL or the reconstruction."""
         return self.sparsity > 0 and (bool(METHODS[self.method].needs) or self.allocation == "owl"
                                       or self.reconstruct_epochs > 0)
+
+
+def parse_module_patterns(text: str | None) -> dict[str, str]:
+    """`mlp.gate_proj=16x16g8,mlp.up_proj=16x16g8` -> {'mlp.gate_proj': '16x16g8', ...} (the patterns
+    themselves are checked by PruneSpec)."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise SpruceError(f"bad module pattern '{item.strip()}'; write NAME=PATTERN pairs such as "
+                              "mlp.gate_proj=16x16g8,mlp.up_proj=16x16g8")
+        out[key] = value
+    return out
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PruneSpec))
@@ -137,4 +183,4 @@ def report_fields(spec: PruneSpec) -> dict:
             "reconstruct": None if rec is None else dataclasses.asdict(rec)}
 
 
-__all__ = ["PruneSpec", "FIELDS", "DEFAULTS", "OPTIONS", "spec_from_options", "report_fields"]
+__all__ = ["PruneSpec", "FIELDS", "DEFAULTS", "OPTIONS", "spec_from_options", "report_fields", "parse_module_patterns"]
