@@ -60,7 +60,9 @@ def add_arguments(b) -> None:
     b.add_argument("--block-size", type=int, default=16)
     b.add_argument("--layout", nargs="+", default=[default_layout()],
                    help="pruner block patterns to emit and run, e.g. 16x16 (independent block-rows), 16x16g4 "
-                        "(4 block-rows share their columns), 16x16g8 (default: %(default)s, the default recipe's)")
+                        "(4 block-rows share their columns), 16x16g8 (default: %(default)s, the default recipe's); "
+                        "16x16g4,mlp.gate_proj=16x16g8,mlp.up_proj=16x16g8 gives those linears their own pattern "
+                        "(spruce prune --module_pattern)")
     b.add_argument("--selection", default="global", help="block selection, as the pruner's (default: global)")
     b.add_argument("--modes", nargs="+", choices=list(GENERATE_MODES), default=["compile"],
                    help="graph: static cache + CUDA graph per step; compile: the same step compiled with "
@@ -145,13 +147,17 @@ def _us(value) -> str:
 def emit_masks(model, originals: dict, layout: str, selection: str, sparsity: float, module_sparsity: str,
                seed: int = 0) -> dict[str, float]:
     """Prune every decoder linear of `model` from its original weight in `originals` with the
-    pruner's own pattern `layout` (spruce.prune.patterns), each at its share of `sparsity` after
+    pruner's own pattern `layout` (spruce.prune.patterns; in "16x16g4,mlp.gate_proj=16x16g8" the
+    linears whose name contains a key get its pattern, as with `spruce prune --module_pattern`),
+    each at its share of `sparsity` after
     the module overrides (spruce.prune.allocate), on a Wanda-like score: |W| times log-normal
     input norms drawn from `seed`. Returns the sparsity of each linear."""
     from spruce.prune.allocate import allocate, block_index, parse_overrides
     from spruce.prune.patterns import parse_pattern
 
-    pattern = parse_pattern(layout, selection)
+    main, overrides = split_layout(layout)
+    patterns = {key: parse_pattern(p, selection) for key, p in overrides.items()}
+    default = parse_pattern(main, selection)
     linears = prunable_linears(model)
     shares = allocate({n: m.weight.numel() for n, m in linears.items()}, block_index(model, linears), sparsity,
                       None, parse_overrides(module_sparsity))
@@ -160,6 +166,7 @@ def emit_masks(model, originals: dict, layout: str, selection: str, sparsity: fl
         for name, linear in linears.items():
             w = originals[name]
             norms = torch.exp(torch.randn(w.shape[1], generator=gen)).to(w.device)
+            pattern = next((p for key, p in patterns.items() if key in name), default)
             pruned = pattern.mask(w.abs().float() * norms, shares[name])
             linear.weight.copy_(w.masked_fill(pruned, 0))
     return shares
@@ -429,16 +436,27 @@ class _GenerateBench:
         return self.rows
 
 
+def split_layout(layout: str) -> tuple[str, dict[str, str]]:
+    """"16x16g4,mlp.gate_proj=16x16g8" -> ("16x16g4", {"mlp.gate_proj": "16x16g8"})."""
+    from spruce.prune.spec import parse_module_patterns
+
+    main, _, rest = layout.partition(",")
+    return main.strip(), parse_module_patterns(rest)
+
+
 def _check_layouts(layouts: list[str], block_size: int) -> None:
     from spruce.prune.patterns import parse_pattern
 
     for layout in layouts:
-        pattern = parse_pattern(layout)
-        if pattern.kind not in ("block", "grouped"):
-            raise SpruceError(f"--layout takes block patterns the pruner emits (16x16, 16x16g4, ...), not {layout!r}")
-        rows = getattr(pattern, "block_rows", None) or pattern.rows
-        if rows % block_size or pattern.cols % block_size:
-            raise SpruceError(f"layout {layout} does not tile into {block_size}x{block_size} kernel blocks")
+        main, overrides = split_layout(layout)
+        for name in (main, *overrides.values()):
+            pattern = parse_pattern(name)
+            if pattern.kind not in ("block", "grouped"):
+                raise SpruceError(f"--layout takes block patterns the pruner emits (16x16, 16x16g4, ...), "
+                                  f"not {name!r}")
+            rows = getattr(pattern, "block_rows", None) or pattern.rows
+            if rows % block_size or pattern.cols % block_size:
+                raise SpruceError(f"layout {name} does not tile into {block_size}x{block_size} kernel blocks")
 
 
 def _run_semi_structured(model, originals, prompts, new_tokens, modes, repeats, rows, case, add_rows) -> None:

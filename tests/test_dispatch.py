@@ -231,10 +231,13 @@ def test_generation_bench_runs_emitted_layouts_on_cpu(capsys, tmp_path):
     assert len(saved["rows"]) == 6 and set(saved["layouts"]) == {"16x16", "16x16g4"}
     assert "ttft ms" in out and "same new" in out
 
-    rows = bench_generate(batch_sizes=[2], new_tokens=3, prompt_tokens=8, layouts=["16x16g4"], modes=["graph"],
+    wide_mlp = "16x16g4,mlp.gate_proj=16x16g8,mlp.up_proj=16x16g8"   # as spruce prune --module_pattern
+    rows = bench_generate(batch_sizes=[2], new_tokens=3, prompt_tokens=8, layouts=[wide_mlp], modes=["graph"],
                           dense_dispatch="on", fuse="both", num_layers=1, device="cpu", config_overrides=tiny,
                           ttft_repeats=1)
-    assert [r["kind"] for r in rows] == ["dense", "bsr 16x16g4 +dense", "bsr 16x16g4 +dense unfused"]
+    out = capsys.readouterr().out
+    assert "q_proj 40% zero, 64-feature groups" in out and "gate_proj 57% zero, 128-feature groups" in out
+    assert [r["kind"] for r in rows] == ["dense", f"bsr {wide_mlp} +dense", f"bsr {wide_mlp} +dense unfused"]
     assert all(r["tokens_equal_to_dense"] == 1 for r in rows)
     with pytest.raises(SpruceError, match="fuse must be one of"):
         bench_generate(layouts=["16x16g4"], fuse="sometimes", device="cpu")
