@@ -453,3 +453,33 @@ def test_prefill_time_bench_reports_host_and_total_time_against_dense(capsys, tm
     assert "sparse: 7 of 7 linears at prefill 32" in out and "total ms" in out
     assert prefill_time.cli_main(prefill_time.add_arguments, prefill_time.run, "", ["--prompts", "8by128"]) == 2
     assert "a prompt is BATCHxTOKENS" in capsys.readouterr().err
+
+
+def test_a_tuning_candidate_that_faults_is_skipped_with_a_warning(monkeypatch):
+    """A tile that does not fit the card (Triton's OutOfResources) is skipped quietly; any other
+    failure is skipped with a warning naming it, so that a broken kernel does not hide behind the
+    others (or behind dense)."""
+    import warnings
+
+    from spruce.kernels import bsr
+
+    class OutOfResources(Exception):
+        pass
+
+    def fake_time(cfg, launch, copies):
+        if cfg == "broken":
+            raise TypeError("this launcher takes other arguments")
+        if cfg == "too big":
+            raise OutOfResources("shared memory")
+        return 5.0
+
+    monkeypatch.setattr(bsr, "_rotation", lambda w: [w])
+    monkeypatch.setattr(bsr, "_time_candidate", fake_time)
+    bsr._warn_candidate_failed.cache_clear()
+    with pytest.warns(UserWarning, match="configuration broken failed and is skipped .TypeError: this launcher"):
+        best, times = bsr._fastest(["broken", "too big", "fits"], None, None)
+    assert best == "fits" and times == {"fits": 5.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bsr._warn_candidate_failed.cache_clear()
+        assert bsr._fastest(["too big", "fits"], None, None)[0] == "fits"

@@ -424,6 +424,8 @@ def _fastest(candidates: list[tuple], launch, weight: BlockSparseWeight) -> tupl
             us = _time_candidate(cfg, launch, copies)
         except Exception as exc:  # noqa: BLE001 - a tile that does not fit this card's shared memory
             failure = exc
+            if type(exc).__name__ != "OutOfResources":  # anything else is a fault, not a misfit: say so
+                _warn_candidate_failed(str(cfg), f"{type(exc).__name__}: {exc}")
             continue
         times[str(cfg)] = round(us, 2)
         if us < best_us:
@@ -431,6 +433,14 @@ def _fastest(candidates: list[tuple], launch, weight: BlockSparseWeight) -> tupl
     if best is None:
         raise failure
     return best, times
+
+
+@functools.cache
+def _warn_candidate_failed(cfg: str, error: str) -> None:
+    import warnings
+
+    warnings.warn(f"block-sparse tuning: configuration {cfg} failed and is skipped ({error[:200]}); the "
+                  f"launch shape runs the fastest that worked", stacklevel=4)
 
 
 def _time_candidate(cfg: tuple, launch, copies: list[BlockSparseWeight]) -> float:
