@@ -534,17 +534,19 @@ def _key(kind: str, weight: tuple, m: int, dtype: str, dense: bool) -> tuple:
     return (*key, "+dense") if dense else key
 
 
+def _tokens_served(kind: str, tokens: int) -> tuple[int, int]:
+    """The token counts m, as low < m <= high, whose launches share a key's `tokens` (`_key`: decode
+    exactly, prefill up to the next power of two)."""
+    return (tokens - 1, tokens) if kind == "decode" else (max(tokens // 2, DECODE_MAX_TOKENS), tokens)
+
+
 @torch.compiler.assume_constant_result
 def dense_token_ranges(weight: tuple, dtype: str) -> tuple[tuple[int, int], ...]:
     """The token counts m (as ranges low < m <= high) at which the tuner timed dense cuBLAS fastest
     for a weight with its dense copy (`weight` its weight_key). Constant arguments only, so that a
     graph being compiled reads it once, at that moment, whatever its shapes are."""
-    ranges = []
-    for key, cfg in _tuned.items():
-        if cfg == DENSE and key[-1] == "+dense" and key[1:-3] == weight and key[-2] == dtype:
-            tokens = key[-3]
-            ranges.append((tokens - 1, tokens) if key[0] == "decode" else (max(tokens // 2, DECODE_MAX_TOKENS), tokens))
-    return tuple(sorted(ranges))
+    return tuple(sorted(_tokens_served(key[0], key[-3]) for key, cfg in _tuned.items()
+                        if cfg == DENSE and key[-1] == "+dense" and key[1:-3] == weight and key[-2] == dtype))
 
 
 def chosen_config(kind: str, w: BlockSparseWeight, m: int, dtype: torch.dtype) -> tuple | None:
